@@ -1,0 +1,192 @@
+"""The TFRecord schema of extracted grid features: the one place the extractor and the input pipeline agree on.
+
+A dataset directory holds sharded TFRecord files per split plus ``manifest.json``::
+
+    {"version": 1, "backbone": "demo", "feature_dim": D, "grid": 8, "max_len": 17,
+     "image_size": ..., "tokenizer": {...}, "source": {...},
+     "splits": {"train": {"num_examples": n,
+                          "shards": [{"file": "train-00000-of-00004.tfrecord", "num_examples": k,
+                                      "num_bytes": b, "sha256": "..."}, ...]}}}
+
+Each record is one image (a ``tf.train.Example``):
+  index        int64        position of the example within its split (0..n-1), keys side tables such as the
+                            per-cell cluster ids written by the visual-vocabulary tool
+  image_id     int64        dataset image id (COCO id, scene number)
+  key          bytes        human-readable id (file name, ``scenes/train/000042``)
+  dense        bytes        float16 little-endian grid features, [64, D] row-major
+  boxes        float32[256] normalised cell boxes (x1, y1, x2, y2), [64, 4] row-major
+  caption_ids  int64[N*L]   WordPiece ids of N captions, each padded to L = max_len
+  captions     bytes[N]     the raw caption strings (references for evaluation)
+  image        bytes        optional encoded image (PNG/JPEG) for training the image generator
+"""
+
+import hashlib
+import json
+import os
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+GRID = 8
+NUM_CELLS = GRID * GRID
+MANIFEST_NAME = "manifest.json"
+REQUIRED_MANIFEST_KEYS = ("version", "backbone", "feature_dim", "grid", "max_len", "splits")
+
+
+class DataError(ValueError):
+  """Bad or inconsistent data on disk; the message names the file or field."""
+
+
+def grid_boxes(grid: int = GRID) -> np.ndarray:
+  """Normalised boxes of the grid cells in row-major order, [grid*grid, 4] float32 (x1, y1, x2, y2).
+
+  Cell (i, j) (row i, column j) is (j/g, i/g, (j+1)/g, (i+1)/g), as in X-LXMERT.
+  """
+  i, j = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
+  i, j = i.reshape(-1), j.reshape(-1)
+  return (np.stack([j, i, j + 1, i + 1], axis=-1) / grid).astype(np.float32)
+
+
+def shard_name(split: str, index: int, num_shards: int) -> str:
+  return f"{split}-{index:05d}-of-{num_shards:05d}.tfrecord"
+
+
+def _tf():
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  return tf
+
+
+def encode_example(*, index: int, image_id: int, key: str, dense: np.ndarray, boxes: np.ndarray,
+                   caption_ids: np.ndarray, captions: Iterable[str], image: bytes = b"") -> bytes:
+  """Serialises one image's record. ``dense`` [64, D] (stored as float16), ``caption_ids`` [N, L]."""
+  tf = _tf()
+  dense = np.asarray(dense)
+  if dense.ndim != 2 or dense.shape[0] != NUM_CELLS:
+    raise DataError(f"dense features for {key!r} have shape {dense.shape}, expected [{NUM_CELLS}, D]")
+  boxes = np.asarray(boxes, np.float32)
+  if boxes.shape != (NUM_CELLS, 4):
+    raise DataError(f"boxes for {key!r} have shape {boxes.shape}, expected [{NUM_CELLS}, 4]")
+  caption_ids = np.asarray(caption_ids, np.int64)
+  if caption_ids.ndim != 2:
+    raise DataError(f"caption_ids for {key!r} have shape {caption_ids.shape}, expected [N, L]")
+  captions = [c.encode("utf-8") for c in captions]
+  if len(captions) != caption_ids.shape[0]:
+    raise DataError(f"{key!r}: {len(captions)} captions but {caption_ids.shape[0]} rows of caption_ids")
+  feats = {
+      "index": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(index)])),
+      "image_id": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(image_id)])),
+      "key": tf.train.Feature(bytes_list=tf.train.BytesList(value=[key.encode("utf-8")])),
+      "dense": tf.train.Feature(bytes_list=tf.train.BytesList(
+          value=[dense.astype("<f2").tobytes()])),
+      "boxes": tf.train.Feature(float_list=tf.train.FloatList(value=boxes.reshape(-1))),
+      "caption_ids": tf.train.Feature(int64_list=tf.train.Int64List(value=caption_ids.reshape(-1))),
+      "captions": tf.train.Feature(bytes_list=tf.train.BytesList(value=captions)),
+      "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image])),
+  }
+  return tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString()
+
+
+def make_parse_fn(feature_dim: int, max_len: int):
+  """Returns ``parse(serialized) -> dict`` of tensors for ``tf.data`` (one record, not batched).
+
+  Output: index/image_id int64 [], key string [], dense float16 [64, D], boxes float32 [64, 4],
+  caption_ids int32 [N, L], captions string [N], image string [].
+  """
+  tf = _tf()
+  spec = {
+      "index": tf.io.FixedLenFeature([], tf.int64),
+      "image_id": tf.io.FixedLenFeature([], tf.int64),
+      "key": tf.io.FixedLenFeature([], tf.string),
+      "dense": tf.io.FixedLenFeature([], tf.string),
+      "boxes": tf.io.FixedLenFeature([NUM_CELLS * 4], tf.float32),
+      "caption_ids": tf.io.VarLenFeature(tf.int64),
+      "captions": tf.io.VarLenFeature(tf.string),
+      "image": tf.io.FixedLenFeature([], tf.string, default_value=""),
+  }
+
+  def parse(serialized):
+    ex = tf.io.parse_single_example(serialized, spec)
+    dense = tf.io.decode_raw(ex["dense"], tf.float16, little_endian=True)
+    tf.debugging.assert_equal(
+        tf.size(dense), NUM_CELLS * feature_dim,
+        message=f"record's dense feature size does not match the manifest's feature_dim={feature_dim}")
+    ex["dense"] = tf.reshape(dense, [NUM_CELLS, feature_dim])
+    ex["boxes"] = tf.reshape(ex["boxes"], [NUM_CELLS, 4])
+    ex["caption_ids"] = tf.cast(
+        tf.reshape(tf.sparse.to_dense(ex["caption_ids"]), [-1, max_len]), tf.int32)
+    ex["captions"] = tf.sparse.to_dense(ex["captions"], default_value="")
+    return ex
+
+  return parse
+
+
+def decode_example(serialized: bytes, feature_dim: int, max_len: int) -> dict[str, Any]:
+  """Eager numpy form of ``make_parse_fn`` for tools and tests."""
+  ex = make_parse_fn(feature_dim, max_len)(serialized)
+  return {k: v.numpy() for k, v in ex.items()}
+
+
+def sha256_file(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def write_shard(path: str, serialized: Iterable[bytes]) -> dict[str, Any]:
+  """Writes records to ``path`` atomically (temporary file, fsync, rename). Returns the shard's manifest entry."""
+  tf = _tf()
+  tmp = path + ".tmp"
+  count = 0
+  with tf.io.TFRecordWriter(tmp) as w:
+    for s in serialized:
+      w.write(s)
+      count += 1
+  with open(tmp, "rb") as f:
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+  return {"file": os.path.basename(path), "num_examples": count,
+          "num_bytes": os.path.getsize(path), "sha256": sha256_file(path)}
+
+
+def verify_shard(directory: str, entry: Mapping[str, Any], *, checksum: bool = True) -> None:
+  """Raises ``DataError`` naming the file if a shard is missing, truncated or corrupt."""
+  path = os.path.join(directory, entry["file"])
+  if not os.path.exists(path):
+    raise DataError(f"shard {path} listed in {MANIFEST_NAME} is missing")
+  size = os.path.getsize(path)
+  if size != entry["num_bytes"]:
+    raise DataError(f"shard {path} has {size} bytes, manifest says {entry['num_bytes']} (truncated?)")
+  if checksum and sha256_file(path) != entry["sha256"]:
+    raise DataError(f"shard {path} does not match its sha256 in {MANIFEST_NAME} (corrupt?)")
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def read_manifest(directory: str) -> dict[str, Any]:
+  """Reads and validates ``directory/manifest.json``; errors name the file and the field."""
+  path = os.path.join(directory, MANIFEST_NAME)
+  if not os.path.exists(path):
+    raise DataError(f"no {MANIFEST_NAME} in {directory}: run tools/extract_features.py first")
+  try:
+    with open(path) as f:
+      manifest = json.load(f)
+  except json.JSONDecodeError as e:
+    raise DataError(f"{path} is not valid JSON: {e}") from e
+  missing = [k for k in REQUIRED_MANIFEST_KEYS if k not in manifest]
+  if missing:
+    raise DataError(f"{path} lacks field(s) {missing}")
+  if manifest["version"] != SCHEMA_VERSION:
+    raise DataError(f"{path} has schema version {manifest['version']}, this code reads {SCHEMA_VERSION}")
+  if manifest["grid"] != GRID:
+    raise DataError(f"{path} has grid {manifest['grid']}, this code expects {GRID}")
+  return manifest
