@@ -1,0 +1,247 @@
+"""Extraction driver: a source of images + captions -> TFRecord shards + ``manifest.json`` (``data.records``).
+
+``extract_split`` is resumable: shards listed in the manifest that pass ``records.verify_shard`` are kept and
+their examples skipped without running the backbone; missing, truncated or corrupt shards are rewritten.
+A run whose backbone, feature size, tokenizer, ... differ from the manifest already in ``out_dir`` fails and
+names the differing field instead of mixing two kinds of features in one directory.
+"""
+
+import io
+import itertools
+import logging
+import math
+import os
+import re
+from typing import Any, Iterable, Iterator, Mapping
+
+import numpy as np
+
+from bigen_jax.data import records
+
+# Top-level manifest fields that must agree between runs writing into the same directory.
+CHECKED_FIELDS = ("version", "backbone", "feature_dim", "grid", "max_len", "image_size", "backbone_config",
+                  "tokenizer", "max_captions", "store_images", "store_image_size", "source")
+# Fields of "source" that may differ between runs (where the files lie, not what they are).
+SOURCE_PATH_FIELD = "paths"
+
+
+def tokenizer_info(tokenizer, vocab_path: str | None = None) -> dict[str, Any]:
+  """``{"vocab_file", "vocab_size", "sha256"}`` of the tokenizer's ``vocab.txt``."""
+  vocab_path = vocab_path or getattr(tokenizer, "vocab_path", None)
+  if not vocab_path:
+    raise ValueError("cannot tell which vocab.txt the tokenizer uses: pass vocab_path")
+  return {"vocab_file": os.path.basename(vocab_path), "vocab_size": int(tokenizer.vocab_size),
+          "sha256": records.sha256_file(vocab_path)}
+
+
+def manifest_header(*, backbone, tokenizer, max_len: int, max_captions: int | None, store_images: bool,
+                    store_image_size: int | None = None, source_info: Mapping[str, Any] | None = None,
+                    vocab_path: str | None = None) -> dict[str, Any]:
+  """The manifest fields that describe how the features were made (everything but ``splits``)."""
+  return {
+      "version": records.SCHEMA_VERSION, "backbone": backbone.name, "feature_dim": int(backbone.feature_dim),
+      "grid": records.GRID, "max_len": int(max_len), "image_size": int(backbone.image_size),
+      "backbone_config": backbone.config(), "tokenizer": tokenizer_info(tokenizer, vocab_path),
+      "max_captions": max_captions, "store_images": bool(store_images),
+      "store_image_size": store_image_size if store_images else None, "source": dict(source_info or {}),
+  }
+
+
+def _diff(old: Any, new: Any, path: str) -> list[str]:
+  """Dotted names of the fields where ``old`` and ``new`` differ, with both values."""
+  if isinstance(old, Mapping) and isinstance(new, Mapping):
+    out = []
+    for k in sorted(set(old) | set(new), key=str):
+      if path == "source" and k == SOURCE_PATH_FIELD:
+        continue
+      out += _diff(old.get(k), new.get(k), f"{path}.{k}")
+    return out
+  return [] if old == new else [f"{path} (manifest: {old!r}, this run: {new!r})"]
+
+
+def check_compatible(manifest: Mapping[str, Any], header: Mapping[str, Any], path: str) -> None:
+  """Raises ``DataError`` naming every field where an existing manifest disagrees with this run."""
+  diffs = []
+  for field in CHECKED_FIELDS:
+    diffs += _diff(manifest.get(field), header.get(field), field)
+  if diffs:
+    raise records.DataError(
+        f"{path} was written with different settings; field(s) differ: {'; '.join(diffs)}. "
+        "Write to another --out directory (or delete this one) instead of mixing features.")
+
+
+def _png(image: np.ndarray, short_side: int | None) -> bytes:
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  im = Image.fromarray(np.asarray(image))
+  if short_side and min(im.size) != short_side:
+    s = short_side / min(im.size)
+    im = im.resize((max(1, round(im.width * s)), max(1, round(im.height * s))), Image.BICUBIC)
+  buf = io.BytesIO()
+  im.save(buf, format="PNG", compress_level=3)
+  return buf.getvalue()
+
+
+def _shard_index(entry: Mapping[str, Any], split: str) -> int | None:
+  m = re.fullmatch(re.escape(split) + r"-(\d{5})-of-(\d{5})\.tfrecord", entry["file"])
+  return int(m.group(1)) if m else None
+
+
+class _Manifest:
+  """The manifest of ``out_dir``; each save re-reads the file and replaces only this split's entry."""
+
+  def __init__(self, out_dir: str, header: Mapping[str, Any]):
+    self.out_dir = out_dir
+    self.path = os.path.join(out_dir, records.MANIFEST_NAME)
+    self.header = dict(header)
+    if os.path.exists(self.path):
+      check_compatible(records.read_manifest(out_dir), header, self.path)
+
+  def split(self, split: str) -> dict[str, Any] | None:
+    if not os.path.exists(self.path):
+      return None
+    return records.read_manifest(self.out_dir)["splits"].get(split)
+
+  def save_split(self, split: str, entry: Mapping[str, Any]) -> None:
+    if os.path.exists(self.path):
+      manifest = records.read_manifest(self.out_dir)
+      check_compatible(manifest, self.header, self.path)
+    else:
+      manifest = {**self.header, "splits": {}}
+    manifest["splits"][split] = dict(entry)
+    records.write_json_atomic(self.path, manifest)
+
+
+def _count(source: Iterable[Any], num_examples: int | None) -> int:
+  try:
+    n = len(source)  # type: ignore[arg-type]
+  except TypeError:
+    n = None
+  if num_examples is None and n is None:
+    raise ValueError("the source has no len(): pass num_examples (the shard file names need the total)")
+  return min(x for x in (num_examples, n) if x is not None)
+
+
+def extract_split(source_iter: Iterable[Mapping[str, Any]], *, split: str, out_dir: str, backbone, tokenizer,
+                  num_examples: int | None = None, shard_size: int = 1000, batch_size: int = 32,
+                  store_images: bool = False, max_len: int = 17, max_captions: int | None = 5,
+                  store_image_size: int | None = None, source_info: Mapping[str, Any] | None = None,
+                  vocab_path: str | None = None, progress: bool = True) -> dict[str, Any]:
+  """Extracts one split into ``out_dir``; returns the split's manifest entry.
+
+  ``source_iter`` yields ``{"image_id", "key", "image" uint8 [H, W, 3], "captions"}`` (``data.scenes`` /
+  ``data.coco`` sources); the first ``num_examples`` (default ``len(source_iter)``) are written, record
+  ``index`` = position in the split, ``shard_size`` records a shard. Each record holds ``backbone`` features
+  [64, D] (float16), the cell boxes, the first ``max_captions`` captions as ids [N, max_len] and, with
+  ``store_images``, the image as PNG (short side resized to ``store_image_size`` if given).
+  """
+  if shard_size < 1 or batch_size < 1:
+    raise ValueError(f"shard_size and batch_size must be positive, got {shard_size}, {batch_size}")
+  n = _count(source_iter, num_examples)
+  if n < 1:
+    raise ValueError(f"split {split!r}: nothing to extract (num_examples={n})")
+  os.makedirs(out_dir, exist_ok=True)
+  header = manifest_header(backbone=backbone, tokenizer=tokenizer, max_len=max_len, max_captions=max_captions,
+                           store_images=store_images, store_image_size=store_image_size,
+                           source_info=source_info, vocab_path=vocab_path)
+  manifest = _Manifest(out_dir, header)
+  old = manifest.split(split)
+  if old is not None:
+    for field, want in (("requested_examples", n), ("shard_size", shard_size)):
+      if old.get(field) != want:
+        raise records.DataError(
+            f"{manifest.path}: splits.{split}.{field} is {old.get(field)!r} but this run asks for {want!r}; "
+            "write to another --out directory (or delete the split's shards and manifest entry)")
+  num_shards = math.ceil(n / shard_size)
+  final_shards = math.ceil(old["num_examples"] / shard_size) if old and old.get("complete") else num_shards
+
+  done: dict[int, dict[str, Any]] = {}
+  for entry in (old or {}).get("shards", []):
+    i = _shard_index(entry, split)
+    try:
+      records.verify_shard(out_dir, entry)
+    except records.DataError as e:
+      logging.warning("%s: rewriting it", e)
+      continue
+    if i is not None:
+      done[i] = dict(entry)
+
+  def save(complete: bool, total: int) -> dict[str, Any]:
+    entry = {"num_examples": total, "requested_examples": n, "shard_size": shard_size, "complete": complete,
+             "shards": [done[i] for i in sorted(done)]}
+    manifest.save_split(split, entry)
+    return entry
+
+  expected = [min(shard_size, n - i * shard_size) for i in range(num_shards)]
+  if old and old.get("complete") and len(done) == final_shards:
+    logging.info("split %s: all %d shards in %s are complete", split, final_shards, out_dir)
+    return old
+  save(False, n)
+
+  todo = sum(expected[i] for i in range(num_shards) if i not in done)
+  records._tf()  # pylint: disable=protected-access  # import TensorFlow before the progress bar starts
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  bar = tqdm(total=todo, unit="img", desc=f"{split} ({backbone.name})", disable=not progress, smoothing=0.1)
+  it = iter(source_iter)
+  total = 0
+  try:
+    for i in range(num_shards):
+      if i in done:  # skip its examples without running the backbone
+        skipped = sum(1 for _ in itertools.islice(it, done[i]["num_examples"]))
+        if skipped != done[i]["num_examples"]:
+          raise records.DataError(f"split {split!r}: the source ended after {total + skipped} examples, but "
+                                  f"shard {done[i]['file']} in {manifest.path} holds examples beyond that")
+        total += skipped
+        continue
+      name = records.shard_name(split, i, final_shards)
+      counter = [0]
+      path = os.path.join(out_dir, name)
+      entry = records.write_shard(path, _records(
+          itertools.islice(it, expected[i]), start=total, backbone=backbone, tokenizer=tokenizer,
+          batch_size=batch_size, max_len=max_len, max_captions=max_captions, store_images=store_images,
+          store_image_size=store_image_size, counter=counter, bar=bar))
+      total += counter[0]
+      if counter[0] < expected[i] and any(j > i for j in done):
+        raise records.DataError(f"split {split!r}: the source ended after {total} examples, but {manifest.path} "
+                                "lists later shards: did the source change since they were written?")
+      if counter[0] == 0:
+        os.remove(path)
+        break
+      done[i] = entry
+      save(False, n)
+      if counter[0] < expected[i]:
+        break
+  finally:
+    bar.close()
+
+  if total < n:  # the source was shorter than len()/num_examples said: name the shards by the true count
+    logging.warning("split %s: the source ended after %d of %d examples", split, total, n)
+    count = math.ceil(total / shard_size)
+    for i in sorted(done):
+      new = records.shard_name(split, i, count)
+      if done[i]["file"] != new:
+        os.replace(os.path.join(out_dir, done[i]["file"]), os.path.join(out_dir, new))
+        done[i] = {**done[i], "file": new}
+  return save(True, total)
+
+
+def _records(examples: Iterator[Mapping[str, Any]], *, start: int, backbone, tokenizer, batch_size: int,
+             max_len: int, max_captions: int | None, store_images: bool, store_image_size: int | None,
+             counter: list[int], bar) -> Iterator[bytes]:
+  """Serialised records of ``examples`` (indices from ``start``), the backbone run ``batch_size`` at a time."""
+  boxes = records.grid_boxes()
+  while True:
+    batch = list(itertools.islice(examples, batch_size))
+    if not batch:
+      return
+    feats = backbone([ex["image"] for ex in batch])
+    captions = [list(ex.get("captions") or [])[:max_captions] for ex in batch]
+    flat = [c for caps in captions for c in caps]  # one tokenizer call per batch
+    all_ids = tokenizer.encode(flat, max_len=max_len) if flat else np.zeros((0, max_len), np.int32)
+    splits = np.cumsum([len(caps) for caps in captions])[:-1]
+    for ex, dense, caps, ids in zip(batch, feats, captions, np.split(all_ids, splits)):
+      yield records.encode_example(
+          index=start + counter[0], image_id=int(ex["image_id"]), key=str(ex["key"]), dense=dense,
+          boxes=boxes, caption_ids=ids, captions=caps,
+          image=_png(ex["image"], store_image_size) if store_images else b"")
+      counter[0] += 1
+    bar.update(len(batch))
