@@ -8,3 +8,48 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+def write_records(out_dir, *, splits=None, dim=8, shard_size=10, max_len=6, max_captions=3, seed=0,
+                  clusters=5):
+  """A records directory written directly with the schema (no backbone, no tokenizer).
+
+  Dense features are ``clusters`` well-separated blobs; record i of a split has ``1 + i % max_captions``
+  captions whose ids encode (index, caption number). Returns the manifest.
+  """
+  from bigen_jax.data import records
+  splits = splits or {"train": 37, "validation": 13}
+  rng = np.random.default_rng(seed)
+  centres = rng.normal(size=(clusters, dim)).astype(np.float32) * 10
+  manifest = {"version": records.SCHEMA_VERSION, "backbone": "fixture", "feature_dim": dim,
+              "grid": records.GRID, "max_len": max_len, "max_captions": max_captions, "splits": {}}
+  for split, n in splits.items():
+    num_shards = -(-n // shard_size)
+    shards = []
+    for s in range(num_shards):
+      serialized = []
+      for i in range(s * shard_size, min(n, (s + 1) * shard_size)):
+        label = rng.integers(clusters, size=records.NUM_CELLS)
+        dense = centres[label] + rng.normal(size=(records.NUM_CELLS, dim)).astype(np.float32) * 0.1
+        num = 1 + i % max_captions
+        ids = np.zeros((num, max_len), np.int64)
+        ids[:, 0], ids[:, 1], ids[:, 2], ids[:, 3] = 2, 100 + i, np.arange(num) + 10, 3
+        serialized.append(records.encode_example(
+            index=i, image_id=1000 + i, key=f"{split}/{i}", dense=dense, boxes=records.grid_boxes(),
+            caption_ids=ids, captions=[f"caption {c} of {i}" for c in range(num)]))
+      path = os.path.join(out_dir, records.shard_name(split, s, num_shards))
+      os.makedirs(out_dir, exist_ok=True)
+      shards.append(records.write_shard(path, serialized))
+    manifest["splits"][split] = {"num_examples": n, "shards": shards, "complete": True}
+  records.write_json_atomic(os.path.join(out_dir, records.MANIFEST_NAME), manifest)
+  return manifest
+
+
+@pytest.fixture
+def records_dir(tmp_path):
+  d = str(tmp_path / "records")
+  write_records(d)
+  return d

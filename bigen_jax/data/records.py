@@ -2,9 +2,10 @@
 
 A dataset directory holds sharded TFRecord files per split plus ``manifest.json``::
 
-    {"version": 1, "backbone": "demo", "feature_dim": D, "grid": 8, "max_len": 17,
-     "image_size": ..., "tokenizer": {...}, "source": {...},
-     "splits": {"train": {"num_examples": n,
+    {"version": 1, "backbone": "demo", "backbone_config": {...}, "feature_dim": D, "grid": 8,
+     "max_len": 17, "max_captions": 5, "image_size": ..., "store_images": false, "store_image_size": null,
+     "tokenizer": {"vocab_file", "vocab_size", "sha256"}, "source": {"name", ..., "paths": {...}},
+     "splits": {"train": {"num_examples": n, "requested_examples": n, "shard_size": s, "complete": true,
                           "shards": [{"file": "train-00000-of-00004.tfrecord", "num_examples": k,
                                       "num_bytes": b, "sha256": "..."}, ...]}}}
 
@@ -190,3 +191,34 @@ def read_manifest(directory: str) -> dict[str, Any]:
   if manifest["grid"] != GRID:
     raise DataError(f"{path} has grid {manifest['grid']}, this code expects {GRID}")
   return manifest
+
+
+def split_shards(directory: str, split: str, *, manifest: Mapping[str, Any] | None = None,
+                 verify: bool = True, checksum: bool = False) -> list[dict[str, Any]]:
+  """The manifest entries of a finished split's shards, each with ``path`` added; errors name the file."""
+  manifest = manifest or read_manifest(directory)
+  path = os.path.join(directory, MANIFEST_NAME)
+  entry = manifest["splits"].get(split)
+  if entry is None:
+    raise DataError(f"{path} has no split {split!r} (has {sorted(manifest['splits'])})")
+  if not entry.get("complete", True):
+    raise DataError(f"split {split!r} in {path} is incomplete: re-run tools/extract_features.py to finish it")
+  shards = []
+  for shard in entry["shards"]:
+    if verify:
+      verify_shard(directory, shard, checksum=checksum)
+    shards.append({**shard, "path": os.path.join(directory, shard["file"])})
+  return shards
+
+
+def read_split(directory: str, split: str, *, batch_size: int = 256,
+               fields: Iterable[str] = ("index", "dense")) -> Iterable[dict[str, np.ndarray]]:
+  """Numpy batches of one split's records in file order (tools: k-means, statistics), parsed by tf.data."""
+  tf = _tf()
+  manifest = read_manifest(directory)
+  files = [s["path"] for s in split_shards(directory, split, manifest=manifest)]
+  parse = make_parse_fn(manifest["feature_dim"], manifest["max_len"])
+  fields = tuple(fields)
+  ds = tf.data.TFRecordDataset(files).map(lambda s: {k: v for k, v in parse(s).items() if k in fields})
+  for batch in ds.batch(batch_size).prefetch(2).as_numpy_iterator():
+    yield batch

@@ -1,0 +1,181 @@
+"""The visual vocabulary: FAISS k-means over grid-cell features, and every cell's cluster id (METHOD.md §1).
+
+``build_vocab`` reads a records directory (``tools/extract_features.py``), samples training cells, trains
+k-means with FAISS, assigns every cell of every split to its nearest centroid and writes into ``vocab_dir``:
+
+  codebook.npy            float32 [K, D]   the centroids (the discrete features)
+  cluster_ids_{split}.npy int32 [n, 64]    cluster id of each cell; row = the record's ``index``
+  vocab.json              k, dim, iterations, sample size, seed, quantisation error per split and the
+                          fingerprint of the records it was built from; written last, so its presence
+                          means the vocabulary is complete.
+
+Re-running skips what is already written for the same settings; every file is written atomically.
+"""
+
+import hashlib
+import json
+import os
+import time
+from typing import Any, Mapping, Sequence
+
+from absl import logging
+import numpy as np
+
+from bigen_jax.data import records
+
+CODEBOOK_NAME = "codebook.npy"
+META_NAME = "vocab.json"
+
+
+def cluster_ids_name(split: str) -> str:
+  return f"cluster_ids_{split}.npy"
+
+
+def records_fingerprint(manifest: Mapping[str, Any]) -> str:
+  """Hash of the shards' checksums: a vocabulary is only valid for the records it was built from."""
+  h = hashlib.sha256()
+  for split in sorted(manifest["splits"]):
+    for shard in manifest["splits"][split]["shards"]:
+      h.update(f"{split}:{shard['file']}:{shard['sha256']};".encode())
+  return h.hexdigest()[:16]
+
+
+def _save_npy(path: str, array: np.ndarray) -> None:
+  tmp = path + ".tmp.npy"
+  np.save(tmp, array)
+  os.replace(tmp, path)
+
+
+def sample_cells(records_dir: str, *, sample_size: int, seed: int, split: str = "train") -> np.ndarray:
+  """A seeded uniform sample of ``sample_size`` grid cells of ``split``: float32 [S, D].
+
+  Cells are drawn without replacement from all n*64 cells; the draw depends only on the seed and the split
+  size, not on how the records are sharded.
+  """
+  manifest = records.read_manifest(records_dir)
+  n = manifest["splits"][split]["num_examples"]
+  total = n * records.NUM_CELLS
+  if sample_size <= 0:
+    raise ValueError(f"--sample_size must be positive, got {sample_size}")
+  chosen = np.sort(np.random.default_rng(seed).choice(total, size=min(sample_size, total), replace=False))
+  rows, cells = np.divmod(chosen, records.NUM_CELLS)
+  out = np.empty((len(chosen), manifest["feature_dim"]), np.float32)
+  for batch in records.read_split(records_dir, split):
+    lo, hi = np.searchsorted(rows, [batch["index"].min(), batch["index"].max() + 1])
+    position = {int(i): j for j, i in enumerate(batch["index"])}
+    take = [position[int(r)] for r in rows[lo:hi]]
+    out[lo:hi] = batch["dense"][take, cells[lo:hi]]
+  return out
+
+
+def train_codebook(samples: np.ndarray, *, k: int, iterations: int, seed: int) -> np.ndarray:
+  """FAISS k-means (L2) on ``samples`` [S, D]; returns the centroids float32 [k, D]."""
+  import faiss  # pylint: disable=g-import-not-at-top
+  if samples.shape[0] < k:
+    raise ValueError(f"k-means needs at least k={k} samples, got {samples.shape[0]}: raise --sample_size")
+  km = faiss.Kmeans(samples.shape[1], k, niter=iterations, seed=seed, verbose=False,
+                    max_points_per_centroid=max(256, -(-samples.shape[0] // k)))
+  km.train(np.ascontiguousarray(samples, np.float32))
+  return np.asarray(km.centroids, np.float32)
+
+
+def assign(features: np.ndarray, codebook: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Nearest centroid of each row of ``features`` [N, D]: (ids int32 [N], squared distances float32 [N])."""
+  import faiss  # pylint: disable=g-import-not-at-top
+  index = faiss.IndexFlatL2(codebook.shape[1])
+  index.add(np.ascontiguousarray(codebook, np.float32))
+  dist, ids = index.search(np.ascontiguousarray(features, np.float32), 1)
+  return ids[:, 0].astype(np.int32), dist[:, 0]
+
+
+def assign_split(records_dir: str, split: str, codebook: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+  """Cluster ids of every cell of ``split``, int32 [n, 64], and its quantisation statistics."""
+  n = records.read_manifest(records_dir)["splits"][split]["num_examples"]
+  ids = np.full((n, records.NUM_CELLS), -1, np.int32)
+  sq_err = sq_norm = 0.0
+  for batch in records.read_split(records_dir, split):
+    feats = batch["dense"].astype(np.float32).reshape(-1, codebook.shape[1])
+    cell_ids, dist = assign(feats, codebook)
+    ids[batch["index"]] = cell_ids.reshape(-1, records.NUM_CELLS)
+    sq_err += float(dist.sum())
+    sq_norm += float(np.square(feats).sum())
+  if (ids < 0).any():
+    raise records.DataError(f"split {split!r} of {records_dir}: some record indices are missing")
+  cells = max(ids.size, 1)
+  stats = {"num_examples": n, "mse": sq_err / cells, "relative_error": sq_err / max(sq_norm, 1e-12),
+           "used_clusters": int(np.unique(ids).size)}
+  return ids, stats
+
+
+def build_vocab(records_dir: str, vocab_dir: str, *, k: int, iterations: int = 20, sample_size: int,
+                seed: int = 0, splits: Sequence[str] | None = None) -> dict[str, Any]:
+  """Trains the codebook on train cells and assigns all splits; returns the contents of ``vocab.json``."""
+  manifest = records.read_manifest(records_dir)
+  splits = list(splits or manifest["splits"])
+  settings = {"k": k, "iterations": iterations, "sample_size": sample_size, "seed": seed,
+              "dim": manifest["feature_dim"], "records": os.path.abspath(records_dir),
+              "records_fingerprint": records_fingerprint(manifest), "backbone": manifest["backbone"]}
+  os.makedirs(vocab_dir, exist_ok=True)
+  meta_path = os.path.join(vocab_dir, META_NAME)
+  if os.path.exists(meta_path):
+    with open(meta_path) as f:
+      old = json.load(f)
+    if all(old.get(key) == value for key, value in settings.items()) and set(splits) <= set(old["splits"]):
+      logging.info("vocabulary in %s is up to date", vocab_dir)
+      return old
+    os.remove(meta_path)
+  codebook_path = os.path.join(vocab_dir, CODEBOOK_NAME)
+  t = time.time()
+  samples = sample_cells(records_dir, sample_size=sample_size, seed=seed)
+  codebook = train_codebook(samples, k=k, iterations=iterations, seed=seed)
+  _save_npy(codebook_path, codebook)
+  logging.info("k-means: %d clusters on %d cells of dim %d in %.1fs", k, len(samples), samples.shape[1],
+               time.time() - t)
+  meta = {**settings, "sample_size_used": int(len(samples)), "splits": {}}
+  for split in splits:
+    ids, stats = assign_split(records_dir, split, codebook)
+    _save_npy(os.path.join(vocab_dir, cluster_ids_name(split)), ids)
+    meta["splits"][split] = stats
+    print(f"[vocab] {split}: {stats['num_examples']} images, mse {stats['mse']:.4f}, relative quantisation "
+          f"error {stats['relative_error']:.4f}, {stats['used_clusters']}/{k} clusters used", flush=True)
+  records.write_json_atomic(meta_path, meta)
+  return meta
+
+
+class Vocab:
+  """A built visual vocabulary: ``codebook`` [K, D], ``meta`` (vocab.json) and per-split cluster ids."""
+
+  def __init__(self, vocab_dir: str, *, records_dir: str | None = None):
+    self.dir = vocab_dir
+    meta_path = os.path.join(vocab_dir, META_NAME)
+    if not os.path.exists(meta_path):
+      raise records.DataError(f"no {META_NAME} in {vocab_dir}: run tools/build_vocab.py first")
+    with open(meta_path) as f:
+      self.meta = json.load(f)
+    self.codebook = np.load(os.path.join(vocab_dir, CODEBOOK_NAME))
+    if self.codebook.shape != (self.meta["k"], self.meta["dim"]):
+      raise records.DataError(f"{vocab_dir}/{CODEBOOK_NAME} has shape {self.codebook.shape}, {meta_path} "
+                              f"says k={self.meta['k']}, dim={self.meta['dim']}")
+    if records_dir is not None:
+      have = records_fingerprint(records.read_manifest(records_dir))
+      if have != self.meta["records_fingerprint"]:
+        raise records.DataError(f"vocabulary {meta_path} was built from other records than {records_dir} "
+                                "(fingerprint differs): rebuild it with tools/build_vocab.py")
+
+  @property
+  def k(self) -> int:
+    return self.meta["k"]
+
+  def cluster_ids(self, split: str) -> np.ndarray:
+    """int32 [n, 64] cluster ids of ``split`` (row = record index)."""
+    if split not in self.meta["splits"]:
+      raise records.DataError(f"{self.dir}/{META_NAME} has no cluster ids for split {split!r}")
+    ids = np.load(os.path.join(self.dir, cluster_ids_name(split)))
+    if ids.shape != (self.meta["splits"][split]["num_examples"], records.NUM_CELLS):
+      raise records.DataError(f"{self.dir}/{cluster_ids_name(split)} has shape {ids.shape}, "
+                              f"expected [{self.meta['splits'][split]['num_examples']}, 64]")
+    return ids
+
+
+def load_vocab(vocab_dir: str, *, records_dir: str | None = None) -> Vocab:
+  return Vocab(vocab_dir, records_dir=records_dir)

@@ -1,0 +1,181 @@
+r"""`make demo`: the whole pipeline built so far, end to end, on the captioned-scenes world (2 CPU cores).
+
+Stages (each resumable: re-running skips finished work):
+  1. world      render the captioned-scenes TFDS dataset (train/validation/test)
+  2. tokenizer  train a WordPiece vocabulary on the training captions (offline)
+  3. features   extract 8x8 grid features with the `demo` backbone into TFRecords (+ PNG images)
+  4. vocab      FAISS k-means visual vocabulary; every cell gets its cluster id
+  5. pipeline   read a few training batches through the tf.data input pipeline
+  6. pictures   contact sheet: images, their captions and their k-means token maps
+
+Writes OUT/summary.json and OUT/summary.md, and prints the summary table.
+"""
+
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags  # pylint: disable=g-import-not-at-top
+from absl import logging  # pylint: disable=g-import-not-at-top
+import numpy as np  # pylint: disable=g-import-not-at-top
+
+_OUT = flags.DEFINE_string("out", "demo_out", "Output directory.")
+_SCENES = flags.DEFINE_string("scenes_config", "demo", "Captioned-scenes size: tiny, demo or large.")
+_K = flags.DEFINE_integer("k", 256, "Visual vocabulary size (k-means clusters).")
+_TEXT_VOCAB = flags.DEFINE_integer("text_vocab", 1000, "WordPiece vocabulary size to train (at most).")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of k-means and the input pipeline.")
+
+SPLITS = ("train", "validation", "test")
+
+
+class Timer:
+  """Collects wall time per stage and prints a progress line as each stage starts and ends."""
+
+  def __init__(self):
+    self.times = {}
+    self._start = time.time()
+
+  def stage(self, name):
+    timer = self
+
+    class _Stage:
+      def __enter__(self):
+        print(f"[demo] {name} ...", flush=True)
+        self.t = time.time()
+
+      def __exit__(self, *exc):
+        timer.times[name] = round(time.time() - self.t, 1)
+        print(f"[demo] {name} done in {timer.times[name]:.1f}s", flush=True)
+
+    return _Stage()
+
+  @property
+  def total(self):
+    return round(time.time() - self._start, 1)
+
+
+def render_world(data_dir, config):
+  from bigen_jax.data import scenes_tfds  # pylint: disable=g-import-not-at-top
+  b = scenes_tfds.builder(data_dir, config=config)
+  scenes_tfds.prepare(b)
+  return {s: b.info.splits[s].num_examples for s in SPLITS}
+
+
+def train_tokenizer(data_dir, config, out_dir, vocab_size):
+  from bigen_jax.data import scenes, tokenizer  # pylint: disable=g-import-not-at-top
+  path = os.path.join(out_dir, "vocab.txt")
+  if not os.path.exists(path):
+    texts = [c for ex in scenes.source("train", data_dir=data_dir, config=config) for c in ex["captions"]]
+    path = tokenizer.train_wordpiece(texts, vocab_size=vocab_size, out_dir=out_dir)
+  return tokenizer.load_tokenizer(path), path
+
+
+def extract_features(data_dir, config, records_dir, tok, vocab_path, sizes):
+  from bigen_jax.data import scenes  # pylint: disable=g-import-not-at-top
+  from bigen_jax.features import backbones, extract  # pylint: disable=g-import-not-at-top
+  backbone = backbones.build_backbone("demo")
+  for split in SPLITS:
+    extract.extract_split(
+        scenes.source(split, data_dir=data_dir, config=config), split=split, out_dir=records_dir,
+        backbone=backbone, tokenizer=tok, num_examples=sizes[split], shard_size=500, batch_size=64,
+        store_images=True, source_info={"name": "scenes", "config": config}, vocab_path=vocab_path)
+  return backbone.feature_dim
+
+
+def read_pipeline(records_dir, vocab_dir, seed, steps=20, batch_size=32):
+  from bigen_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  it = input_pipeline.create_iterator(records_dir=records_dir, split="train", global_batch_size=batch_size,
+                                      seed=seed, vocab_dir=vocab_dir, train=True)
+  batch = next(it)
+  t = time.time()
+  for _ in range(steps):
+    next(it)
+  rate = steps / (time.time() - t)
+  return {k: f"{v.dtype}{list(v.shape)}" for k, v in batch.items()}, rate
+
+
+def contact_sheet(records_dir, vocab_dir, tok, k, path, n=8):
+  """Validation images | k-means token map, with two of their captions, as one PNG."""
+  import io  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from bigen_jax import viz  # pylint: disable=g-import-not-at-top
+  from bigen_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  it = input_pipeline.create_iterator(records_dir=records_dir, split="validation", global_batch_size=n,
+                                      seed=0, vocab_dir=vocab_dir, train=False, with_images=True)
+  batch = next(it)
+  rows, texts = [], []
+  for i in range(n):
+    image = np.asarray(Image.open(io.BytesIO(batch["image"][i])).convert("RGB"))
+    rows.append([image, viz.token_map(batch["cluster_ids"][i], k, size=256)])
+    caps = tok.decode(batch["caption_ids"][i][:2])
+    texts.append(" | ".join(caps))
+  half = (n + 1) // 2
+  sheet = viz.side_by_side([viz.captioned_grid(rows[:half], texts[:half], tile=256),
+                            viz.captioned_grid(rows[half:], texts[half:], tile=256)])
+  return viz.save_png(sheet, path)
+
+
+def write_summary(out, summary):
+  from bigen_jax.data import records  # pylint: disable=g-import-not-at-top
+  records.write_json_atomic(os.path.join(out, "summary.json"), summary)
+  lines = ["| what | value |", "|---|---|"]
+  for key, value in summary.items():
+    lines.append(f"| {key} | {value} |")
+  text = "\n".join(lines) + "\n"
+  with open(os.path.join(out, "summary.md"), "w") as f:
+    f.write(text)
+  print(text)
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)  # library chatter; the demo prints its own progress
+  out = os.path.abspath(_OUT.value)
+  os.makedirs(out, exist_ok=True)
+  dirs = {name: os.path.join(out, name) for name in ("tfds", "tokenizer", "records", "vocab")}
+  timer = Timer()
+  summary = {}
+  with timer.stage("1 world"):
+    sizes = render_world(dirs["tfds"], _SCENES.value)
+  summary["dataset sizes (train/validation/test)"] = "/".join(str(sizes[s]) for s in SPLITS)
+  with timer.stage("2 tokenizer"):
+    tok, vocab_path = train_tokenizer(dirs["tfds"], _SCENES.value, dirs["tokenizer"], _TEXT_VOCAB.value)
+  summary["WordPiece vocabulary"] = tok.vocab_size
+  with timer.stage("3 features"):
+    dim = extract_features(dirs["tfds"], _SCENES.value, dirs["records"], tok, vocab_path, sizes)
+  summary["grid features"] = f"8x8 x {dim} (demo backbone)"
+  with timer.stage("4 vocab"):
+    from bigen_jax.data import vocab  # pylint: disable=g-import-not-at-top
+    if not os.path.exists(os.path.join(dirs["vocab"], "vocab.json")):
+      vocab.build_vocab(dirs["records"], dirs["vocab"], k=_K.value, iterations=20,
+                        sample_size=64 * sizes["train"], seed=_SEED.value)
+    with open(os.path.join(dirs["vocab"], "vocab.json")) as f:
+      meta = json.load(f)
+  for split in SPLITS:
+    s = meta["splits"][split]
+    summary[f"k-means {split}: relative quantisation error"] = f"{s['relative_error']:.4f}"
+  summary["k-means clusters used (train)"] = f"{meta['splits']['train']['used_clusters']} / {_K.value}"
+  with timer.stage("5 pipeline"):
+    shapes, rate = read_pipeline(dirs["records"], dirs["vocab"], _SEED.value)
+  summary["batch (32)"] = ", ".join(f"{k} {v}" for k, v in shapes.items())
+  summary["input pipeline, batches/s"] = f"{rate:.1f}"
+  with timer.stage("6 pictures"):
+    sheet = contact_sheet(dirs["records"], dirs["vocab"], tok, _K.value, os.path.join(out, "contact_sheet.png"))
+  summary["contact sheet"] = os.path.relpath(sheet)
+  for name, secs in timer.times.items():
+    summary[f"time: {name}"] = f"{secs}s"
+  summary["time: total"] = f"{timer.total}s"
+  write_summary(out, summary)
+
+
+if __name__ == "__main__":
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  app.run(main)

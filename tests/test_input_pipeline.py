@@ -1,0 +1,144 @@
+"""Input pipeline: batches, determinism, exact resume, per-process shards, eval padding, errors."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from bigen_jax.data import input_pipeline
+from bigen_jax.data import records
+from bigen_jax.data import vocab
+
+
+def _it(records_dir, **kw):
+  args = dict(records_dir=records_dir, split="train", global_batch_size=8, seed=0, process_index=0,
+              process_count=1, shuffle_buffer=64)
+  args.update(kw)
+  return input_pipeline.create_iterator(**args)
+
+
+def _take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def test_train_batch_fields(records_dir):
+  batch = next(_it(records_dir))
+  assert batch["text_ids"].shape == (8, 6) and batch["text_ids"].dtype == np.int32
+  assert batch["dense"].shape == (8, 64, 8) and batch["dense"].dtype == np.float16
+  assert batch["boxes"].shape == (8, 64, 4)
+  np.testing.assert_array_equal(batch["text_mask"], (batch["text_ids"] != 0).astype(np.int32))
+  np.testing.assert_array_equal(batch["text_ids"][:, 1], 100 + batch["index"])  # caption of its own record
+  np.testing.assert_array_equal(batch["image_id"], 1000 + batch["index"])
+  np.testing.assert_array_equal(batch["boxes"][0], records.grid_boxes())
+
+
+def test_epochs_cover_once_and_differ(records_dir):
+  it = _it(records_dir)
+  assert it.batches_per_epoch == 37 // 8
+  epochs = [np.concatenate([b["index"] for b in _take(it, 4)]) for _ in range(3)]
+  for e in epochs:
+    assert len(set(e)) == 32 and set(e) <= set(range(37))
+  assert not np.array_equal(epochs[0], epochs[1])
+  captions = [np.concatenate([b["text_ids"][:, 2] for b in _take(_it(records_dir, seed=s), 4)])
+              for s in (0, 0, 1)]
+  np.testing.assert_array_equal(captions[0], captions[1])  # same seed: same order and captions
+
+
+def test_caption_sampling_uses_all_captions(records_dir):
+  it = _it(records_dir)
+  seen = {}
+  for b in _take(it, 40):
+    for i, c in zip(b["index"], b["text_ids"][:, 2] - 10):
+      seen.setdefault(int(i), set()).add(int(c))
+  assert all(max(s) < 1 + i % 3 for i, s in seen.items())
+  assert any(len(s) == 3 for i, s in seen.items() if i % 3 == 2)
+
+
+def test_exact_resume_across_epochs(records_dir):
+  reference = _take(_it(records_dir), 11)
+  it = _it(records_dir)
+  _take(it, 6)
+  state = it.get_state()
+  assert state == {"epoch": 1, "batch_in_epoch": 2}
+  resumed = _it(records_dir)
+  resumed.set_state(state)
+  for want, got in zip(reference[6:], _take(resumed, 5)):
+    for k in want:
+      np.testing.assert_array_equal(want[k], got[k])
+
+
+def test_save_restore_file(tmp_path, records_dir):
+  it = _it(records_dir)
+  _take(it, 3)
+  it.save(tmp_path / "it.json")
+  want = next(it)
+  other = _it(records_dir)
+  other.restore(tmp_path / "it.json")
+  np.testing.assert_array_equal(next(other)["index"], want["index"])
+
+
+@pytest.mark.parametrize("count", [2, 3, 5])  # 4 train shards: 2 and 3 split files, 5 splits records
+def test_processes_disjoint_and_cover(records_dir, count):
+  evals = [list(_it(records_dir, global_batch_size=2 * count, process_index=p, process_count=count,
+                    train=False)) for p in range(count)]
+  assert len({len(e) for e in evals}) == 1  # lock-step: every process the same number of batches
+  seen = [np.concatenate([b["index"][b["valid"]] for b in e]) for e in evals]
+  flat = np.concatenate(seen)
+  assert sorted(flat) == list(range(37))
+  trains = [_it(records_dir, global_batch_size=2 * count, process_index=p, process_count=count)
+            for p in range(count)]
+  assert len({t.batches_per_epoch for t in trains}) == 1
+  epoch = [np.concatenate([b["index"] for b in _take(t, t.batches_per_epoch)]) for t in trains]
+  assert len(set(np.concatenate(epoch))) == sum(len(e) for e in epoch)  # disjoint within an epoch
+  assert trains[0].mode == ("files" if count <= 4 else "records")
+
+
+def test_eval_mode_keeps_all_captions_and_pads(records_dir):
+  batches = list(_it(records_dir, split="validation", train=False))
+  assert len(batches) == 2  # 13 examples, batch 8
+  last = batches[-1]
+  assert last["valid"].tolist() == [True] * 5 + [False] * 3
+  assert last["caption_ids"].shape == (8, 3, 6)
+  np.testing.assert_array_equal(np.concatenate([b["index"][b["valid"]] for b in batches]), np.arange(13))
+  first = batches[0]
+  for row in range(8):
+    i = first["index"][row]
+    num = 1 + i % 3
+    assert [c.decode() for c in first["captions"][row][:num]] == [f"caption {c} of {i}" for c in range(num)]
+    assert (first["caption_ids"][row, num:] == 0).all()
+    np.testing.assert_array_equal(first["text_ids"][row], first["caption_ids"][row, 0])
+  it = _it(records_dir, split="validation", train=False, global_batch_size=16)
+  assert next(it)["valid"].sum() == 13
+  with pytest.raises(StopIteration):
+    next(it)
+  it.reset()
+  assert next(it)["valid"].sum() == 13
+
+
+def test_cluster_ids_come_from_the_vocab(tmp_path, records_dir):
+  vdir = str(tmp_path / "vocab")
+  vocab.build_vocab(records_dir, vdir, k=4, iterations=5, sample_size=500, seed=0)
+  ids = vocab.load_vocab(vdir).cluster_ids("train")
+  batch = next(_it(records_dir, vocab_dir=vdir))
+  np.testing.assert_array_equal(batch["cluster_ids"], ids[batch["index"]])
+  assert batch["cluster_ids"].dtype == np.int32
+
+
+def test_element_spec(records_dir):
+  spec = _it(records_dir).element_spec
+  assert spec["dense"].shape == (8, 64, 8) and spec["text_ids"].shape == (8, 6)
+
+
+def test_errors(records_dir):
+  with pytest.raises(ValueError, match="not divisible"):
+    _it(records_dir, global_batch_size=9, process_count=2)
+  with pytest.raises(records.DataError, match="fewer than one batch"):
+    _it(records_dir, global_batch_size=64)
+  with pytest.raises(records.DataError, match="no split 'test'"):
+    _it(records_dir, split="test")
+  with pytest.raises(ValueError, match="outside an epoch"):
+    _it(records_dir).set_state({"epoch": 0, "batch_in_epoch": 99})
+  with open(f"{records_dir}/train-00002-of-00004.tfrecord", "ab") as f:
+    f.write(b"junk")
+  with pytest.raises(records.DataError, match="train-00002-of-00004.tfrecord"):
+    _it(records_dir)

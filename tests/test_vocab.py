@@ -1,0 +1,91 @@
+"""Visual vocabulary: FAISS k-means, assignment == brute force, files, resume and errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from bigen_jax.data import records
+from bigen_jax.data import vocab
+from conftest import write_records
+
+
+def test_assign_equals_brute_force_nearest_centroid():
+  rng = np.random.default_rng(0)
+  feats = rng.normal(size=(500, 16)).astype(np.float32)
+  codebook = rng.normal(size=(37, 16)).astype(np.float32)
+  ids, dist = vocab.assign(feats, codebook)
+  d2 = ((feats[:, None, :] - codebook[None]) ** 2).sum(-1)
+  np.testing.assert_array_equal(ids, d2.argmin(1))
+  np.testing.assert_allclose(dist, d2.min(1), rtol=1e-4, atol=1e-4)
+
+
+def test_sample_cells_is_seeded_and_reads_the_right_cells(records_dir):
+  a = vocab.sample_cells(records_dir, sample_size=100, seed=3)
+  b = vocab.sample_cells(records_dir, sample_size=100, seed=3)
+  c = vocab.sample_cells(records_dir, sample_size=100, seed=4)
+  np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(a, c)
+  every = np.concatenate([x["dense"].reshape(-1, 8) for x in records.read_split(records_dir, "train")])
+  assert a.shape == (100, 8)
+  assert all((np.abs(every - row).sum(1) == 0).any() for row in a.astype(np.float16))
+
+
+def test_build_vocab_recovers_clusters_and_writes_files(tmp_path, records_dir):
+  out = str(tmp_path / "vocab")
+  meta = vocab.build_vocab(records_dir, out, k=10, iterations=20, sample_size=2000, seed=0)
+  assert set(meta["splits"]) == {"train", "validation"}
+  for split, n in (("train", 37), ("validation", 13)):
+    assert meta["splits"][split]["num_examples"] == n
+    assert meta["splits"][split]["relative_error"] < 0.01  # five tight blobs, ten centroids: all fit
+  v = vocab.load_vocab(out, records_dir=records_dir)
+  assert v.codebook.shape == (10, 8)
+  ids = v.cluster_ids("validation")
+  assert ids.shape == (13, 64) and ids.dtype == np.int32
+  for batch in records.read_split(records_dir, "validation"):
+    brute = ((batch["dense"].astype(np.float32)[..., None, :] - v.codebook) ** 2).sum(-1).argmin(-1)
+    np.testing.assert_array_equal(ids[batch["index"]], brute)
+
+
+def test_rerun_is_a_no_op_and_changed_settings_rebuild(tmp_path, records_dir):
+  out = str(tmp_path / "vocab")
+  vocab.build_vocab(records_dir, out, k=4, iterations=5, sample_size=500, seed=0)
+  stamp = os.path.getmtime(os.path.join(out, "codebook.npy"))
+  vocab.build_vocab(records_dir, out, k=4, iterations=5, sample_size=500, seed=0)
+  assert os.path.getmtime(os.path.join(out, "codebook.npy")) == stamp
+  meta = vocab.build_vocab(records_dir, out, k=3, iterations=5, sample_size=500, seed=0)
+  assert meta["k"] == 3 and vocab.load_vocab(out).codebook.shape == (3, 8)
+
+
+def test_vocab_of_other_records_is_refused(tmp_path, records_dir):
+  out = str(tmp_path / "vocab")
+  vocab.build_vocab(records_dir, out, k=4, iterations=5, sample_size=500, seed=0)
+  other = str(tmp_path / "other")
+  write_records(other, seed=1)
+  with pytest.raises(records.DataError, match="fingerprint"):
+    vocab.load_vocab(out, records_dir=other)
+
+
+def test_errors_name_the_problem(tmp_path, records_dir):
+  with pytest.raises(records.DataError, match="build_vocab"):
+    vocab.load_vocab(str(tmp_path / "nothing"))
+  with pytest.raises(ValueError, match="sample_size"):
+    vocab.build_vocab(records_dir, str(tmp_path / "v"), k=50, iterations=2, sample_size=10, seed=0)
+  with open(os.path.join(records_dir, "train-00001-of-00004.tfrecord"), "r+b") as f:
+    f.truncate(100)
+  with pytest.raises(records.DataError, match="train-00001-of-00004.tfrecord"):
+    vocab.build_vocab(records_dir, str(tmp_path / "v"), k=4, iterations=2, sample_size=500, seed=0)
+
+
+def test_cli(tmp_path, records_dir):
+  out = str(tmp_path / "vocab")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, os.path.join(root, "tools", "build_vocab.py"), "--records",
+                         records_dir, "--out", out, "--k", "5", "--sample_size", "1000"],
+                        capture_output=True, text=True, check=True)
+  assert "relative quantisation error" in proc.stdout
+  with open(os.path.join(out, "vocab.json")) as f:
+    assert json.load(f)["sample_size_used"] == 1000

@@ -1,0 +1,38 @@
+r"""Builds the visual vocabulary: FAISS k-means over grid-cell features, cluster id of every cell.
+
+  python tools/build_vocab.py --records data/coco_frcnn --out data/coco_frcnn/vocab10k \
+      --k 10000 --iterations 20 --sample_size 2600000 --seed 0
+
+Writes codebook.npy [K, D], cluster_ids_{split}.npy [n, 64] and vocab.json (see bigen_jax/data/vocab.py),
+and prints the quantisation error of every split. Re-running with the same settings does nothing.
+"""
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags  # pylint: disable=g-import-not-at-top
+
+_RECORDS = flags.DEFINE_string("records", None, "Records directory (tools/extract_features.py --out).",
+                               required=True)
+_OUT = flags.DEFINE_string("out", None, "Output directory of the vocabulary.", required=True)
+_K = flags.DEFINE_integer("k", 10000, "Number of clusters (10,000 in the papers).")
+_ITERATIONS = flags.DEFINE_integer("iterations", 20, "k-means iterations.")
+_SAMPLE_SIZE = flags.DEFINE_integer("sample_size", 2_600_000, "Training cells sampled for k-means.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the cell sample and of k-means.")
+_SPLITS = flags.DEFINE_list("splits", None, "Splits to assign (default: all in the manifest).")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from bigen_jax.data import vocab  # pylint: disable=g-import-not-at-top
+  vocab.build_vocab(_RECORDS.value, _OUT.value, k=_K.value, iterations=_ITERATIONS.value,
+                    sample_size=_SAMPLE_SIZE.value, seed=_SEED.value, splits=_SPLITS.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
