@@ -77,20 +77,29 @@ def test_save_restore_file(tmp_path, records_dir):
   np.testing.assert_array_equal(next(other)["index"], want["index"])
 
 
-@pytest.mark.parametrize("count", [2, 3, 5])  # 4 train shards: 2 and 3 split files, 5 splits records
-def test_processes_disjoint_and_cover(records_dir, count):
-  evals = [list(_it(records_dir, global_batch_size=2 * count, process_index=p, process_count=count,
-                    train=False)) for p in range(count)]
+@pytest.mark.parametrize("sharding,count", [("global", 2), ("global", 5), ("files", 2), ("files", 3),
+                                            ("files", 5)])  # 4 train shards: 5 processes share records
+def test_processes_disjoint_and_cover(records_dir, sharding, count):
+  kw = dict(global_batch_size=2 * count, process_count=count, sharding=sharding)
+  evals = [list(_it(records_dir, process_index=p, train=False, **kw)) for p in range(count)]
   assert len({len(e) for e in evals}) == 1  # lock-step: every process the same number of batches
   seen = [np.concatenate([b["index"][b["valid"]] for b in e]) for e in evals]
   flat = np.concatenate(seen)
   assert sorted(flat) == list(range(37))
-  trains = [_it(records_dir, global_batch_size=2 * count, process_index=p, process_count=count)
-            for p in range(count)]
+  trains = [_it(records_dir, process_index=p, **kw) for p in range(count)]
   assert len({t.batches_per_epoch for t in trains}) == 1
   epoch = [np.concatenate([b["index"] for b in _take(t, t.batches_per_epoch)]) for t in trains]
   assert len(set(np.concatenate(epoch))) == sum(len(e) for e in epoch)  # disjoint within an epoch
-  assert trains[0].mode == ("files" if count <= 4 else "records")
+  assert trains[0].mode == {"global": "global", "files": "files" if count <= 4 else "records"}[sharding]
+
+
+@pytest.mark.parametrize("count", [2, 4])
+def test_global_batches_do_not_depend_on_process_count(records_dir, count):
+  single = _take(_it(records_dir), 6)
+  parts = [_take(_it(records_dir, process_index=p, process_count=count), 6) for p in range(count)]
+  for step, want in enumerate(single):
+    for key in want:
+      np.testing.assert_array_equal(np.concatenate([part[step][key] for part in parts]), want[key])
 
 
 def test_eval_mode_keeps_all_captions_and_pads(records_dir):

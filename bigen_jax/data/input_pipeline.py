@@ -1,10 +1,15 @@
 """tf.data input pipeline: TFRecord grid features -> per-process numpy batches, deterministic and resumable.
 
 Training (``train=True``) runs in explicit epochs. Epoch ``e`` permutes the shard files with ``(seed, e)``,
-splits them among processes, shuffles the *serialized* records with a seed of ``(seed, e, process)`` and
-picks one caption per image with a stateless seed of ``(seed, e, index)``. Every process yields the same
-number of batches per epoch (the smallest share, computed from the manifest), so multi-host steps stay in
-lock-step. The resume position is two integers, ``{"epoch", "batch_in_epoch"}``: restoring rebuilds the
+shuffles the *serialized* records with a seed of ``(seed, e)`` and picks one caption per image with a
+stateless seed of ``(seed, e, index)``. Processes share the work in one of two ways (``sharding``):
+  "global" (default)  every process reads the one global stream and parses only its rows of each global
+                      batch: the global batches, hence the losses, do not depend on the number of processes.
+  "files"             processes read disjoint shard files (or every P-th record when there are fewer files
+                      than processes) and shuffle with ``(seed, e, process)``: no process reads all the
+                      data, for large pods; the global batches then depend on the process count.
+Every process yields the same number of batches per epoch (computed from the manifest), so multi-host
+steps stay in lock-step. The resume position is two integers, ``{"epoch", "batch_in_epoch"}``: restoring rebuilds the
 epoch and skips the consumed serialized records before parsing, so resuming is exact and cheap.
 
 Evaluation (``train=False``) reads every record once, in file order, with all captions; the last batches
@@ -38,18 +43,30 @@ def _tf():
   return tf
 
 
-def process_shares(shard_counts: list[int], process_count: int) -> tuple[str, list[list[int]]]:
-  """How files are split among processes: ("files", files of each process) when every process can get a
-  file, else ("records", every process reads all files and keeps every P-th record)."""
+SHARDING_MODES = ("global", "files")
+
+
+def process_shares(shard_counts: list[int], process_count: int, sharding: str) -> tuple[str, list[list[int]]]:
+  """Which files each process reads, and how it keeps its part: ("global", all files each) — every process
+  reads the one global stream and keeps its rows of each global batch; ("files", disjoint file sets) when
+  every process can get a file; ("records", all files, every P-th record) otherwise."""
+  if sharding not in SHARDING_MODES:
+    raise ValueError(f"input sharding {sharding!r}: expected one of {SHARDING_MODES}")
+  everything = [list(range(len(shard_counts)))] * process_count
+  if sharding == "global":
+    return "global", everything
   if len(shard_counts) >= process_count:
     return "files", [list(range(p, len(shard_counts), process_count)) for p in range(process_count)]
-  return "records", [list(range(len(shard_counts)))] * process_count
+  return "records", everything
 
 
 def examples_per_process(shard_counts: list[int], mode: str, shares: list[list[int]]) -> list[int]:
+  """Examples each process sees per epoch (global mode: the whole split, sliced batch by batch)."""
   if mode == "files":
     return [sum(shard_counts[i] for i in share) for share in shares]
   n, count = sum(shard_counts), len(shares)
+  if mode == "global":
+    return [n] * count
   return [len(range(p, n, count)) for p in range(count)]
 
 
@@ -60,7 +77,7 @@ class BatchIterator(dataset_iterator.DatasetIterator):
                vocab_dir: str | None = None, train: bool = True, with_images: bool = False,
                process_index: int | None = None, process_count: int | None = None,
                shuffle_buffer: int = 10_000, pad_id: int = 0, verify_checksums: bool = False,
-               num_parallel_calls: int = 4, prefetch: int = 2):
+               num_parallel_calls: int = 4, prefetch: int = 2, sharding: str = "global"):
     self.process_index = jax.process_index() if process_index is None else process_index
     self.process_count = jax.process_count() if process_count is None else process_count
     if global_batch_size % self.process_count:
@@ -76,16 +93,18 @@ class BatchIterator(dataset_iterator.DatasetIterator):
     if vocab_dir is not None:
       self.cluster_ids = vocab_lib.load_vocab(vocab_dir, records_dir=records_dir).cluster_ids(split)
     counts = [s["num_examples"] for s in self.shards]
-    self.mode, shares = process_shares(counts, self.process_count)
+    self.sharding = sharding
+    self.mode, shares = process_shares(counts, self.process_count, sharding)
     per_process = examples_per_process(counts, self.mode, shares)
+    per_batch = global_batch_size if self.mode == "global" else self.batch_size
     if train:
-      self.batches_per_epoch = min(per_process) // self.batch_size
+      self.batches_per_epoch = min(per_process) // per_batch
       if self.batches_per_epoch == 0:
         raise records.DataError(
             f"split {split!r} of {records_dir} gives process shares of {per_process} examples, fewer than "
             f"one batch of {self.batch_size}: lower the batch size or extract more data")
     else:
-      self.batches_per_epoch = -(-max(per_process) // self.batch_size)
+      self.batches_per_epoch = -(-max(per_process) // per_batch)
     self._parse = records.make_parse_fn(self.manifest["feature_dim"], self.manifest["max_len"])
     self._epoch, self._batch_in_epoch, self._it = 0, 0, None
 
@@ -140,7 +159,8 @@ class BatchIterator(dataset_iterator.DatasetIterator):
     order = np.arange(len(self.shards))
     if self.train:
       order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
-    _, shares = process_shares([self.shards[i]["num_examples"] for i in order], self.process_count)
+    _, shares = process_shares([self.shards[i]["num_examples"] for i in order], self.process_count,
+                               self.sharding)
     return [self.shards[order[i]]["path"] for i in shares[self.process_index]]
 
   def _epoch_dataset(self, epoch: int, skip_batches: int):
@@ -151,11 +171,18 @@ class BatchIterator(dataset_iterator.DatasetIterator):
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if self.mode == "records":
       ds = ds.shard(self.process_count, self.process_index)
+    global_mode = self.mode == "global"
+    per_batch = self.batch_size * (self.process_count if global_mode else 1)
     if self.train:
-      shuffle_seed = int(np.random.default_rng([self.seed, epoch, self.process_index]).integers(2**31))
+      process = 0 if global_mode else self.process_index
+      shuffle_seed = int(np.random.default_rng([self.seed, epoch, process]).integers(2**31))
       ds = ds.shuffle(self.shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
-      ds = ds.take(self.batches_per_epoch * self.batch_size)
-    ds = ds.skip(skip_batches * self.batch_size)
+      ds = ds.take(self.batches_per_epoch * per_batch)
+    ds = ds.skip(skip_batches * per_batch)
+    if global_mode:  # this process's rows of each global batch, still serialized
+      start = self.process_index * self.batch_size
+      ds = ds.batch(per_batch, drop_remainder=self.train)
+      ds = ds.map(lambda rows: rows[start:start + self.batch_size]).unbatch()
     ds = ds.map(lambda s: self._features(s, epoch), num_parallel_calls=self.num_parallel_calls,
                 deterministic=True)
     if self.train:

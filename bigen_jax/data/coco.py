@@ -1,0 +1,144 @@
+"""COCO captions as a source of ``{"image_id", "key", "image", "captions"}`` examples (docs/data_interfaces.md).
+
+Two readers:
+  ``source``       COCO-format caption JSON (``captions_train2014.json``: ``images`` + ``annotations``) and an
+                   image folder, optionally split by Karpathy's ``dataset_coco.json`` (train = train +
+                   restval, validation = val, test = test: 113,287 / 5,000 / 5,000 images).
+  ``tfds_source``  the TFDS ``coco_captions`` dataset, for users who have prepared it.
+Images are read lazily (PIL, converted to RGB: COCO has grayscale and CMYK files); a missing or unreadable
+image raises ``DataError`` naming the file.
+"""
+
+import json
+import os
+from typing import Any, Iterator
+
+import numpy as np
+from PIL import Image
+
+from bigen_jax.data.records import DataError
+
+KARPATHY_SPLITS = {"train": ("train", "restval"), "validation": ("val",), "val": ("val",), "test": ("test",)}
+
+
+def _load_json(path: str, what: str) -> Any:
+  if not path or not os.path.isfile(path):
+    raise DataError(f"{what} {path!r} does not exist")
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise DataError(f"{what} {path} is not valid JSON: {e}") from e
+
+
+def _field(obj: Any, key: str, path: str, where: str) -> Any:
+  if not isinstance(obj, dict) or key not in obj:
+    raise DataError(f"{path}: {where} lacks the field {key!r}")
+  return obj[key]
+
+
+def load_image(path: str) -> np.ndarray:
+  """uint8 [H, W, 3] RGB; DataError naming the file when it is missing or not a readable image."""
+  if not os.path.isfile(path):
+    raise DataError(f"image {path} does not exist")
+  try:
+    with Image.open(path) as im:
+      return np.asarray(im.convert("RGB"))
+  except (OSError, ValueError, Image.DecompressionBombError) as e:
+    raise DataError(f"image {path} cannot be read: {e}") from e
+
+
+class CocoSource:
+  """The examples of one split, sorted by image id; ``len()`` is known before any image is read."""
+
+  def __init__(self, entries: list[dict[str, Any]]):
+    self.entries = entries
+
+  def __len__(self) -> int:
+    return len(self.entries)
+
+  def __iter__(self) -> Iterator[dict[str, Any]]:
+    for entry in self.entries:
+      yield {"image_id": entry["image_id"], "key": entry["key"], "captions": list(entry["captions"]),
+             "image": load_image(entry["path"])}
+
+
+def _annotations(annotations_file: str) -> tuple[dict[int, str], dict[int, list[str]]]:
+  """(image id -> file name, image id -> captions in annotation-id order) of a COCO caption file."""
+  data = _load_json(annotations_file, "COCO caption annotations")
+  images = _field(data, "images", annotations_file, "the file")
+  annotations = _field(data, "annotations", annotations_file, "the file")
+  files = {}
+  for i, im in enumerate(images):
+    files[int(_field(im, "id", annotations_file, f"images[{i}]"))] = _field(
+        im, "file_name", annotations_file, f"images[{i}]")
+  captions: dict[int, list[tuple[int, str]]] = {}
+  for i, ann in enumerate(annotations):
+    image_id = int(_field(ann, "image_id", annotations_file, f"annotations[{i}]"))
+    text = str(_field(ann, "caption", annotations_file, f"annotations[{i}]")).strip()
+    captions.setdefault(image_id, []).append((int(ann.get("id", i)), text))
+  return files, {k: [t for _, t in sorted(v)] for k, v in captions.items()}
+
+
+def _karpathy_images(karpathy_file: str, split: str) -> list[dict[str, Any]]:
+  if split not in KARPATHY_SPLITS:
+    raise DataError(f"split {split!r}: the Karpathy split file {karpathy_file} has "
+                    f"{sorted(KARPATHY_SPLITS)}")
+  data = _load_json(karpathy_file, "Karpathy split file")
+  images = _field(data, "images", karpathy_file, "the file")
+  wanted = KARPATHY_SPLITS[split]
+  out = []
+  for i, im in enumerate(images):
+    if _field(im, "split", karpathy_file, f"images[{i}]") in wanted:
+      _field(im, "cocoid", karpathy_file, f"images[{i}]")
+      _field(im, "filename", karpathy_file, f"images[{i}]")
+      out.append(im)
+  return out
+
+
+def source(split: str, *, annotations_file: str, images_dir: str, karpathy_file: str | None = None,
+           limit: int | None = None) -> CocoSource:
+  """The examples of ``split``. With ``karpathy_file``, ``split`` is train / validation (or val) / test of
+  Karpathy's split and the image is ``images_dir/filepath/filename`` (or ``images_dir/filename``); without
+  it every image of ``annotations_file`` forms the split, whatever its name. Captions come from
+  ``annotations_file``; ``limit`` keeps the first images by id."""
+  files, captions = _annotations(annotations_file)
+  if karpathy_file:
+    chosen = _karpathy_images(karpathy_file, split)
+    unknown = [int(im["cocoid"]) for im in chosen if int(im["cocoid"]) not in files]
+    if unknown:
+      raise DataError(f"{len(unknown)} images of split {split!r} in {karpathy_file} are not in "
+                      f"{annotations_file} (e.g. ids {unknown[:5]}): pass the annotations of both train2014 "
+                      "and val2014 (merged), as Karpathy's split mixes them")
+    entries = []
+    for im in chosen:
+      nested = os.path.join(images_dir, im.get("filepath", ""), im["filename"])
+      path = nested if os.path.exists(nested) else os.path.join(images_dir, im["filename"])
+      entries.append({"image_id": int(im["cocoid"]), "key": im["filename"], "path": path})
+  else:
+    entries = [{"image_id": i, "key": name, "path": os.path.join(images_dir, name)} for i, name in files.items()]
+  entries.sort(key=lambda e: e["image_id"])
+  for e in entries:
+    e["captions"] = captions.get(e["image_id"], [])
+  return CocoSource(entries[:limit] if limit else entries)
+
+
+def tfds_source(split: str, *, data_dir: str | None = None, name: str = "coco_captions",
+                limit: int | None = None) -> Iterator[dict[str, Any]]:
+  """Examples of a prepared TFDS ``coco_captions`` split (its image, ``image/id`` and ``captions/text``).
+
+  The dataset must already be prepared under ``data_dir``: this never downloads.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  builder = tfds.builder(name, data_dir=data_dir)
+  if not builder.is_prepared():
+    raise DataError(f"TFDS dataset {name} is not prepared under {builder.data_dir}: prepare it with "
+                    "tfds (manual_dir with the COCO files) first")
+  ds = builder.as_dataset(split=split, shuffle_files=False)
+  for i, ex in enumerate(tfds.as_numpy(ds)):
+    if limit and i >= limit:
+      return
+    image_id = int(ex["image/id"])
+    texts = ex["captions"]["text"]
+    yield {"image_id": image_id, "key": f"{name}/{split}/{image_id}", "image": np.asarray(ex["image"]),
+           "captions": [t.decode("utf-8").strip() for t in texts]}

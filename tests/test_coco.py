@@ -1,0 +1,138 @@
+"""COCO reader on a tiny COCO-format fixture: Karpathy splits, captions, RGB images, errors, extraction."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+import pytest
+
+from bigen_jax.data import coco
+from bigen_jax.data import records
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# image id -> (Karpathy split, folder, mode)
+IMAGES = {9: ("train", "train2014", "RGB"), 3: ("restval", "val2014", "L"), 25: ("val", "val2014", "RGB"),
+          7: ("test", "val2014", "CMYK"), 12: ("train", "train2014", "RGB")}
+
+
+def _caption(image_id, k):
+  return f"  a photo number {image_id} with caption {k} "
+
+
+@pytest.fixture
+def fixture(tmp_path):
+  rng = np.random.default_rng(0)
+  images, annotations, karpathy = [], [], []
+  ann_id = 0
+  for image_id, (split, folder, mode) in IMAGES.items():
+    name = f"COCO_{folder}_{image_id:012d}.jpg"
+    os.makedirs(tmp_path / "images" / folder, exist_ok=True)
+    pixels = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    Image.fromarray(pixels).convert(mode).save(tmp_path / "images" / folder / name, format="JPEG")
+    images.append({"id": image_id, "file_name": name, "height": 40, "width": 48})
+    for k in range(5 if image_id != 12 else 6):
+      annotations.append({"image_id": image_id, "id": 1000 - ann_id, "caption": _caption(image_id, k)})
+      ann_id += 1
+    karpathy.append({"filepath": folder, "filename": name, "cocoid": image_id, "split": split,
+                     "sentences": [{"raw": "unused"}]})
+  ann_file, karpathy_file = tmp_path / "captions.json", tmp_path / "dataset_coco.json"
+  ann_file.write_text(json.dumps({"images": images, "annotations": annotations}))
+  karpathy_file.write_text(json.dumps({"images": karpathy, "dataset": "coco"}))
+  return {"annotations_file": str(ann_file), "images_dir": str(tmp_path / "images"),
+          "karpathy_file": str(karpathy_file)}
+
+
+def test_karpathy_splits(fixture):
+  assert [len(coco.source(s, **fixture)) for s in ("train", "validation", "val", "test")] == [3, 1, 1, 1]
+  train = list(coco.source("train", **fixture))
+  assert [ex["image_id"] for ex in train] == [3, 9, 12]  # train + restval, sorted by id
+  for ex in train:
+    assert ex["image"].dtype == np.uint8 and ex["image"].shape == (40, 48, 3)  # grayscale -> RGB
+    assert ex["key"].startswith("COCO_") and ex["key"].endswith(f"{ex['image_id']:012d}.jpg")
+  ann = json.load(open(fixture["annotations_file"]))["annotations"]
+  want = [a["caption"].strip() for a in sorted(ann, key=lambda a: a["id"]) if a["image_id"] == 12]
+  assert train[2]["captions"] == want and len(want) == 6  # all captions, annotation-id order, stripped
+  assert next(iter(coco.source("test", **fixture)))["image"].shape == (40, 48, 3)  # CMYK -> RGB
+
+
+def test_without_karpathy_all_images_are_one_split(fixture, tmp_path):
+  flat = tmp_path / "flat"
+  os.makedirs(flat)
+  for folder in ("train2014", "val2014"):
+    for name in os.listdir(os.path.join(fixture["images_dir"], folder)):
+      os.rename(os.path.join(fixture["images_dir"], folder, name), flat / name)
+  src = coco.source("anything", annotations_file=fixture["annotations_file"], images_dir=str(flat))
+  assert [ex["image_id"] for ex in src] == sorted(IMAGES)
+  assert len(coco.source("train", **{**fixture, "images_dir": str(flat)}, limit=2)) == 2  # flat layout found
+
+
+def test_errors_name_the_file_and_field(fixture, tmp_path):
+  missing = os.path.join(fixture["images_dir"], "val2014", "COCO_val2014_000000000025.jpg")
+  os.remove(missing)
+  with pytest.raises(records.DataError, match="000000000025.jpg does not exist"):
+    list(coco.source("validation", **fixture))
+  corrupt = os.path.join(fixture["images_dir"], "val2014", "COCO_val2014_000000000007.jpg")
+  with open(corrupt, "wb") as f:
+    f.write(b"not a jpeg")
+  with pytest.raises(records.DataError, match="000000000007.jpg cannot be read"):
+    list(coco.source("test", **fixture))
+  bad = tmp_path / "bad.json"
+  bad.write_text(json.dumps({"images": [{"id": 1}], "annotations": []}))
+  with pytest.raises(records.DataError, match=r"bad.json: images\[0\] lacks the field 'file_name'"):
+    coco.source("train", annotations_file=str(bad), images_dir=fixture["images_dir"])
+  bad.write_text("{")
+  with pytest.raises(records.DataError, match="bad.json is not valid JSON"):
+    coco.source("train", annotations_file=str(bad), images_dir=fixture["images_dir"])
+  with pytest.raises(records.DataError, match="split 'dev'"):
+    coco.source("dev", **fixture)
+  ann = json.load(open(fixture["annotations_file"]))
+  ann["images"] = [im for im in ann["images"] if im["id"] != 9]
+  partial = tmp_path / "partial.json"
+  partial.write_text(json.dumps(ann))
+  with pytest.raises(records.DataError, match=r"not in .*partial.json \(e.g. ids \[9\]\)"):
+    coco.source("train", **{**fixture, "annotations_file": str(partial)})
+
+
+def test_tfds_source_reads_a_prepared_builder(monkeypatch):
+  class FakeBuilder:
+    data_dir = "/nowhere"
+
+    def __init__(self, prepared):
+      self.prepared = prepared
+
+    def is_prepared(self):
+      return self.prepared
+
+    def as_dataset(self, split, shuffle_files):
+      assert split == "val" and not shuffle_files
+      return [{"image": np.zeros((4, 5, 3), np.uint8), "image/id": 77,
+               "captions": {"text": np.array([b" a cat ", b"a dog"])}}]
+
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(tfds, "builder", lambda name, data_dir=None: FakeBuilder(True))
+  monkeypatch.setattr(tfds, "as_numpy", lambda ds: ds)
+  (ex,) = list(coco.tfds_source("val"))
+  assert ex["image_id"] == 77 and ex["captions"] == ["a cat", "a dog"] and ex["image"].shape == (4, 5, 3)
+  monkeypatch.setattr(tfds, "builder", lambda name, data_dir=None: FakeBuilder(False))
+  with pytest.raises(records.DataError, match="not prepared"):
+    list(coco.tfds_source("val"))
+
+
+def test_extract_features_cli_on_coco(fixture, tmp_path):
+  from bigen_jax.data import tokenizer  # pylint: disable=g-import-not-at-top
+  texts = [c for ex in coco.source("train", **fixture) for c in ex["captions"]]
+  vocab_path = tokenizer.train_wordpiece(texts, vocab_size=80, out_dir=str(tmp_path / "tok"))
+  out = str(tmp_path / "records")
+  subprocess.run([sys.executable, os.path.join(ROOT, "tools", "extract_features.py"), "--source", "coco",
+                  "--annotations", fixture["annotations_file"], "--images_dir", fixture["images_dir"],
+                  "--karpathy", fixture["karpathy_file"], "--split", "train,test", "--backbone", "demo",
+                  "--vocab", vocab_path, "--out", out, "--shard_size", "2"], check=True, capture_output=True)
+  manifest = records.read_manifest(out)
+  assert manifest["source"]["name"] == "coco"
+  assert manifest["splits"]["train"]["num_examples"] == 3 and manifest["splits"]["test"]["num_examples"] == 1
+  got = [b for b in records.read_split(out, "train", fields=("image_id", "captions"))]
+  assert got[0]["image_id"].tolist() == [3, 9, 12]
+  assert got[0]["captions"][2][0].decode() == _caption(12, 5).strip()  # annotation ids run backwards
