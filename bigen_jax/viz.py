@@ -66,3 +66,28 @@ def save_png(image: Image.Image, path: str) -> str:
   image.save(tmp)
   os.replace(tmp, path)
   return path
+
+
+def loss_curves(rows: Sequence[dict], path: str, *, keys: Sequence[str] | None = None) -> str:
+  """Plots the logged scalars ending in ``/loss`` and ``/accuracy`` (metrics.jsonl rows) against the step:
+  one panel for losses, one for accuracies; training and validation curves together. Writes a PNG."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  keys = keys or sorted({k for r in rows for k in r if k.endswith(("/loss", "/accuracy"))})
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  for ax, kind in zip(axes, ("loss", "accuracy")):
+    for key in [k for k in keys if k.endswith("/" + kind)]:
+      points = [(r["step"], r[key]) for r in rows if key in r]
+      ax.plot(*zip(*points), label=key, marker="o" if key.startswith("validation") else None, markersize=3)
+    ax.set_xlabel("step")
+    ax.set_title(kind)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  tmp = path + ".tmp.png"
+  fig.savefig(tmp, dpi=100)
+  plt.close(fig)
+  os.replace(tmp, path)
+  return path

@@ -7,6 +7,8 @@ Stages (each resumable: re-running skips finished work):
   4. vocab      FAISS k-means visual vocabulary; every cell gets its cluster id
   5. pipeline   read a few training batches through the tf.data input pipeline
   6. pictures   contact sheet: images, their captions and their k-means token maps
+  7. train      stage 1 (alternating I2T / T2I) of a small model: configs/demo.py, checkpoints, metrics
+  8. captions   loss curves (PNG) and greedy captions of validation images (PNG grid)
 
 Writes OUT/summary.json and OUT/summary.md, and prints the summary table.
 """
@@ -32,6 +34,7 @@ _SCENES = flags.DEFINE_string("scenes_config", "demo", "Captioned-scenes size: t
 _K = flags.DEFINE_integer("k", 256, "Visual vocabulary size (k-means clusters).")
 _TEXT_VOCAB = flags.DEFINE_integer("text_vocab", 1000, "WordPiece vocabulary size to train (at most).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of k-means and the input pipeline.")
+_TRAIN_STEPS = flags.DEFINE_integer("train_steps", 0, "Stage-1 steps (0: configs/demo.py's total_steps).")
 
 SPLITS = ("train", "validation", "test")
 
@@ -123,6 +126,52 @@ def contact_sheet(records_dir, vocab_dir, tok, k, path, n=8):
   return viz.save_png(sheet, path)
 
 
+def train_stage1(out, steps):
+  """Trains configs/demo.py on the demo data (resumes from demo_out/train); returns (state, config)."""
+  from bigen_jax import train  # pylint: disable=g-import-not-at-top
+  from configs import demo as demo_config  # pylint: disable=g-import-not-at-top
+  config = demo_config.get_config("demo")
+  config.data.records_dir = os.path.join(out, "records")
+  config.data.vocab_dir = os.path.join(out, "vocab")
+  config.data.tokenizer = os.path.join(out, "tokenizer", "vocab.txt")
+  if steps:
+    config.total_steps = steps
+  workdir = os.path.join(out, "train")
+  state = train.train_and_evaluate(config, workdir)
+  with open(os.path.join(workdir, train.HISTORY_NAME)) as f:
+    rows = [json.loads(line) for line in f]
+  return state, train.resolve_config(config)[0], rows
+
+
+def caption_sheet(state, config, tok, path, n=8):
+  """Greedy captions of validation images next to a reference caption, as a PNG grid; returns the texts."""
+  import io  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from bigen_jax import viz  # pylint: disable=g-import-not-at-top
+  from bigen_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  from bigen_jax.models import lxmert  # pylint: disable=g-import-not-at-top
+  from bigen_jax.sampling import captions  # pylint: disable=g-import-not-at-top
+  batch = next(input_pipeline.create_iterator(
+      records_dir=config.data.records_dir, split="validation", global_batch_size=n, seed=0, train=False,
+      with_images=True))
+  model = lxmert.build_model(config.model)
+  decode = jax.jit(lambda params, feats, boxes: captions.greedy_captions(
+      params, model=model, visual={"visual_feats": feats}, boxes=boxes, max_len=config.model.max_len,
+      cls_id=tok.cls_id, sep_id=tok.sep_id, mask_id=tok.mask_id, pad_id=tok.pad_id, banned_ids=(tok.unk_id,)))
+  ids = jax.device_get(decode(jax.device_get(state.params), batch["dense"].astype(np.float32), batch["boxes"]))
+  generated = tok.decode(ids)
+  rows, texts = [], []
+  for i in range(n):
+    rows.append([np.asarray(Image.open(io.BytesIO(batch["image"][i])).convert("RGB"))])
+    texts.append(f"model: {generated[i]} || reference: {batch['captions'][i][0].decode()}")
+  half = (n + 1) // 2
+  sheet = viz.side_by_side([viz.captioned_grid(rows[:half], texts[:half], tile=192, wrap=30),
+                            viz.captioned_grid(rows[half:], texts[half:], tile=192, wrap=30)])
+  viz.save_png(sheet, path)
+  return list(zip(generated, [c[0].decode() for c in batch["captions"]]))
+
+
 def write_summary(out, summary):
   from bigen_jax.data import records  # pylint: disable=g-import-not-at-top
   records.write_json_atomic(os.path.join(out, "summary.json"), summary)
@@ -170,6 +219,23 @@ def main(argv):
   with timer.stage("6 pictures"):
     sheet = contact_sheet(dirs["records"], dirs["vocab"], tok, _K.value, os.path.join(out, "contact_sheet.png"))
   summary["contact sheet"] = os.path.relpath(sheet)
+  with timer.stage("7 train"):
+    state, config, rows = train_stage1(out, _TRAIN_STEPS.value)
+  last = {k: v for r in rows for k, v in r.items()}
+  first = {k: v for r in reversed(rows) for k, v in r.items()}
+  for key in ("i2t/loss", "t2i/loss", "i2t/accuracy", "t2i/accuracy", "validation_loss/i2t/loss",
+              "validation_loss/t2i/loss", "validation_loss/i2t/accuracy", "validation_loss/t2i/accuracy"):
+    if key in last:
+      summary[f"stage 1 {key} (first -> last)"] = f"{first[key]:.3f} -> {last[key]:.3f}"
+  summary["stage 1 steps, steps/s"] = f"{int(state.step)}, {last.get('steps_per_sec', 0):.2f}"
+  with timer.stage("8 captions"):
+    from bigen_jax import viz  # pylint: disable=g-import-not-at-top
+    curves = viz.loss_curves(rows, os.path.join(out, "loss_curves.png"))
+    pairs = caption_sheet(state, config, tok, os.path.join(out, "captions.png"))
+  summary["loss curves"] = os.path.relpath(curves)
+  summary["greedy captions"] = os.path.relpath(os.path.join(out, "captions.png"))
+  for i, (generated, reference) in enumerate(pairs[:4]):
+    summary[f"caption {i}: model || reference"] = f"{generated} || {reference}"
   for name, secs in timer.times.items():
     summary[f"time: {name}"] = f"{secs}s"
   summary["time: total"] = f"{timer.total}s"

@@ -1,0 +1,1 @@
+"""PyTorch state dicts -> Flax params: ``lxmert`` (LXMERT / X-LXMERT), ``io`` (reading and writing)."""

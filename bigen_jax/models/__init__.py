@@ -1,0 +1,2 @@
+"""Models: ``lxmert`` (the unified transformer), ``layers`` (its blocks), ``heads``, ``masks`` (task input
+layouts), ``flops`` (analytic FLOP counts)."""

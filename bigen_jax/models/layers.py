@@ -1,0 +1,200 @@
+"""Transformer blocks of LXMERT (Tan & Bansal, 2019) in Flax linen: post-LayerNorm, GELU, shared cross-attention.
+
+Every parameter carries logical axis names (``nn.with_logical_partitioning``) and the main activations a
+logical constraint; ``bigen_jax.parallel`` maps the names to mesh axes. Shapes: B batch, T queries, S keys,
+N heads, K head size, H hidden (= N K), F FFN width. Masks are boolean, True = may attend, broadcastable to
+[B, 1, T, S]; ``None`` means no masking.
+"""
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+constrain = nn.with_logical_constraint
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+  """The hyper-parameters every block needs (a typed subset of the model config)."""
+  hidden_size: int = 768
+  num_heads: int = 12
+  mlp_dim: int = 3072
+  dropout_rate: float = 0.1
+  attention_dropout_rate: float = 0.1
+  layer_norm_eps: float = 1e-12
+  init_std: float = 0.02
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+
+class Dense(nn.Module):
+  """``x @ kernel + bias`` over the trailing ``num_in`` axes of x, kernel [*in, *out] created at its full
+  shape with its logical names (flax's DenseGeneral creates multi-axis kernels flat and reshapes them,
+  which breaks logical sharding constraints under a mesh)."""
+  features: tuple[int, ...]
+  num_in: int
+  names: tuple[str, ...]
+  spec: LayerSpec
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    s = self.spec
+    in_shape = x.shape[x.ndim - self.num_in:]
+    kernel = self.param("kernel", nn.with_logical_partitioning(_normal_full(s.init_std), self.names),
+                        (*in_shape, *self.features), s.param_dtype)
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.names[self.num_in:]),
+                      self.features, s.param_dtype)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=s.dtype)
+    contract = (tuple(range(x.ndim - self.num_in, x.ndim)), tuple(range(self.num_in)))
+    return jax.lax.dot_general(x, kernel, (contract, ((), ()))) + bias
+
+
+def _normal_full(std: float):
+  """N(0, std) over the whole kernel shape."""
+  def init(key, shape, dtype):
+    return std * jax.random.normal(key, shape, dtype)
+  return init
+
+
+def dense(spec: LayerSpec, features: int, names: tuple[str, str], *, name: str) -> nn.Dense:
+  """Dense layer with N(0, init_std) kernel [in, out] and zero bias, both with logical axis ``names``."""
+  return nn.Dense(
+      features, dtype=spec.dtype, param_dtype=spec.param_dtype,
+      kernel_init=nn.with_logical_partitioning(nn.initializers.normal(spec.init_std), names),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[-1:]), name=name)
+
+
+def layer_norm(spec: LayerSpec, *, name: str) -> nn.LayerNorm:
+  return nn.LayerNorm(
+      epsilon=spec.layer_norm_eps, dtype=spec.dtype, param_dtype=spec.param_dtype,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)), name=name)
+
+
+def gelu(x: Array) -> Array:
+  return nn.gelu(x, approximate=False)
+
+
+def attention_with_dropout(q: Array, k: Array, v: Array, mask: Array | None, *, rate: float,
+                           rng: Array) -> Array:
+  """The math of ``jax.nn.dot_product_attention`` plus dropout on the probabilities (LXMERT trains with it).
+
+  q [B, T, N, K], k/v [B, S, N, K], mask broadcastable to [B, N, T, S] -> [B, T, N, K].
+  """
+  logits = jnp.einsum("btnk,bsnk->bnts", q, k, preferred_element_type=jnp.float32)
+  logits = logits / jnp.sqrt(q.shape[-1]).astype(jnp.float32)
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1)
+  keep = jax.random.bernoulli(rng, 1.0 - rate, probs.shape)
+  probs = jnp.where(keep, probs / (1.0 - rate), 0.0).astype(v.dtype)
+  return jnp.einsum("bnts,bsnk->btnk", probs, v)
+
+
+class AttentionBlock(nn.Module):
+  """LXMERT attention sub-layer: multi-head attention of x over context, output dense, dropout, LN(out + x)."""
+  spec: LayerSpec
+
+  @nn.compact
+  def __call__(self, x: Array, context: Array, mask: Array | None, deterministic: bool) -> Array:
+    """x [B, T, H], context [B, S, H] -> [B, T, H]."""
+    s = self.spec
+    b, t, _ = x.shape
+    heads = (s.num_heads, s.hidden_size // s.num_heads)
+    names = ("act_batch", "act_length", "act_heads", "act_kv")
+
+    def project(name, inputs):
+      y = dense(s, s.hidden_size, ("embed", "heads"), name=name)(inputs)
+      return constrain(y.reshape(y.shape[:2] + heads), names)
+
+    q, k, v = project("query", x), project("key", context), project("value", context)
+    if deterministic or s.attention_dropout_rate == 0.0:
+      y = jax.nn.dot_product_attention(q, k, v, mask=mask)
+    else:
+      y = attention_with_dropout(q, k, v, mask, rate=s.attention_dropout_rate, rng=self.make_rng("dropout"))
+    y = constrain(y, names).reshape(b, t, s.hidden_size)
+    y = dense(s, s.hidden_size, ("heads", "embed"), name="output")(y)
+    y = nn.Dropout(s.dropout_rate)(y, deterministic=deterministic)
+    y = layer_norm(s, name="norm")(y + x)
+    return constrain(y, ("act_batch", "act_length", "act_embed"))
+
+
+class FeedForward(nn.Module):
+  """LXMERT FFN sub-layer: dense H->F, GELU, dense F->H, dropout, LN(out + x)."""
+  spec: LayerSpec
+
+  @nn.compact
+  def __call__(self, x: Array, deterministic: bool) -> Array:
+    """x [B, T, H] -> [B, T, H]."""
+    s = self.spec
+    h = gelu(dense(s, s.mlp_dim, ("embed", "mlp"), name="intermediate")(x))
+    h = constrain(h, ("act_batch", "act_length", "act_mlp"))
+    y = dense(s, s.hidden_size, ("mlp", "embed"), name="output")(h)
+    y = nn.Dropout(s.dropout_rate)(y, deterministic=deterministic)
+    y = layer_norm(s, name="norm")(y + x)
+    return constrain(y, ("act_batch", "act_length", "act_embed"))
+
+
+class SelfLayer(nn.Module):
+  """A single-modality layer (language or vision encoder): self-attention then FFN."""
+  spec: LayerSpec
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array | None, deterministic: bool) -> tuple[Array, None]:
+    """x [B, T, H], mask [B, 1, T|1, T] -> (x [B, T, H], None); the scan-carry signature."""
+    x = AttentionBlock(self.spec, name="attention")(x, x, mask, deterministic)
+    return FeedForward(self.spec, name="ffn")(x, deterministic), None
+
+
+class CrossLayer(nn.Module):
+  """A cross-modality layer: one cross-attention module used in both directions, then per-modality
+  self-attention and FFN (LXMERT's ``LxmertXLayer``)."""
+  spec: LayerSpec
+
+  @nn.compact
+  def __call__(self, carry: tuple[Array, Array], lang_self_mask: Array | None, lang_key_mask: Array | None,
+               vision_mask: Array | None, deterministic: bool) -> tuple[tuple[Array, Array], None]:
+    """carry (lang [B, L, H], vision [B, M, H]); lang_self_mask [B, 1, L|1, L] (language self-attention),
+    lang_key_mask [B, 1, 1, L] (vision -> language), vision_mask [B, 1, 1, M]."""
+    lang, vision = carry
+    cross = AttentionBlock(self.spec, name="cross_attention")
+    lang_x = cross(lang, vision, vision_mask, deterministic)
+    vision_x = cross(vision, lang, lang_key_mask, deterministic)
+    lang = AttentionBlock(self.spec, name="lang_self_attention")(lang_x, lang_x, lang_self_mask, deterministic)
+    vision = AttentionBlock(self.spec, name="vision_self_attention")(vision_x, vision_x, vision_mask,
+                                                                     deterministic)
+    lang = FeedForward(self.spec, name="lang_ffn")(lang, deterministic)
+    vision = FeedForward(self.spec, name="vision_ffn")(vision, deterministic)
+    return (lang, vision), None
+
+
+class LayerStack(nn.Module):
+  """``num_layers`` copies of ``layer``: a Python loop (params ``layers_0``, ``layers_1``, ...) or ``nn.scan``
+  (params stacked under ``layers`` with a leading 'layers' axis), each optionally rematerialised."""
+  layer: Any
+  spec: LayerSpec
+  num_layers: int
+  scan: bool = False
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, carry: Any, *args: Any, deterministic: bool = True) -> Any:
+    """carry: the layer's carry; args: broadcast to every layer (masks)."""
+    if self.num_layers == 0:
+      return carry
+    layer = self.layer
+    if self.remat:
+      layer = nn.remat(layer, prevent_cse=not self.scan, static_argnums=(len(args) + 2,))
+    if self.scan:
+      layer = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                      in_axes=(nn.broadcast,) * (len(args) + 1), length=self.num_layers,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
+      carry, _ = layer(self.spec, name="layers")(carry, *args, deterministic)
+      return carry
+    for i in range(self.num_layers):
+      carry, _ = layer(self.spec, name=f"layers_{i}")(carry, *args, deterministic)
+    return carry

@@ -1,0 +1,81 @@
+"""Input layouts of the two tasks, as pure (jittable) functions.
+
+I2T (image -> text, one word at a time): caption ``[CLS] w1 .. wn [SEP] [PAD]..``; at a position l the word
+is replaced by [MASK], words after l are hidden (set to [PAD] and invisible to every query), the prefix and
+the [MASK] attend to each other bidirectionally. The target is the original token at l.
+
+T2I (text -> image): a set of the 64 grid cells is masked (fed the learned mask feature) and their cluster
+ids are predicted; masked cells stay visible as keys, like BERT's [MASK] tokens.
+"""
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class I2TInputs:
+  """text_ids [B, L] (with [MASK] at l, [PAD] after); text_mask [B, L] int32 (key mask: real tokens at
+  positions <= l); attention bool [B, L, L] (query i may attend key j); targets [B] (token at l);
+  positions [B]."""
+  text_ids: Array
+  text_mask: Array
+  attention: Array
+  targets: Array
+  positions: Array
+
+
+def i2t_inputs(*, text_ids: Array, positions: Array, mask_id: int, pad_id: int,
+               text_mask: Array | None = None) -> I2TInputs:
+  """The I2T layout for predicting the token at ``positions`` [B] of ``text_ids`` [B, L].
+
+  text_mask [B, L] marks real tokens (default: ``text_ids != pad_id``).
+  """
+  text_ids = jnp.asarray(text_ids)
+  positions = jnp.asarray(positions, jnp.int32)
+  real = (text_ids != pad_id) if text_mask is None else jnp.asarray(text_mask).astype(bool)
+  index = jnp.arange(text_ids.shape[1])[None, :]
+  l = positions[:, None]
+  visible = real & (index <= l)
+  ids = jnp.where(index == l, mask_id, jnp.where(index < l, text_ids, pad_id)).astype(text_ids.dtype)
+  targets = jnp.take_along_axis(text_ids, l, axis=1)[:, 0]
+  attention = jnp.broadcast_to(visible[:, None, :], visible.shape + visible.shape[-1:])
+  return I2TInputs(text_ids=ids, text_mask=visible.astype(jnp.int32), attention=attention, targets=targets,
+                   positions=positions)
+
+
+def sample_i2t_positions(rng: Array, *, text_mask: Array) -> Array:
+  """A uniform position l in 1..n-1 per caption (words and [SEP]; never [CLS]), n = real tokens.
+
+  text_mask [B, L] -> int32 [B]; a caption with fewer than 2 tokens gets 1.
+  """
+  n = jnp.asarray(text_mask).astype(jnp.int32).sum(axis=1)
+  high = jnp.maximum(n, 2)
+  return jax.random.randint(rng, n.shape, 1, high).astype(jnp.int32)
+
+
+def random_cells_mask(rng: Array, *, num_masked: Array | int, batch_size: int, num_cells: int = 64) -> Array:
+  """bool [B, num_cells] with exactly ``num_masked`` (scalar or [B]) random True cells per row."""
+  noise = jax.random.uniform(rng, (batch_size, num_cells))
+  rank = jnp.argsort(jnp.argsort(noise, axis=1), axis=1)
+  return rank < jnp.broadcast_to(jnp.asarray(num_masked, jnp.int32), (batch_size,))[:, None]
+
+
+def t2i_mask(rng: Array, *, batch_size: int, num_cells: int = 64, schedule: str = "count",
+             min_masked: int = 6, max_masked: int = 64) -> Array:
+  """Cells to mask for T2I training, bool [B, num_cells].
+
+  schedule "count" (the paper's code): one count ~ U{min_masked..max_masked} for the whole batch;
+  "ratio" (X-LXMERT): a ratio r ~ U(0, 1] per example, ceil(r * num_cells) cells.
+  """
+  count_rng, cells_rng = jax.random.split(rng)
+  if schedule == "count":
+    num = jax.random.randint(count_rng, (), min_masked, min(max_masked, num_cells) + 1)
+  elif schedule == "ratio":
+    ratio = 1.0 - jax.random.uniform(count_rng, (batch_size,))
+    num = jnp.clip(jnp.ceil(ratio * num_cells), 1, num_cells).astype(jnp.int32)
+  else:
+    raise ValueError(f"unknown T2I mask schedule {schedule!r}: expected 'count' or 'ratio'")
+  return random_cells_mask(cells_rng, num_masked=num, batch_size=batch_size, num_cells=num_cells)

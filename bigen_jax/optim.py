@@ -1,0 +1,39 @@
+"""The optimiser of METHOD.md §3-4 from config: AdamW, warm-up + cosine (stage 1) or constant (stage 2),
+global-norm clipping, no weight decay on biases and LayerNorm scales (as in BERT/LXMERT)."""
+
+from typing import Any
+
+import jax
+import ml_collections
+import optax
+
+
+def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  """``cfg.schedule``: "warmup_cosine" (linear 0 -> lr over ``warmup_fraction``, cosine to 0) or "constant"."""
+  if cfg.schedule == "warmup_cosine":
+    warmup = max(1, int(round(cfg.warmup_fraction * total_steps)))
+    return optax.warmup_cosine_decay_schedule(init_value=0.0, peak_value=cfg.lr, warmup_steps=warmup,
+                                              decay_steps=max(total_steps, warmup + 1), end_value=0.0)
+  if cfg.schedule == "constant":
+    return optax.constant_schedule(cfg.lr)
+  raise ValueError(f"--config.optimizer.schedule={cfg.schedule!r}: use 'warmup_cosine' or 'constant'")
+
+
+def decay_mask(params: Any) -> Any:
+  """True for weight matrices and embeddings; False for biases and normalisation scales."""
+  def keep(path, leaf):
+    names = [str(getattr(p, "key", getattr(p, "name", p))) for p in path]
+    return leaf.ndim > 1 and not any(n in ("bias", "scale") for n in names[-1:])
+  return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> tuple[optax.GradientTransformation,
+                                                                               optax.Schedule]:
+  """Returns (optimizer, learning-rate schedule) for ``cfg`` = ``config.optimizer``."""
+  schedule = learning_rate_schedule(cfg, total_steps)
+  parts = []
+  if cfg.clip_norm:
+    parts.append(optax.clip_by_global_norm(cfg.clip_norm))
+  parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                           mask=decay_mask))
+  return optax.chain(*parts), schedule

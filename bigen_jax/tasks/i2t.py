@@ -1,0 +1,34 @@
+"""Stage-1 image-to-text (METHOD.md §3, eq. 1): predict word l from words < l and the dense image.
+
+One [MASK] at a uniform position l (words and [SEP], never [CLS]); later words are hidden; the prefix and
+the [MASK] attend bidirectionally; cross-entropy with label smoothing (0.2 in the paper) at l only.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from bigen_jax.models import masks
+from bigen_jax.tasks import common
+
+
+def loss_fn(params, batch, rng, *, model, cfg, frozen, deterministic=False):
+  """batch: text_ids/text_mask [B, L], dense [B, 64, D] or cluster_ids [B, 64], boxes [B, 64, 4].
+
+  cfg: mask_id, pad_id, label_smoothing, visual_input ("dense" in the paper). Returns (loss, metrics).
+  """
+  position_rng, dropout_rng = jax.random.split(rng)
+  positions = masks.sample_i2t_positions(position_rng, text_mask=batch["text_mask"])
+  layout = masks.i2t_inputs(text_ids=batch["text_ids"], positions=positions, mask_id=cfg.mask_id,
+                            pad_id=cfg.pad_id, text_mask=batch["text_mask"])
+
+  def head(module, out):
+    hidden = jnp.take_along_axis(out.language, positions[:, None, None], axis=1)[:, 0]
+    return module.predict_text(hidden)
+
+  logits = common.apply_model(
+      model, params, task="i2t", rng=None if deterministic else dropout_rng,
+      head=head, text_ids=layout.text_ids,
+      text_mask=layout.text_mask, boxes=batch["boxes"],
+      **common.visual_input(batch, cfg.visual_input, frozen))
+  return common.cross_entropy(logits, layout.targets, jnp.ones_like(layout.targets),
+                              label_smoothing=cfg.label_smoothing)

@@ -1,0 +1,55 @@
+r"""Training defaults shared by every configuration: the paper's stage-1 recipe (METHOD.md §3).
+
+Variants (``demo.py``, ``coco.py``) start from ``get_config()`` and change what differs. Sizes that the
+data decides (vocabulary sizes, feature dimension, caption length) are -1 here and filled in by the
+trainer from the tokenizer, the records manifest and the visual vocabulary; a value set explicitly must
+agree with the data.
+"""
+
+import ml_collections
+
+from configs import model as model_config
+
+
+def get_config(model: str = "paper") -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.total_steps = 100_000  # the schedule's length
+  config.stop_at_step = 0  # > 0: checkpoint and stop there (a job slice of a longer run); 0: total_steps
+  config.batch_size = 256
+
+  config.data = ml_collections.ConfigDict(dict(
+      records_dir="", vocab_dir="", tokenizer="", train_split="train", eval_split="validation",
+      shuffle_buffer=10_000, verify_checksums=False,
+      sharding="global"))  # "global": batches independent of the process count; "files": for large pods
+
+  config.model = model_config.get_config(model)
+  for field in ("vocab_size", "max_len", "visual_feat_dim", "num_clusters"):
+    config.model[field] = -1  # from the data
+  config.model.num_cells = 64
+  config.init_from = ""  # params of tools/convert_lxmert.py (orbax dir or .npz)
+  config.init_image_head_from_codebook = True
+
+  # One task per step; the cycle repeats ``weight`` steps of each task in this order (strict alternation).
+  config.tasks = ml_collections.ConfigDict(dict(
+      i2t=dict(weight=1, label_smoothing=0.2, visual_input="dense"),
+      t2i=dict(weight=1, label_smoothing=0.0, visual_input="discrete", mask_schedule="count",
+               min_masked=6, max_masked=64),
+  ))
+
+  config.optimizer = ml_collections.ConfigDict(dict(
+      lr=5e-5, schedule="warmup_cosine", warmup_fraction=0.05, b1=0.9, b2=0.999, eps=1e-6,
+      weight_decay=1e-2, clip_norm=1.0))
+
+  # Axis sizes; one may be -1 (the rest of the devices). num_devices > 0 uses only the first devices.
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, num_devices=0))
+  config.axis_rules = model_config.AXIS_RULES
+
+  config.log_every = 100
+  config.checkpoint = ml_collections.ConfigDict(dict(every=1000, keep=3, async_save=True))
+  config.eval = ml_collections.ConfigDict(dict(every=5000, evaluators=("validation_loss",), num_batches=20,
+                                               batch_size=0))
+  config.peak_flops_per_device = 0.0  # for the MFU estimate; 0: not reported (e.g. 989e12 for H100 bf16)
+  config.distributed = ml_collections.ConfigDict(dict(
+      num_processes=1, process_id=0, coordinator_address="", cpu_collectives="", auto=False))
+  return config

@@ -1,0 +1,21 @@
+r"""Stage 1 on COCO at paper scale: batch 256, 100k steps, AdamW 5e-5 with 5% warm-up and cosine decay,
+bf16 compute, label smoothing 0.2, strict I2T/T2I alternation.
+
+  python -m bigen_jax.main --config configs/coco.py --workdir runs/coco \
+      --config.data.records_dir=data/coco_frcnn --config.data.vocab_dir=data/coco_frcnn/vocab10k \
+      --config.data.tokenizer=bert-base-uncased-vocab.txt --config.init_from=xlxmert_params.npz
+
+``configs/coco.py:two_model`` is the "w/o unified" ablation (456M parameters).
+"""
+
+from configs import base
+
+
+def get_config(arg: str = "paper"):
+  config = base.get_config("two_model" if arg == "two_model" else "paper")
+  config.data.records_dir = "data/coco_frcnn"
+  config.data.vocab_dir = "data/coco_frcnn/vocab10k"
+  config.data.tokenizer = "data/bert-base-uncased-vocab.txt"
+  config.mesh.fsdp = -1
+  config.mesh.data = 1
+  return config

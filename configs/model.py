@@ -1,0 +1,87 @@
+r"""Model configurations of the unified LXMERT transformer.
+
+  get_config("paper")      9/5/5 layers, 768 hidden, 12 heads, FFN 3072, 10,000 clusters (~231M parameters:
+                           the paper reports 228M)
+  get_config("two_model")  the "w/o unified" ablation: one such model per task (~2x)
+  get_config("tiny")       a few-thousand-parameter model for tests (float32)
+  get_config("small")      2/2/2 layers, 256 hidden: benchmarks and quick runs
+
+Use from a command line as ``--config configs/model.py:paper --config.scan_layers=False``. The mesh and the
+logical-axis rules table (``bigen_jax.parallel``) live here so one config describes both model and layout.
+"""
+
+import ml_collections
+
+# Logical axis name -> mesh axes. Parameters: vocab/embed/mlp/heads/kv/... ; activations: act_*.
+AXIS_RULES = (
+    ("act_batch", ("data", "fsdp")),
+    ("act_length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv", None),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    ("act_clusters", "tensor"),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("hidden", "tensor"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("clusters", "tensor"),
+    ("visual_feat", None),
+    ("box", None),
+    ("position", None),
+    ("token_type", None),
+    ("classes", None),
+    ("norm", None),
+    ("layers", None),
+)
+
+
+def _paper() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      vocab_size=30522,
+      max_len=17,
+      max_position_embeddings=512,
+      type_vocab_size=2,
+      num_cells=64,
+      visual_feat_dim=2048,
+      visual_pos_dim=4,
+      num_clusters=10000,
+      hidden_size=768,
+      num_heads=12,
+      mlp_dim=3072,
+      num_language_layers=9,
+      num_vision_layers=5,
+      num_cross_layers=5,
+      dropout_rate=0.1,
+      attention_dropout_rate=0.1,
+      layer_norm_eps=1e-12,
+      init_std=0.02,
+      dtype="bfloat16",
+      param_dtype="float32",
+      remat=False,
+      scan_layers=True,
+      two_model=False,
+      mesh=dict(data=-1, fsdp=1, tensor=1),
+      axis_rules=AXIS_RULES,
+  ))
+
+
+def get_config(arg: str = "paper") -> ml_collections.ConfigDict:
+  """Returns the model config named ``arg`` (paper, two_model, small, tiny)."""
+  config = _paper()
+  if arg == "paper":
+    pass
+  elif arg == "two_model":
+    config.two_model = True
+  elif arg == "small":
+    config.update(dict(hidden_size=256, num_heads=4, mlp_dim=1024, num_language_layers=2,
+                       num_vision_layers=2, num_cross_layers=2))
+  elif arg == "tiny":
+    config.update(dict(vocab_size=64, max_len=8, max_position_embeddings=32, num_cells=16, visual_feat_dim=16,
+                       num_clusters=12, hidden_size=32, num_heads=4, mlp_dim=64, num_language_layers=2,
+                       num_vision_layers=2, num_cross_layers=2, dtype="float32", scan_layers=False))
+  else:
+    raise ValueError(f"unknown model config {arg!r}: expected paper, two_model, small or tiny")
+  return config

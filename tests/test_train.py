@@ -1,0 +1,195 @@
+"""The stage-1 trainer end to end on a tiny model: metrics, sharding invariance, exact resume after SIGKILL,
+checkpoint on SIGTERM, two processes == one process."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from bigen_jax import train
+from bigen_jax.data import tokenizer
+from bigen_jax.data import vocab
+from configs import demo
+from conftest import write_records
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp("train_data"))
+  records_dir, vocab_dir = os.path.join(root, "records"), os.path.join(root, "vocab")
+  write_records(records_dir, splits={"train": 40, "validation": 16}, dim=8, shard_size=10, max_len=6)
+  vocab.build_vocab(records_dir, vocab_dir, k=6, iterations=5, sample_size=1000, seed=0)
+  vocab_txt = os.path.join(root, "vocab.txt")
+  with open(vocab_txt, "w") as f:
+    f.write("\n".join(list(tokenizer.SPECIAL_TOKENS) + [f"w{i}" for i in range(200)]) + "\n")
+  return {"records_dir": records_dir, "vocab_dir": vocab_dir, "tokenizer": vocab_txt}
+
+
+def _overrides(data, **kw):
+  flags = {"data.records_dir": data["records_dir"], "data.vocab_dir": data["vocab_dir"],
+           "data.tokenizer": data["tokenizer"], "mesh.num_devices": 1, "log_every": 1, "total_steps": 6,
+           "eval.every": 0}
+  flags.update(kw)
+  return flags
+
+
+def _config(data, **kw):
+  config = demo.get_config("tiny")
+  for key, value in _overrides(data, **kw).items():
+    *path, leaf = key.split(".")
+    node = config
+    for p in path:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def _history(workdir):
+  with open(os.path.join(workdir, train.HISTORY_NAME)) as f:
+    return [json.loads(line) for line in f]
+
+
+def _losses(workdir):
+  """{step: loss} of the task trained at that step."""
+  out = {}
+  for row in _history(workdir):
+    for key, value in row.items():
+      if key.endswith("/loss") and not key.startswith("validation_loss"):
+        out[row["step"]] = value
+  return out
+
+
+def _command(data, workdir, **kw):
+  args = [sys.executable, "-m", "bigen_jax.main", "--config", os.path.join(ROOT, "configs", "demo.py:tiny"),
+          "--workdir", workdir]
+  return args + [f"--config.{k}={v}" for k, v in _overrides(data, **kw).items()]
+
+
+def _wait_for_step(workdir, proc, step, timeout=300):
+  path = os.path.join(workdir, train.HISTORY_NAME)
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if os.path.exists(path) and any(r["step"] >= step for r in _history(workdir)):
+      return
+    if proc.poll() is not None:
+      raise AssertionError(f"run ended early:\n{proc.stderr.read().decode()[-3000:]}")
+    time.sleep(0.02)
+  raise AssertionError("timed out")
+
+
+def test_train_end_to_end(tmp_path, data):
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(_config(data, **{"eval.every": 3}), workdir)
+  rows = _history(workdir)
+  losses = _losses(workdir)
+  assert sorted(losses) == [1, 2, 3, 4, 5, 6]
+  assert all(np.isfinite(v) for v in losses.values())
+  trained = {r["step"]: [k.split("/")[0] for k in r if k.endswith("/loss")] for r in rows if "lr" in r}
+  assert trained[1] == ["i2t"] and trained[2] == ["t2i"]  # strict alternation
+  assert any("validation_loss/t2i/accuracy" in r for r in rows)
+  assert "steps_per_sec" in rows[0] and rows[0]["lr"] == 0.0  # warm-up starts at 0
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", "6"))
+
+
+def test_eight_devices_give_the_losses_of_one(tmp_path, data):
+  one = str(tmp_path / "one")
+  train.train_and_evaluate(_config(data), one)
+  eight = str(tmp_path / "eight")
+  train.train_and_evaluate(_config(data, **{"mesh.num_devices": 8, "mesh.data": 2, "mesh.fsdp": 2,
+                                            "mesh.tensor": 2}), eight)
+  a, b = _losses(one), _losses(eight)
+  assert a.keys() == b.keys()
+  np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], rtol=0, atol=1e-5)
+
+
+def test_sigkill_resume_is_exact_and_sigterm_checkpoints(tmp_path, data):
+  settings = {"total_steps": 40, "checkpoint.every": 4, "checkpoint.async_save": True}
+  reference = str(tmp_path / "reference")
+  train.train_and_evaluate(_config(data, **settings), reference)
+  want = _losses(reference)
+
+  workdir = str(tmp_path / "run")
+  proc = subprocess.Popen(_command(data, workdir, **settings), cwd=ROOT, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE)
+  _wait_for_step(workdir, proc, 9)
+  proc.kill()
+  assert proc.wait() == -signal.SIGKILL
+  killed_at = max(r["step"] for r in _history(workdir))
+  assert killed_at < 40
+
+  proc = subprocess.Popen(_command(data, workdir, **settings), cwd=ROOT, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE)
+  _wait_for_step(workdir, proc, killed_at + 3)
+  proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=120) == 0, proc.stderr.read().decode()[-3000:]
+  got = _losses(workdir)
+  stopped_at = max(got)
+  assert stopped_at < 40
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", str(stopped_at)))  # written on SIGTERM
+  assert sorted(got) == list(range(1, stopped_at + 1))
+  for step in got:
+    assert got[step] == want[step], step  # bit-exact on CPU, before and after the resume
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_give_the_losses_of_one(tmp_path, data):
+  single = str(tmp_path / "single")
+  train.train_and_evaluate(_config(data), single)
+  workdir = str(tmp_path / "multi")
+  port = _free_port()
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1 "
+             "--xla_backend_optimization_level=0")
+  procs = [subprocess.Popen(
+      _command(data, workdir, **{"mesh.num_devices": 0, "distributed.num_processes": 2,
+                                 "distributed.process_id": i, "distributed.cpu_collectives": "gloo",
+                                 "distributed.coordinator_address": f"127.0.0.1:{port}"}),
+      cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for i in range(2)]
+  for p in procs:
+    assert p.wait(timeout=600) == 0, p.stderr.read().decode()[-3000:]
+  a, b = _losses(single), _losses(workdir)
+  assert a.keys() == b.keys()
+  np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], rtol=0, atol=1e-5)
+
+
+def test_non_finite_loss_names_step_and_checkpoint():
+  pending = [(0, "i2t", {"loss": np.float32(2.0)}), (1, "t2i", {"loss": np.float32(np.nan)})]
+  with pytest.raises(FloatingPointError, match=r"non-finite t2i loss \(nan\) at step 2; last good checkpoint: "
+                                               r"step 1 in /w"):
+    train._summarise(pending, 1, "/w")
+  assert train._summarise(pending[:1], None, "/w") == {"i2t/loss": 2.0}
+
+
+def test_init_from_converted_params(tmp_path, data):
+  from bigen_jax.convert import io as convert_io  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  config = _config(data, total_steps=1)
+  resolved = train.resolve_config(config)[0]
+  from bigen_jax.models import lxmert  # pylint: disable=g-import-not-at-top
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  model = lxmert.build_model(resolved.model)
+  params = jax.device_get(nn.unbox(jax.jit(lambda: lxmert.init_params(model, resolved.model,
+                                                                    jax.random.key(42)))()))
+  path = str(tmp_path / "init.npz")
+  convert_io.save_params(params, path)
+  config.init_from = path
+  config.optimizer.lr = 0.0  # one step that changes nothing: the state holds the loaded params
+  config.optimizer.weight_decay = 0.0
+  state = train.train_and_evaluate(config, str(tmp_path / "run"))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), params)
+  params["text_embed"]["word"]["embedding"] = params["text_embed"]["word"]["embedding"][:-1]
+  convert_io.save_params(params, path)
+  with pytest.raises(ValueError, match="shape mismatch"):
+    train.train_and_evaluate(config, str(tmp_path / "run2"))

@@ -1,0 +1,55 @@
+r"""Converts a PyTorch LXMERT / X-LXMERT checkpoint into params of the Flax unified transformer.
+
+  python tools/convert_lxmert.py --input snap/pretrained/x_lxmert/Epoch20_LXRT.pth \
+      --output checkpoints/xlxmert_params --config configs/model.py:paper [--init_missing_heads]
+
+Input: .pth/.bin (torch.load, weights only) or .safetensors in Hugging Face ``LxmertModel`` /
+``LxmertForPreTraining`` naming or the original LXMERT / X-LXMERT naming (``module.``, ``bert.``).
+Output: an orbax checkpoint directory (``ocp.StandardCheckpointer``), or a ``.npz`` file when the path ends
+in .npz; read either with ``bigen_jax.convert.io.load_params``. X-LXMERT's centroids (``vis_emb.weight``),
+when present, are written to ``--codebook_out``. Unknown or missing keys stop the conversion with a list.
+"""
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, _ROOT)
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags  # pylint: disable=g-import-not-at-top
+from absl import logging  # pylint: disable=g-import-not-at-top
+from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+_CONFIG = config_flags.DEFINE_config_file("config", os.path.join(_ROOT, "configs", "model.py:paper"),
+                                          "Model config (configs/model.py:ARG).")
+_INPUT = flags.DEFINE_string("input", None, "PyTorch state dict: .pth, .bin or .safetensors.", required=True)
+_OUTPUT = flags.DEFINE_string("output", None, "Orbax checkpoint directory, or a .npz file.", required=True)
+_INIT_MISSING_HEADS = flags.DEFINE_bool("init_missing_heads", False,
+                                        "Initialise head params absent from the checkpoint instead of failing.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of freshly initialised heads.")
+_CODEBOOK_OUT = flags.DEFINE_string("codebook_out", None, "Where to save vis_emb.weight (.npy), if present.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from bigen_jax.convert import io  # pylint: disable=g-import-not-at-top
+  from bigen_jax.convert import lxmert  # pylint: disable=g-import-not-at-top
+  state = io.load_state_dict(_INPUT.value)
+  result = lxmert.convert(state, _CONFIG.value, init_missing_heads=_INIT_MISSING_HEADS.value, seed=_SEED.value)
+  io.save_params(result.params, _OUTPUT.value)
+  logging.info("converted %d tensors -> %s", len(state), _OUTPUT.value)
+  if result.dropped:
+    logging.info("dropped (no counterpart): %s", ", ".join(result.dropped))
+  if result.initialised:
+    logging.warning("freshly initialised: %s", ", ".join(result.initialised))
+  if result.codebook is not None and _CODEBOOK_OUT.value:
+    np.save(_CODEBOOK_OUT.value, np.asarray(result.codebook, np.float32))
+    logging.info("codebook %s -> %s", result.codebook.shape, _CODEBOOK_OUT.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
