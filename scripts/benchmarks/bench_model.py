@@ -14,14 +14,16 @@ of both and their ratio, and the model FLOP/s (analytic count, ``bigen_jax.model
 
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # repo root
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags  # pylint: disable=g-import-not-at-top
+
+import timing  # pylint: disable=g-import-not-at-top
 
 _CONFIG = flags.DEFINE_enum("config", "small", ["tiny", "small", "paper"], "Model config (configs/model.py).")
 _BATCH = flags.DEFINE_integer("batch", 8, "Examples per step.")
@@ -33,19 +35,6 @@ _PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s of the devi
 _SCAN = flags.DEFINE_bool("scan_layers", None, "Override config.scan_layers.")
 _REMAT = flags.DEFINE_bool("remat", False, "Rematerialise layers (Flax).")
 _TORCH = flags.DEFINE_bool("torch", True, "Also time PyTorch.")
-
-
-def _time(step, steps: int, warmup: int) -> float:
-  """Steps per second of ``step()`` (which must block until done): 1 / the median step time, which is robust
-  to other processes sharing the CPU."""
-  for _ in range(warmup):
-    step()
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - start)
-  return 1.0 / sorted(times)[len(times) // 2]
 
 
 def _inputs(config, batch: int, seed: int = 0):
@@ -74,7 +63,8 @@ def bench_flax(config, inputs) -> float:
     return jax.grad(loss)(p)
 
   rng = jax.random.key(1)
-  return _time(lambda: jax.block_until_ready(grad_step(params, inputs, rng)), _STEPS.value, _WARMUP.value)
+  return timing.steps_per_second(lambda: jax.block_until_ready(grad_step(params, inputs, rng)),
+                                 steps=_STEPS.value, warmup=_WARMUP.value)
 
 
 def bench_torch(config, inputs) -> tuple[float, str]:
@@ -100,7 +90,7 @@ def bench_torch(config, inputs) -> tuple[float, str]:
     loss.backward()
     sync()
 
-  return _time(step, _STEPS.value, _WARMUP.value), device
+  return timing.steps_per_second(step, steps=_STEPS.value, warmup=_WARMUP.value), device
 
 
 def main(argv):
