@@ -223,7 +223,7 @@ def _summarise(pending: list[tuple[int, str, dict]], last_good: int | None, work
   return {k: sums[k] / counts[k] for k in sums}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains ``config.total_steps`` steps (resuming from ``workdir``); returns the final train state."""
   config, tok, vocab = resolve_config(config)
   os.makedirs(workdir, exist_ok=True)
@@ -240,8 +240,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   cycle = task_cycle(config.tasks)
   tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
 
-  # Initialised outside the mesh context: parameters get their shardings from ``out_shardings``, and
-  # DenseGeneral's multi-axis kernels must not meet a sharding constraint before they are reshaped.
+  # The state is placed by ``out_shardings``; activations are constrained only inside the mesh context below.
   abstract, shardings, init = create_state(ctx, tx, vocab.codebook)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=config.checkpoint.every,
                                  keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)

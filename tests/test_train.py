@@ -9,12 +9,16 @@ import subprocess
 import sys
 import time
 
+import flax.linen as nn
+import jax
 import numpy as np
 import pytest
 
 from bigen_jax import train
+from bigen_jax.convert import io as convert_io
 from bigen_jax.data import tokenizer
 from bigen_jax.data import vocab
+from bigen_jax.models import lxmert
 from configs import demo
 from conftest import write_records
 
@@ -173,12 +177,8 @@ def test_non_finite_loss_names_step_and_checkpoint():
 
 
 def test_init_from_converted_params(tmp_path, data):
-  from bigen_jax.convert import io as convert_io  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
   config = _config(data, total_steps=1)
   resolved = train.resolve_config(config)[0]
-  from bigen_jax.models import lxmert  # pylint: disable=g-import-not-at-top
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
   model = lxmert.build_model(resolved.model)
   params = jax.device_get(nn.unbox(jax.jit(lambda: lxmert.init_params(model, resolved.model,
                                                                     jax.random.key(42)))()))
