@@ -95,6 +95,15 @@ def attention_with_dropout(q: Array, k: Array, v: Array, mask: Array | None, *, 
   return jnp.einsum("bnts,bsnk->btnk", probs, v)
 
 
+def _output(spec: LayerSpec, y: Array, x: Array, in_name: str, deterministic: bool) -> Array:
+  """How every LXMERT sub-layer ends (call inside a compact method): dense to H (params ``output``),
+  dropout, LayerNorm(y + x) (params ``norm``). y [B, T, *], x [B, T, H] -> [B, T, H]."""
+  y = dense(spec, spec.hidden_size, (in_name, "embed"), name="output")(y)
+  y = nn.Dropout(spec.dropout_rate)(y, deterministic=deterministic)
+  y = layer_norm(spec, name="norm")(y + x)
+  return constrain(y, ("act_batch", "act_length", "act_embed"))
+
+
 class AttentionBlock(nn.Module):
   """LXMERT attention sub-layer: multi-head attention of x over context, output dense, dropout, LN(out + x)."""
   spec: LayerSpec
@@ -117,10 +126,7 @@ class AttentionBlock(nn.Module):
     else:
       y = attention_with_dropout(q, k, v, mask, rate=s.attention_dropout_rate, rng=self.make_rng("dropout"))
     y = constrain(y, names).reshape(b, t, s.hidden_size)
-    y = dense(s, s.hidden_size, ("heads", "embed"), name="output")(y)
-    y = nn.Dropout(s.dropout_rate)(y, deterministic=deterministic)
-    y = layer_norm(s, name="norm")(y + x)
-    return constrain(y, ("act_batch", "act_length", "act_embed"))
+    return _output(s, y, x, "heads", deterministic)
 
 
 class FeedForward(nn.Module):
@@ -133,10 +139,7 @@ class FeedForward(nn.Module):
     s = self.spec
     h = gelu(dense(s, s.mlp_dim, ("embed", "mlp"), name="intermediate")(x))
     h = constrain(h, ("act_batch", "act_length", "act_mlp"))
-    y = dense(s, s.hidden_size, ("mlp", "embed"), name="output")(h)
-    y = nn.Dropout(s.dropout_rate)(y, deterministic=deterministic)
-    y = layer_norm(s, name="norm")(y + x)
-    return constrain(y, ("act_batch", "act_length", "act_embed"))
+    return _output(s, h, x, "mlp", deterministic)
 
 
 class SelfLayer(nn.Module):
