@@ -28,6 +28,7 @@ AXIS_RULES = (
     ("mlp", "tensor"),
     ("heads", "tensor"),
     ("clusters", "tensor"),
+    ("visual_feat", "fsdp"),  # where "embed" has not taken fsdp already (the image head's classifier)
     ("visual_feat", None),
     ("box", None),
     ("position", None),

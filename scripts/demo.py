@@ -158,7 +158,7 @@ def caption_sheet(state, config, tok, path, n=8):
   model = lxmert.build_model(config.model)
   decode = jax.jit(lambda params, feats, boxes: captions.greedy_captions(
       params, model=model, visual={"visual_feats": feats}, boxes=boxes, max_len=config.model.max_len,
-      cls_id=tok.cls_id, sep_id=tok.sep_id, mask_id=tok.mask_id, pad_id=tok.pad_id, banned_ids=(tok.unk_id,)))
+      tokens=captions.Tokens.from_tokenizer(tok, banned=(tok.unk_id,))))
   ids = jax.device_get(decode(jax.device_get(state.params), batch["dense"].astype(np.float32), batch["boxes"]))
   generated = tok.decode(ids)
   rows, texts = [], []

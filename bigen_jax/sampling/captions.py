@@ -1,11 +1,12 @@
-"""Image-to-text decoding as compiled loops (METHOD.md §5): greedy, in the paper's layout.
+"""Image-to-text decoding as compiled loops (METHOD.md §5): greedy, beam search and sampling.
 
 Step l (1..L-1) puts one [MASK] at l after the words decoded so far, hides every later position, runs the
-model and takes the text head's most likely word at l. A bidirectional prefix changes every hidden state at
-each step, so there is no key/value cache: each step is a full forward pass. Captions stop at [SEP];
-positions after it are [PAD].
+model and reads the text head at l. A bidirectional prefix changes every hidden state at each step, so there
+is no key/value cache: each step is a full forward pass. Captions stop at [SEP]; positions after it are
+[PAD]. Every decoder is one ``lax.scan`` over positions, so it compiles once for any batch.
 """
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -16,34 +17,141 @@ from bigen_jax.tasks import common
 Array = jax.Array
 
 
-def greedy_captions(params: Any, *, model, visual: dict[str, Array], boxes: Array, max_len: int, cls_id: int,
-                    sep_id: int, mask_id: int, pad_id: int, banned_ids: tuple[int, ...] = ()) -> Array:
-  """Greedy captions int32 [B, max_len] (``[CLS] w1 .. [SEP] [PAD]..``) for a batch of images.
+@dataclasses.dataclass(frozen=True)
+class Tokens:
+  """The special token ids decoding needs; ``banned`` words (and [CLS]/[MASK]/[PAD]) are never produced."""
+  cls_id: int
+  sep_id: int
+  mask_id: int
+  pad_id: int
+  banned: tuple[int, ...] = ()
 
-  visual: the model's visual input (``{"visual_feats": [B, M, D]}`` or cluster ids with the codebook);
-  boxes [B, M, 4]. ``banned_ids`` (and [CLS]/[MASK]/[PAD]) are never produced.
+  @classmethod
+  def from_tokenizer(cls, tokenizer, banned: tuple[int, ...] = ()) -> "Tokens":
+    return cls(cls_id=tokenizer.cls_id, sep_id=tokenizer.sep_id, mask_id=tokenizer.mask_id,
+               pad_id=tokenizer.pad_id, banned=banned)
+
+
+def _start(batch: int, max_len: int, tokens: Tokens) -> Array:
+  return jnp.full((batch, max_len), tokens.pad_id, jnp.int32).at[:, 0].set(tokens.cls_id)
+
+
+def next_word_log_probs(params: Any, ids: Array, l: Array, *, model, visual: dict[str, Array], boxes: Array,
+                        tokens: Tokens) -> Array:
+  """Log-probabilities [B, V] of the word at position ``l`` given ``ids`` [B, L] before it.
+
+  Never-produced words get -inf; at the last position only [SEP] is allowed, so every caption ends.
   """
-  batch = boxes.shape[0]
-  ids = jnp.full((batch, max_len), pad_id, jnp.int32).at[:, 0].set(cls_id)
+  max_len = ids.shape[1]
   positions = jnp.arange(max_len)[None, :]
-  never = jnp.asarray((cls_id, mask_id, pad_id) + tuple(banned_ids), jnp.int32)
+  inputs = jnp.where(positions == l, tokens.mask_id, ids)
+  key_mask = jnp.broadcast_to((positions <= l).astype(jnp.int32), ids.shape)
+
+  def head(module, out):
+    return module.predict_text(jax.lax.dynamic_index_in_dim(out.language, l, axis=1, keepdims=False))
+
+  logits = common.apply_model(model, params, task="i2t", rng=None, head=head, text_ids=inputs,
+                              text_mask=key_mask, boxes=boxes, **visual).astype(jnp.float32)
+  never = jnp.asarray((tokens.cls_id, tokens.mask_id, tokens.pad_id) + tuple(tokens.banned), jnp.int32)
+  logits = logits.at[:, never].set(-jnp.inf)
+  only_sep = jnp.where(jnp.arange(logits.shape[-1]) == tokens.sep_id, 0.0, -jnp.inf)
+  logits = jnp.where(l == max_len - 1, only_sep, logits)
+  return jax.nn.log_softmax(logits, axis=-1)
+
+
+def _decode_one_by_one(params, *, model, visual, boxes, max_len: int, tokens: Tokens, choose) -> Array:
+  """Shared loop of greedy and sampling: ``choose(log_probs [B, V], l) -> word [B]``."""
+  batch = boxes.shape[0]
 
   def step(carry, l):
     ids, done = carry
-    inputs = jnp.where(positions == l, mask_id, ids)
-    key_mask = (positions <= l).astype(jnp.int32) * jnp.ones((batch, 1), jnp.int32)
-
-    def head(module, out):
-      return module.predict_text(jax.lax.dynamic_index_in_dim(out.language, l, axis=1, keepdims=False))
-
-    logits = common.apply_model(model, params, task="i2t", rng=None, head=head, text_ids=inputs,
-                                text_mask=key_mask, boxes=boxes, **visual)
-    logits = logits.at[:, never].set(-jnp.inf)
-    last = jnp.where(jnp.arange(logits.shape[-1]) == sep_id, 0.0, -jnp.inf)
-    logits = jnp.where(l == max_len - 1, last, logits)  # the last position can only end the caption
-    word = jnp.where(done, pad_id, jnp.argmax(logits, axis=-1).astype(jnp.int32))
+    log_probs = next_word_log_probs(params, ids, l, model=model, visual=visual, boxes=boxes, tokens=tokens)
+    word = jnp.where(done, tokens.pad_id, choose(log_probs, l).astype(jnp.int32))
     ids = jax.lax.dynamic_update_index_in_dim(ids, word, l, axis=1)
-    return (ids, done | (word == sep_id)), None
+    return (ids, done | (word == tokens.sep_id)), None
 
-  (ids, _), _ = jax.lax.scan(step, (ids, jnp.zeros((batch,), bool)), jnp.arange(1, max_len))
+  start = (_start(batch, max_len, tokens), jnp.zeros((batch,), bool))
+  (ids, _), _ = jax.lax.scan(step, start, jnp.arange(1, max_len))
   return ids
+
+
+def greedy_captions(params: Any, *, model, visual: dict[str, Array], boxes: Array, max_len: int,
+                    tokens: Tokens) -> Array:
+  """Greedy captions int32 [B, max_len] (``[CLS] w1 .. [SEP] [PAD]..``) for a batch of images.
+
+  visual: the model's visual input (``{"visual_feats": [B, M, D]}`` or cluster ids with the codebook);
+  boxes [B, M, 4].
+  """
+  return _decode_one_by_one(params, model=model, visual=visual, boxes=boxes, max_len=max_len, tokens=tokens,
+                            choose=lambda log_probs, l: jnp.argmax(log_probs, axis=-1))
+
+
+def filter_logits(log_probs: Array, *, top_k: int = 0, top_p: float = 1.0) -> Array:
+  """Keeps the ``top_k`` most likely words (0: all) and the smallest set whose probability reaches ``top_p``
+  (nucleus); the rest get -inf. log_probs [B, V]."""
+  if top_k:
+    kth = jax.lax.top_k(log_probs, top_k)[0][:, -1:]
+    log_probs = jnp.where(log_probs < kth, -jnp.inf, log_probs)
+  if top_p < 1.0:
+    order = jnp.argsort(-log_probs, axis=-1)
+    sorted_lp = jnp.take_along_axis(log_probs, order, axis=-1)
+    before = jnp.cumsum(jnp.exp(sorted_lp), axis=-1) - jnp.exp(sorted_lp)  # mass of the more likely words
+    keep_sorted = before < top_p
+    keep = jnp.zeros_like(keep_sorted).at[jnp.arange(log_probs.shape[0])[:, None], order].set(keep_sorted)
+    log_probs = jnp.where(keep, log_probs, -jnp.inf)
+  return log_probs
+
+
+def sample_captions(params: Any, rng: Array, *, model, visual: dict[str, Array], boxes: Array, max_len: int,
+                    tokens: Tokens, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Array:
+  """Sampled captions int32 [B, max_len]: each word drawn from the text head's distribution at
+  ``temperature``, restricted to the ``top_k`` words and the ``top_p`` nucleus (SCST's sampler)."""
+
+  def choose(log_probs, l):
+    filtered = filter_logits(log_probs / temperature, top_k=top_k, top_p=top_p)
+    return jax.random.categorical(jax.random.fold_in(rng, l), filtered, axis=-1)
+
+  return _decode_one_by_one(params, model=model, visual=visual, boxes=boxes, max_len=max_len, tokens=tokens,
+                            choose=choose)
+
+
+def beam_search_captions(params: Any, *, model, visual: dict[str, Array], boxes: Array, max_len: int,
+                         tokens: Tokens, beam_size: int, length_penalty: float = 0.0
+                         ) -> tuple[Array, Array]:
+  """Beam search: (captions int32 [B, W, max_len] best first, scores [B, W]).
+
+  A beam's score is its summed log-probability divided by ``num_words ** length_penalty`` (0: no
+  normalisation, which makes beam size 1 exactly greedy). Finished beams carry their score unchanged.
+  Each step runs the model on all B*W beams.
+  """
+  batch, width = boxes.shape[0], beam_size
+  tile = lambda x: jnp.repeat(x, width, axis=0)  # [B, ...] -> [B*W, ...], beams of one image adjacent
+  beam_visual = {k: v if k == "codebook" else tile(v) for k, v in visual.items()}
+  beam_boxes = tile(boxes)
+  ids = _start(batch * width, max_len, tokens).reshape(batch, width, max_len)
+  scores = jnp.where(jnp.arange(width) == 0, 0.0, -jnp.inf) * jnp.ones((batch, 1))  # one live beam at first
+  done = jnp.zeros((batch, width), bool)
+
+  def step(carry, l):
+    ids, scores, done = carry
+    log_probs = next_word_log_probs(params, ids.reshape(batch * width, max_len), l, model=model,
+                                    visual=beam_visual, boxes=beam_boxes, tokens=tokens)
+    vocab = log_probs.shape[-1]
+    log_probs = log_probs.reshape(batch, width, vocab)
+    pad_only = jnp.where(jnp.arange(vocab) == tokens.pad_id, 0.0, -jnp.inf)
+    log_probs = jnp.where(done[..., None], pad_only, log_probs)  # a finished beam continues once, with [PAD]
+    candidates = (scores[..., None] + log_probs).reshape(batch, width * vocab)
+    scores, flat = jax.lax.top_k(candidates, width)
+    parent, word = flat // vocab, (flat % vocab).astype(jnp.int32)
+    ids = jnp.take_along_axis(ids, parent[..., None], axis=1)
+    ids = jax.lax.dynamic_update_index_in_dim(ids, word[..., None], l, axis=2)
+    done = jnp.take_along_axis(done, parent, axis=1) | (word == tokens.sep_id)
+    return (ids, scores, done), None
+
+  (ids, scores, _), _ = jax.lax.scan(step, (ids, scores, done), jnp.arange(1, max_len))
+  if length_penalty:
+    words = ((ids != tokens.pad_id) & (ids != tokens.cls_id)).sum(-1)
+    scores = scores / words.astype(jnp.float32) ** length_penalty
+    order = jnp.argsort(-scores, axis=-1)
+    ids, scores = jnp.take_along_axis(ids, order[..., None], axis=1), jnp.take_along_axis(scores, order, axis=1)
+  return ids, scores

@@ -8,7 +8,9 @@ at that position, label-smoothed cross-entropy, global-norm clipping, AdamW, sha
 PyTorch: ``LxmertModel`` + a tied text head at the same position, the same loss, clipping and
 ``torch.optim.AdamW``, same config, batch, dropout and thread count. Prints steps/s of both and the ratio;
 with ``--peak_tflops`` the model FLOPs utilisation (analytic FLOPs, ``bigen_jax.models.flops``); on a GPU the
-peak memory of the JAX step, with parameters replicated or (``--fsdp``) sharded over the devices.
+peak memory of the JAX step, and on any backend XLA's compiled per-device footprint (arguments + outputs +
+temporaries, ``Compiled.memory_analysis``), with parameters replicated or (``--fsdp``) sharded over the
+devices. On CPU, simulate devices with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``.
 """
 
 import os
@@ -80,10 +82,11 @@ def bench_flax(config, batch):
       state[0], metrics = step(state[0], global_batch, ctx.frozen)
       jax.block_until_ready(metrics)
 
+    analysis = step.lower(state[0], global_batch, ctx.frozen).compile().memory_analysis()
     rate = timing.steps_per_second(run, steps=_STEPS.value, warmup=_WARMUP.value)
   stats = [d.memory_stats() or {} for d in jax.local_devices()]
   peak = max((s.get("peak_bytes_in_use", 0) for s in stats), default=0)
-  return rate, peak
+  return rate, peak, analysis
 
 
 def bench_torch(config, batch):
@@ -143,7 +146,7 @@ def main(argv):
   from bigen_jax import train  # pylint: disable=g-import-not-at-top
   print(f"config={_CONFIG.value} batch={_BATCH.value} dtype={_DTYPE.value} threads={threads} "
         f"devices={jax.device_count()}x{jax.devices()[0].device_kind} fsdp={_FSDP.value}")
-  flax_rate, peak = bench_flax(config, batch)
+  flax_rate, peak, compiled = bench_flax(config, batch)
   step_flops = train.model_flops_per_example(config, ["i2t"]) * _BATCH.value
   line = f"flax:  {flax_rate:8.3f} steps/s  {flax_rate * _BATCH.value:9.1f} examples/s"
   if _PEAK_TFLOPS.value:
@@ -151,6 +154,11 @@ def main(argv):
     line += f"  MFU {100 * mfu:.1f}%"
   if peak:
     line += f"  peak memory {peak / 2**30:.2f} GiB/device"
+  if compiled:
+    state_bytes = compiled.argument_size_in_bytes
+    total = state_bytes + compiled.output_size_in_bytes + compiled.temp_size_in_bytes - compiled.alias_size_in_bytes
+    line += (f"  compiled per device: {total / 2**20:.1f} MiB "
+             f"(arguments {state_bytes / 2**20:.1f}, temporaries {compiled.temp_size_in_bytes / 2**20:.1f})")
   print(line)
   if torch_rate is not None:
     print(f"torch: {torch_rate:8.3f} steps/s  {torch_rate * _BATCH.value:9.1f} examples/s  ({torch_device})")
