@@ -15,18 +15,22 @@ import pytest  # noqa: E402
 
 
 def write_records(out_dir, *, splits=None, dim=8, shard_size=10, max_len=6, max_captions=3, seed=0,
-                  clusters=5):
+                  clusters=5, images=False):
   """A records directory written directly with the schema (no backbone, no tokenizer).
 
   Dense features are ``clusters`` well-separated blobs; record i of a split has ``1 + i % max_captions``
-  captions whose ids encode (index, caption number). Returns the manifest.
+  captions whose ids encode (index, caption number). With ``images`` each record also holds a 32x32 PNG
+  whose 8x8 cells (4x4 pixels) have random colours. Returns the manifest.
   """
+  import io
+  from PIL import Image
   from bigen_jax.data import records
   splits = splits or {"train": 37, "validation": 13}
   rng = np.random.default_rng(seed)
   centres = rng.normal(size=(clusters, dim)).astype(np.float32) * 10
   manifest = {"version": records.SCHEMA_VERSION, "backbone": "fixture", "feature_dim": dim,
-              "grid": records.GRID, "max_len": max_len, "max_captions": max_captions, "splits": {}}
+              "grid": records.GRID, "max_len": max_len, "max_captions": max_captions, "store_images": images,
+              "splits": {}}
   for split, n in splits.items():
     num_shards = -(-n // shard_size)
     shards = []
@@ -38,9 +42,16 @@ def write_records(out_dir, *, splits=None, dim=8, shard_size=10, max_len=6, max_
         num = 1 + i % max_captions
         ids = np.zeros((num, max_len), np.int64)
         ids[:, 0], ids[:, 1], ids[:, 2], ids[:, 3] = 2, 100 + i, np.arange(num) + 10, 3
+        image = b""
+        if images:
+          colours = rng.integers(0, 256, (records.GRID, 1, records.GRID, 1, 3), dtype=np.uint8)
+          pixels = np.broadcast_to(colours, (records.GRID, 4, records.GRID, 4, 3)).reshape(32, 32, 3)
+          buf = io.BytesIO()
+          Image.fromarray(pixels).save(buf, format="PNG")
+          image = buf.getvalue()
         serialized.append(records.encode_example(
             index=i, image_id=1000 + i, key=f"{split}/{i}", dense=dense, boxes=records.grid_boxes(),
-            caption_ids=ids, captions=[f"caption {c} of {i}" for c in range(num)]))
+            caption_ids=ids, captions=[f"caption {c} of {i}" for c in range(num)], image=image))
       path = os.path.join(out_dir, records.shard_name(split, s, num_shards))
       os.makedirs(out_dir, exist_ok=True)
       shards.append(records.write_shard(path, serialized))

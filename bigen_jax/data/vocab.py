@@ -40,7 +40,7 @@ def records_fingerprint(manifest: Mapping[str, Any]) -> str:
   return h.hexdigest()[:16]
 
 
-def _save_npy(path: str, array: np.ndarray) -> None:
+def save_npy(path: str, array: np.ndarray) -> None:
   tmp = path + ".tmp.npy"
   np.save(tmp, array)
   os.replace(tmp, path)
@@ -128,13 +128,13 @@ def build_vocab(records_dir: str, vocab_dir: str, *, k: int, iterations: int = 2
   t = time.time()
   samples = sample_cells(records_dir, sample_size=sample_size, seed=seed)
   codebook = train_codebook(samples, k=k, iterations=iterations, seed=seed)
-  _save_npy(codebook_path, codebook)
+  save_npy(codebook_path, codebook)
   logging.info("k-means: %d clusters on %d cells of dim %d in %.1fs", k, len(samples), samples.shape[1],
                time.time() - t)
   meta = {**settings, "sample_size_used": int(len(samples)), "splits": {}}
   for split in splits:
     ids, stats = assign_split(records_dir, split, codebook)
-    _save_npy(os.path.join(vocab_dir, cluster_ids_name(split)), ids)
+    save_npy(os.path.join(vocab_dir, cluster_ids_name(split)), ids)
     meta["splits"][split] = stats
     print(f"[vocab] {split}: {stats['num_examples']} images, mse {stats['mse']:.4f}, relative quantisation "
           f"error {stats['relative_error']:.4f}, {stats['used_clusters']}/{k} clusters used", flush=True)

@@ -153,5 +153,6 @@ def beam_search_captions(params: Any, *, model, visual: dict[str, Array], boxes:
     words = ((ids != tokens.pad_id) & (ids != tokens.cls_id)).sum(-1)
     scores = scores / words.astype(jnp.float32) ** length_penalty
     order = jnp.argsort(-scores, axis=-1)
-    ids, scores = jnp.take_along_axis(ids, order[..., None], axis=1), jnp.take_along_axis(scores, order, axis=1)
+    ids = jnp.take_along_axis(ids, order[..., None], axis=1)
+    scores = jnp.take_along_axis(scores, order, axis=1)
   return ids, scores
