@@ -45,7 +45,10 @@ def save_params(params: Any, path: str) -> None:
   if path.endswith(".npz"):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     flat = flax.traverse_util.flatten_dict(params, sep="/")
-    np.savez(path, **flat)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:  # then renamed: a crash never leaves a half-written file under ``path``
+      np.savez(f, **flat)
+    os.replace(tmp, path)
     return
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   checkpointer = ocp.StandardCheckpointer()

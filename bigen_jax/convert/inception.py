@@ -1,0 +1,80 @@
+"""torchvision ``inception_v3`` state dicts -> variables of ``bigen_jax.models.inception.InceptionV3``.
+
+Names map one to one (``Mixed_5b.branch1x1.conv.weight`` -> params ``Mixed_5b/branch1x1/conv/kernel``):
+conv weights OIHW -> HWIO, ``bn.weight``/``bn.bias`` -> params ``scale``/``bias``, ``bn.running_mean``/
+``bn.running_var`` -> batch_stats ``mean``/``var``, ``fc.weight`` -> transposed ``fc/kernel``. Ignored:
+``AuxLogits.*`` (the training-only auxiliary head), ``*.num_batches_tracked``, a leading ``module.``. Any
+other key, or a missing or mis-shaped tensor, raises ``ConversionError`` listing them all.
+"""
+
+import re
+from typing import Any
+
+import flax.traverse_util
+import numpy as np
+
+from bigen_jax.models import inception
+
+_IGNORED = re.compile(r"^(AuxLogits\.|.*\.num_batches_tracked$)")
+# (collection, last Flax name) -> last torch name
+_LEAVES = {("params", "kernel"): "weight", ("params", "scale"): "weight", ("params", "bias"): "bias",
+           ("batch_stats", "mean"): "running_mean", ("batch_stats", "var"): "running_var"}
+
+
+class ConversionError(ValueError):
+  """Unknown, missing or mis-shaped tensors."""
+
+
+def _numpy(value: Any) -> np.ndarray:
+  if hasattr(value, "detach"):
+    value = value.detach().cpu().float().numpy()
+  return np.asarray(value, np.float32)
+
+
+def _to_flax(name: str, value: np.ndarray) -> np.ndarray:
+  if value.ndim == 4:  # conv OIHW -> HWIO
+    return value.transpose(2, 3, 1, 0)
+  if name == "fc.weight":  # linear [out, in] -> [in, out]
+    return value.T
+  return value
+
+
+def torch_name(collection: str, path: tuple[str, ...]) -> str:
+  """The torchvision state-dict key of the Flax variable ``collection``/``path``."""
+  return ".".join(path[:-1] + (_LEAVES[(collection, path[-1])],))
+
+
+def params_from_torch(state_dict: dict[str, Any]) -> dict[str, Any]:
+  """{"params", "batch_stats"} (numpy float32) from a torchvision ``inception_v3`` state dict (any
+  ``num_classes``, read from ``fc.weight``); see the module docstring for the naming and the errors."""
+  state = {}
+  for key, value in state_dict.items():
+    name = key[len("module."):] if key.startswith("module.") else key
+    if not _IGNORED.match(name):
+      state[name] = (key, value)
+  num_classes = int(state["fc.weight"][1].shape[0]) if "fc.weight" in state else 1000
+  expected = flax.traverse_util.flatten_dict(
+      inception.abstract_variables(inception.InceptionV3(num_classes=num_classes)))
+  flat, used, missing, wrong = {}, set(), [], []
+  for (collection, *path), spec in expected.items():
+    name = torch_name(collection, tuple(path))
+    if name not in state:
+      missing.append(name)
+      continue
+    used.add(name)
+    value = _to_flax(name, _numpy(state[name][1]))
+    if value.shape != spec.shape:
+      wrong.append(f"{state[name][0]} {tuple(state[name][1].shape)} -> {collection}/{'/'.join(path)} expects "
+                   f"{tuple(spec.shape)}")
+    flat[(collection, *path)] = value
+  unknown = sorted(state[k][0] for k in state if k not in used)
+  problems = []
+  if unknown:
+    problems.append(f"{len(unknown)} unknown keys (no counterpart in InceptionV3): {unknown}")
+  if missing:
+    problems.append(f"{len(missing)} keys missing from the state dict: {sorted(missing)}")
+  if wrong:
+    problems.append(f"{len(wrong)} shape mismatches: {wrong}")
+  if problems:
+    raise ConversionError("cannot convert the inception_v3 state dict:\n  " + "\n  ".join(problems))
+  return flax.traverse_util.unflatten_dict(flat)
