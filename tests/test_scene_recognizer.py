@@ -1,0 +1,112 @@
+"""Scene recogniser: targets decode back to the scene, caption accuracy on true and false captions, a short
+training run, save/load; the slow test trains the default recogniser and checks its held-out accuracy."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from bigen_jax.data import scenes
+from bigen_jax.eval import scene_recognizer as S
+from bigen_jax.models import scene_recognizer as R
+
+N_SCENES = 24
+
+
+@pytest.fixture(scope="module")
+def examples():
+  return [scenes.make_example(i, split="validation") for i in range(N_SCENES)]
+
+
+def _key(obj):
+  return (obj["shape"], obj["colour"], obj["size"])
+
+
+def test_decode_of_targets_recovers_the_scene(examples):
+  graphs = [json.loads(e["scene_graph"]) for e in examples]
+  graphs += [R.flip_scene(g) for g in graphs]
+  decoded = R.decode(R.target_probabilities(S.stack_targets(graphs)))
+  for truth, got in zip(graphs, decoded):
+    assert got["background"]["type"] == truth["background"]["type"]
+    assert len(got["objects"]) == len(truth["objects"])
+    want = sorted(truth["objects"], key=lambda o: (o["x"], o["y"]))
+    have = sorted(got["objects"], key=lambda o: (o["x"], o["y"]))
+    for w, h in zip(want, have):
+      assert _key(w) == _key(h)
+      np.testing.assert_allclose([h["x"], h["y"]], [w["x"], w["y"]], atol=1e-3)
+  for ex, got in zip(examples, decoded):
+    assert all(scenes.check_caption(c, got) for c in ex["captions"])
+
+
+def test_local_maxima_keeps_one_cell_of_a_plateau():
+  heat = np.zeros((1, 5, 5))
+  heat[0, 1:3, 1:3] = 0.9
+  assert R.local_maxima(heat)[0].sum() == 1 and R.local_maxima(heat)[0, 1, 1]
+
+
+def test_caption_accuracy_on_true_captions_and_hard_negatives(examples):
+  caps = [c for e in examples for c in e["captions"]]
+  graphs = [e["scene_graph"] for e in examples for _ in e["captions"]]
+  out = S.caption_semantic_accuracy(caps, graphs)
+  assert out["parseable"] == 1.0 and out["accuracy"] == 1.0
+  for kind in S.CLAIM_TYPES:
+    assert out[f"num_{kind}_claims"] > 0 and out[f"{kind}_precision"] == 1.0, kind
+  negs = [h["negative"] for e in examples for h in e["hard_negatives"]]
+  neg_graphs = [e["scene_graph"] for e in examples for _ in e["hard_negatives"]]
+  out = S.caption_semantic_accuracy(negs, neg_graphs)
+  assert out["parseable"] == 1.0 and out["accuracy"] == 0.0
+  out = S.caption_semantic_accuracy(["not a caption", caps[0]], graphs[:2])
+  assert out["parseable"] == 0.5 and out["accuracy"] == 0.5
+
+
+def test_claim_parts_split_by_type():
+  parts = S.claim_parts(scenes.parse_caption("two red circles and a blue star above a small box on a dotted "
+                                             "background"))
+  kinds = [k for k, _ in parts]
+  assert kinds.count("objects") == 2 and kinds.count("counts") == 1 and kinds.count("relations") == 1
+  assert kinds.count("colours") == 2 and kinds.count("shapes") == 3 and kinds.count("sizes") == 1
+  assert kinds.count("background") == 1
+
+
+@pytest.fixture(scope="module")
+def short_run():
+  return S.train_recognizer(steps=12, batch_size=4, num_train_scenes=16, eval_scenes=0, log_every=1)
+
+
+def test_short_training_decreases_the_loss(short_run):
+  _, report = short_run
+  losses = [h["loss"] for h in report["history"]]
+  assert len(losses) == 12 and np.isfinite(losses).all()
+  assert np.mean(losses[-3:]) < np.mean(losses[:3])
+
+
+def test_save_load_round_trip_and_scoring_api(short_run, tmp_path, examples):
+  params, report = short_run
+  path = str(tmp_path / "rec" / "recognizer.msgpack")
+  S.save_recognizer(path, params, report)
+  loaded, loaded_report = S.load_recognizer(path)
+  assert loaded_report["steps"] == report["steps"]
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  images = np.stack([e["image"] for e in examples[:3]])
+  caps = [e["captions"][0] for e in examples[:3]]
+  graphs = S.recognize(loaded, images)
+  assert len(graphs) == 3 and all("objects" in g and "relation_margin" in g for g in graphs)
+  out = S.image_semantic_accuracy(loaded, images, caps)
+  assert out["num_images"] == 3 and 0.0 <= out["accuracy"] <= 1.0
+  score = S.caption_image_score(loaded, images, caps[:2] + ["not a caption"])
+  assert score.shape == (3,) and ((score >= 0) & (score <= 1)).all() and score[2] == 0.0
+
+
+@pytest.mark.slow
+def test_default_training_reaches_high_heldout_accuracy(tmp_path):
+  params, report = S.load_or_train(str(tmp_path))
+  heldout = report["heldout"]
+  assert heldout["caption_accuracy"] >= 0.9 and heldout["negative_rejection"] >= 0.8, heldout
+  assert heldout["recall"] >= 0.95 and heldout["precision"] >= 0.95, heldout
+  images = np.stack([scenes.make_example(i, split="test")["image"] for i in range(16)])
+  caps = [scenes.make_example(i, split="test")["captions"][0] for i in range(16)]
+  assert S.image_semantic_accuracy(params, images, caps)["accuracy"] >= 0.8
+  mismatched = S.caption_image_score(params, images, caps[1:] + caps[:1])
+  assert S.caption_image_score(params, images, caps).mean() > mismatched.mean()
