@@ -8,6 +8,7 @@ A checkpoint at step ``s`` holds two items:
 Saves are asynchronous; ``save(..., force=True)`` is used for the final and the preemption save.
 """
 
+import os
 import signal
 import threading
 from typing import Any
@@ -23,10 +24,10 @@ class Checkpointer:
   """Saves every ``save_every`` steps, keeps the last ``keep`` checkpoints, restores the latest."""
 
   def __init__(self, directory: str, *, save_every: int, keep: int = 3, async_save: bool = True):
-    self.directory = directory
+    self.directory = os.path.abspath(directory)  # orbax restores only from absolute paths
     options = ocp.CheckpointManagerOptions(save_interval_steps=save_every, max_to_keep=keep,
                                            enable_async_checkpointing=async_save, create=True)
-    self.manager = ocp.CheckpointManager(directory, options=options, item_names=("state", "data"))
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
