@@ -57,10 +57,15 @@ class Context:
   rules: tuple[tuple[str, Any], ...]
   task_cfgs: dict[str, ml_collections.ConfigDict]
   tokenizer: Any
+  vocab: Any = None  # the visual vocabulary (``data.vocab.Vocab``)
+  workdir: str = ""  # where evaluators write their files (``workdir/eval``)
+
+  def batch_sharding(self) -> jax.sharding.NamedSharding:
+    return parallel.data_sharding(self.mesh)
 
   def batch_to_global(self, batch: dict[str, np.ndarray], fields=TRAIN_FIELDS) -> dict[str, jax.Array]:
     """Per-process numpy batch -> global arrays sharded over (data, fsdp)."""
-    sharding = parallel.data_sharding(self.mesh)
+    sharding = self.batch_sharding()
     return {k: jax.make_array_from_process_local_data(sharding, batch[k]) for k in fields if k in batch}
 
 
@@ -223,31 +228,37 @@ def _summarise(pending: list[tuple[int, str, dict]], last_good: int | None, work
   return {k: sums[k] / counts[k] for k in sums}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-  """Trains ``config.total_steps`` steps (resuming from ``workdir``); returns the final train state."""
+def build_context(config: ml_collections.ConfigDict, workdir: str) -> Context:
+  """Resolves ``config`` against the data and lays out the mesh: what training and evaluation share."""
   config, tok, vocab = resolve_config(config)
   os.makedirs(workdir, exist_ok=True)
   devices = jax.devices()[:config.mesh.num_devices] if config.mesh.get("num_devices") else None
   mesh = parallel.make_mesh(config, devices)
-  rules = parallel.axis_rules(config)
   logging.info("mesh %s over %d devices, %d processes", dict(mesh.shape), jax.device_count(),
                jax.process_count())
-
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   frozen = {"codebook": jax.device_put(jnp.asarray(vocab.codebook), replicated)}
-  ctx = Context(config=config, model=lxmert.build_model(config.model), frozen=frozen, mesh=mesh, rules=rules,
-                task_cfgs=_task_cfgs(config, tok), tokenizer=tok)
+  return Context(config=config, model=lxmert.build_model(config.model), frozen=frozen, mesh=mesh,
+                 rules=parallel.axis_rules(config), task_cfgs=_task_cfgs(config, tok), tokenizer=tok,
+                 vocab=vocab, workdir=workdir)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+  """Trains ``config.total_steps`` steps (resuming from ``workdir``); returns the final train state."""
+  ctx = build_context(config, workdir)
+  config, mesh, rules, frozen = ctx.config, ctx.mesh, ctx.rules, ctx.frozen
   cycle = task_cycle(config.tasks)
   tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
 
   # The state is placed by ``out_shardings``; activations are constrained only inside the mesh context below.
-  abstract, shardings, init = create_state(ctx, tx, vocab.codebook)
+  abstract, shardings, init = create_state(ctx, tx, ctx.vocab.codebook)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=config.checkpoint.every,
                                  keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
   data = input_pipeline.create_iterator(
       records_dir=config.data.records_dir, split=config.data.train_split, global_batch_size=config.batch_size,
       seed=config.seed, vocab_dir=config.data.vocab_dir, shuffle_buffer=config.data.shuffle_buffer,
-      verify_checksums=config.data.verify_checksums, pad_id=tok.pad_id, sharding=config.data.sharding)
+      verify_checksums=config.data.verify_checksums, pad_id=ctx.tokenizer.pad_id,
+      sharding=config.data.sharding)
   if ckpt.latest_step() is not None:
     state, data_state, start = ckpt.restore(abstract)
     data.set_state(data_state)

@@ -49,6 +49,12 @@ def get_config(model: str = "paper") -> ml_collections.ConfigDict:
   config.checkpoint = ml_collections.ConfigDict(dict(every=1000, keep=3, async_save=True))
   config.eval = ml_collections.ConfigDict(dict(every=5000, evaluators=("validation_loss",), num_batches=20,
                                                batch_size=0))
+  # Generation evaluators (bigen_jax/eval/captioning.py, generation.py); batch sizes divide the devices.
+  config.eval.captioning = ml_collections.ConfigDict(dict(
+      decoder="greedy", beam_size=3, num_examples=0, batch_size=64, spice=True))
+  config.eval.generation = ml_collections.ConfigDict(dict(
+      order="mask_predict", num_steps=4, temperature=0.0, num_examples=0, batch_size=64, recognizer_dir="",
+      inception_weights="", r_precision_negatives=99, grid_images=8))
   config.peak_flops_per_device = 0.0  # for the MFU estimate; 0: not reported (e.g. 989e12 for H100 bf16)
   config.distributed = ml_collections.ConfigDict(dict(
       num_processes=1, process_id=0, coordinator_address="", cpu_collectives="", auto=False))

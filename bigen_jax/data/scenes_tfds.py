@@ -115,3 +115,15 @@ def as_numpy(b: CaptionedScenes, split: str) -> Iterator[dict[str, Any]]:
   ds = b.as_dataset(split=split, shuffle_files=False,
                     read_config=tfds.ReadConfig(interleave_cycle_length=1, try_autocache=False))
   return iter(tfds.as_numpy(ds))
+
+
+def scene_graphs(source_info: dict[str, Any], split: str, indices: Any) -> list[dict[str, Any]] | None:
+  """Ground-truth scene graphs of records (their ``index`` within ``split``), regenerated from the seed.
+
+  ``source_info`` is the records manifest's "source"; None when the records are not captioned scenes of a
+  named config (e.g. COCO), so evaluators skip the scene-world metrics.
+  """
+  if source_info.get("name") != "scenes" or source_info.get("config") not in CaptionedScenes.builder_configs:
+    return None
+  cfg = CaptionedScenes.builder_configs[source_info["config"]].scene_config()
+  return [scenes.sample_scene(scenes.example_rng(cfg.seed, split, int(i)), cfg) for i in indices]

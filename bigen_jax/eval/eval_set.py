@@ -1,0 +1,66 @@
+"""The examples a generation evaluator scores, held whole on every process, and how they meet the mesh.
+
+Corpus metrics (CIDEr-D's document frequencies, FID's statistics) need every example at once, so each
+process reads the same first ``num_examples`` records of the split; decoding runs sharded over the mesh
+(``to_global``) and its outputs come back whole to every process (``gather``).
+"""
+
+import io
+from typing import Any
+
+import jax
+from jax.experimental import multihost_utils
+import numpy as np
+from PIL import Image
+
+from bigen_jax.data import input_pipeline
+from bigen_jax.data import records
+
+FIELDS = ("index", "image_id", "text_ids", "text_mask", "dense", "boxes", "cluster_ids", "caption_ids")
+
+
+def load(config, *, split: str, num_examples: int = 0, with_images: bool = False) -> dict[str, Any]:
+  """The first ``num_examples`` (0: all) records of ``split``: numpy arrays of ``FIELDS`` plus
+  ``references`` (list of lists of caption strings) and, with images, ``images`` uint8 [N, H, W, 3]."""
+  it = input_pipeline.create_iterator(
+      records_dir=config.data.records_dir, split=split, global_batch_size=64, seed=config.seed,
+      vocab_dir=config.data.vocab_dir, train=False, with_images=with_images, process_index=0,
+      process_count=1, shuffle_buffer=1)
+  parts = []
+  for batch in it:
+    keep = batch["valid"]
+    parts.append({k: v[keep] for k, v in batch.items()})
+    if num_examples and sum(len(p["index"]) for p in parts) >= num_examples:
+      break
+  if not parts:
+    raise records.DataError(f"split {split!r} of {config.data.records_dir} has no examples to evaluate")
+  data = {k: np.concatenate([p[k] for p in parts])[:num_examples or None] for k in parts[0]}
+  out = {k: data[k] for k in FIELDS if k in data}
+  out["references"] = [[c.decode("utf-8") for c in row if c] for row in data["captions"]]
+  if with_images:
+    out["images"] = np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in data["image"]])
+  return out
+
+
+def batches(num: int, batch_size: int):
+  """Slices covering range(num) in steps of ``batch_size`` (the last one may be short)."""
+  return [slice(start, min(start + batch_size, num)) for start in range(0, num, batch_size)]
+
+
+def to_global(ctx, arrays: dict[str, np.ndarray], batch_size: int) -> dict[str, jax.Array]:
+  """Whole host arrays (the same on every process) of one batch -> global arrays sharded like training
+  batches; a short batch is padded with copies of its first row to ``batch_size`` (drop them after)."""
+  sharding = ctx.batch_sharding()
+
+  def place(x):
+    x = np.asarray(x)
+    if len(x) < batch_size:
+      x = np.concatenate([x, np.repeat(x[:1], batch_size - len(x), axis=0)])
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+  return {k: place(v) for k, v in arrays.items()}
+
+
+def gather(x: jax.Array, num: int) -> np.ndarray:
+  """A global array -> the same numpy array on every process, its first ``num`` rows."""
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))[:num]
