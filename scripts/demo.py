@@ -9,6 +9,10 @@ Stages (each resumable: re-running skips finished work):
   6. pictures   contact sheet: images, their captions and their k-means token maps
   7. train      stage 1 (alternating I2T / T2I) of a small model: configs/demo.py, checkpoints, metrics
   8. captions   loss curves (PNG) and greedy captions of validation images (PNG grid)
+  9. recogniser train (once) the scene recogniser that reads generated images back into scene graphs
+  10. evaluate  captioning and generation evaluators on the validation split (bigen_jax.evaluate): COCO
+                caption metrics, truth of captions, mask-predict images (preview decoder), FID, semantic
+                accuracy, R-precision; a markdown table and a caption -> image PNG grid
 
 Writes OUT/summary.json and OUT/summary.md, and prints the summary table.
 """
@@ -37,6 +41,13 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of k-means and the input pipeline.
 _TRAIN_STEPS = flags.DEFINE_integer("train_steps", 0, "Stage-1 steps (0: configs/demo.py's total_steps).")
 
 SPLITS = ("train", "validation", "test")
+# The evaluation numbers the summary shows (the full table is in demo_out/train/eval/results_<step>.md).
+EVAL_KEYS = ("captioning/BLEU-4", "captioning/METEOR", "captioning/ROUGE-L", "captioning/CIDEr-D",
+             "captioning/distinct_captions", "captioning/semantic/accuracy", "generation/cell_accuracy",
+             "generation/fid_recognizer", "generation/reference/fid_recognizer", "generation/semantic/accuracy",
+             "generation/reference/semantic/accuracy", "generation/r_precision_easy",
+             "generation/reference/r_precision_easy", "generation/r_precision_hard",
+             "generation/reference/r_precision_hard")
 
 
 class Timer:
@@ -126,16 +137,23 @@ def contact_sheet(records_dir, vocab_dir, tok, k, path, n=8):
   return viz.save_png(sheet, path)
 
 
-def train_stage1(out, steps):
-  """Trains configs/demo.py on the demo data (resumes from demo_out/train); returns (state, config)."""
-  from bigen_jax import train  # pylint: disable=g-import-not-at-top
-  from configs import demo as demo_config  # pylint: disable=g-import-not-at-top
-  config = demo_config.get_config("demo")
+def demo_config(out, steps):
+  """configs/demo.py pointed at the demo's files under ``out``."""
+  from configs import demo as demo_configs  # pylint: disable=g-import-not-at-top
+  config = demo_configs.get_config("demo")
   config.data.records_dir = os.path.join(out, "records")
   config.data.vocab_dir = os.path.join(out, "vocab")
   config.data.tokenizer = os.path.join(out, "tokenizer", "vocab.txt")
+  config.eval.generation.recognizer_dir = os.path.join(out, "scene_recognizer")
   if steps:
     config.total_steps = steps
+  return config
+
+
+def train_stage1(out, steps):
+  """Trains configs/demo.py on the demo data (resumes from demo_out/train); returns (state, config)."""
+  from bigen_jax import train  # pylint: disable=g-import-not-at-top
+  config = demo_config(out, steps)
   workdir = os.path.join(out, "train")
   state = train.train_and_evaluate(config, workdir)
   with open(os.path.join(workdir, train.HISTORY_NAME)) as f:
@@ -236,6 +254,21 @@ def main(argv):
   summary["greedy captions"] = os.path.relpath(os.path.join(out, "captions.png"))
   for i, (generated, reference) in enumerate(pairs[:4]):
     summary[f"caption {i}: model || reference"] = f"{generated} || {reference}"
+  with timer.stage("9 recogniser"):
+    from bigen_jax.eval import scene_recognizer  # pylint: disable=g-import-not-at-top
+    _, report = scene_recognizer.load_or_train(os.path.join(out, "scene_recognizer"))
+  held = report["heldout"]
+  summary["scene recogniser (held-out scenes): captions judged true, objects found"] = (
+      f"{held['caption_accuracy']:.3f}, recall {held['recall']:.3f} precision {held['precision']:.3f}")
+  with timer.stage("10 evaluate"):
+    from bigen_jax import evaluate  # pylint: disable=g-import-not-at-top
+    results, step = evaluate.evaluate(demo_config(out, _TRAIN_STEPS.value), os.path.join(out, "train"),
+                                      evaluators=["captioning", "generation"])
+  for key in EVAL_KEYS:
+    if key in results:
+      summary[f"eval {key}"] = f"{results[key]:.3f}"
+  summary["evaluation table"] = os.path.relpath(os.path.join(out, "train", "eval", f"results_{step}.md"))
+  summary["caption -> image grid"] = os.path.relpath(os.path.join(out, "train", "eval", f"generation_{step}.png"))
   for name, secs in timer.times.items():
     summary[f"time: {name}"] = f"{secs}s"
   summary["time: total"] = f"{timer.total}s"

@@ -14,6 +14,7 @@ from configs import model as model_config
 @pytest.fixture(scope="module")
 def setup():
   config = model_config.get_config("tiny")
+  config.num_cells = 64  # the paper's 8x8 grid: K = 64 decides one cell per pass
   model = lxmert.build_model(config)
   params = nn.unbox(jax.jit(lambda: lxmert.init_params(model, config, jax.random.key(0)))())
   rng = np.random.default_rng(0)
@@ -21,14 +22,18 @@ def setup():
   inputs = dict(text_ids=text, text_mask=jnp.ones_like(text),
                 boxes=jnp.asarray(rng.uniform(size=(2, config.num_cells, 4)), jnp.float32),
                 codebook=jnp.asarray(rng.normal(size=(config.num_clusters, config.visual_feat_dim)), jnp.float32))
-  return config, model, params, inputs
 
+  @jax.jit
+  def forward(ids, masked):
+    out = model.apply({"params": params}, inputs["text_ids"], inputs["text_mask"], boxes=inputs["boxes"],
+                      cluster_ids=ids, codebook=inputs["codebook"], visual_mask=masked, image_logits=True)
+    return jax.nn.softmax(out.image_logits, axis=-1)
 
-def _probs(model, params, inputs, ids, masked):
-  out = model.apply({"params": params}, inputs["text_ids"], inputs["text_mask"], boxes=inputs["boxes"],
-                    cluster_ids=jnp.asarray(ids), codebook=inputs["codebook"], visual_mask=jnp.asarray(masked),
-                    image_logits=True)
-  return np.asarray(jax.nn.softmax(out.image_logits, axis=-1))
+  def probs(ids, masked):
+    """One model pass: cluster probabilities [B, M, K] of every cell."""
+    return np.asarray(forward(jnp.asarray(ids), jnp.asarray(masked)))
+
+  return config, model, params, inputs, probs
 
 
 def _decode(model, params, inputs, order, num_steps):
@@ -43,39 +48,39 @@ def test_linear_schedule():
 
 
 def test_easy_first_one_cell_per_step_equals_sequential_loop(setup):
-  """K = M: each pass fixes the single most confident masked cell."""
-  config, model, params, inputs = setup
+  """K = 64: each pass fixes the single most confident masked cell."""
+  config, model, params, inputs, probs = setup
   m = config.num_cells
   ids, masked = np.zeros((2, m), np.int32), np.ones((2, m), bool)
   for _ in range(m):
-    probs = _probs(model, params, inputs, ids, masked)
+    p = probs(ids, masked)
     for b in range(2):
-      best = probs[b].max(-1)
+      best = p[b].max(-1)
       cell = int(np.argmax(np.where(masked[b], best, -1.0)))
-      ids[b, cell], masked[b, cell] = int(np.argmax(probs[b, cell])), False
+      ids[b, cell], masked[b, cell] = int(np.argmax(p[b, cell])), False
   np.testing.assert_array_equal(_decode(model, params, inputs, "easy_first", m), ids)
 
 
 def test_left_to_right_equals_raster_loop(setup):
-  config, model, params, inputs = setup
+  config, model, params, inputs, probs = setup
   m = config.num_cells
   ids, masked = np.zeros((2, m), np.int32), np.ones((2, m), bool)
   for cell in range(m):
-    probs = _probs(model, params, inputs, ids, masked)
-    ids[:, cell], masked[:, cell] = probs[:, cell].argmax(-1), False
+    p = probs(ids, masked)
+    ids[:, cell], masked[:, cell] = p[:, cell].argmax(-1), False
   np.testing.assert_array_equal(_decode(model, params, inputs, "left_to_right", m), ids)
 
 
-@pytest.mark.parametrize("num_steps", [4, 16])
+@pytest.mark.parametrize("num_steps", [4, 64])
 def test_mask_predict_equals_reference_loop(setup, num_steps):
   """Mask-predict: re-predict masked cells, then re-mask the least confident of the whole grid."""
-  config, model, params, inputs = setup
+  config, model, params, inputs, probs = setup
   m = config.num_cells
   ids, masked, conf = np.zeros((2, m), np.int32), np.ones((2, m), bool), np.zeros((2, m), np.float32)
   for t in range(num_steps):
-    probs = _probs(model, params, inputs, ids, masked)
-    ids = np.where(masked, probs.argmax(-1), ids)
-    conf = np.where(masked, probs.max(-1), conf)
+    p = probs(ids, masked)
+    ids = np.where(masked, p.argmax(-1), ids)
+    conf = np.where(masked, p.max(-1), conf)
     keep_masked = m * (num_steps - 1 - t) // num_steps
     masked = np.zeros((2, m), bool)
     for b in range(2):
@@ -84,7 +89,7 @@ def test_mask_predict_equals_reference_loop(setup, num_steps):
 
 
 def test_random_order_and_sampling_are_seeded(setup):
-  config, model, params, inputs = setup
+  config, model, params, inputs, probs = setup
   fn = jax.jit(lambda p, r: image_tokens.parallel_decode(p, r, model=model, order="random", temperature=1.0,
                                                          **inputs)[0])
   a, b = np.asarray(fn(params, jax.random.key(1))), np.asarray(fn(params, jax.random.key(2)))
