@@ -1,1 +1,2 @@
-"""PyTorch state dicts -> Flax params: ``lxmert`` (LXMERT / X-LXMERT), ``io`` (reading and writing)."""
+"""PyTorch state dicts -> Flax params: ``lxmert`` (LXMERT / X-LXMERT), ``inception`` (torchvision
+InceptionV3), ``io`` (reading and writing)."""

@@ -1,2 +1,3 @@
 """Models: ``lxmert`` (the unified transformer), ``layers`` (its blocks), ``heads``, ``masks`` (task input
-layouts), ``flops`` (analytic FLOP counts)."""
+layouts), ``flops`` (analytic FLOP counts), ``inception`` (InceptionV3 for FID), ``scene_recognizer``
+(reads captioned-scenes images back into scene graphs)."""
