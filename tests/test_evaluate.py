@@ -36,7 +36,7 @@ def run(tmp_path_factory):
   config = demo.get_config("tiny")
   config.data.update(dict(records_dir=records_dir, vocab_dir=vocab_dir, tokenizer=vocab_txt))
   config.update(dict(total_steps=2, log_every=1))
-  config.eval.update(dict(every=0))
+  config.eval.update(dict(every=2, evaluators=("validation_loss", "captioning", "generation")))
   config.eval.captioning.update(dict(batch_size=8, spice=False))
   config.eval.generation.update(dict(batch_size=8, grid_images=4))
   workdir = os.path.join(root, "run")
@@ -46,6 +46,9 @@ def run(tmp_path_factory):
 
 def test_evaluate_writes_results_and_matches_plain_decoding(run):
   config, workdir, params = run
+  with open(os.path.join(workdir, train.HISTORY_NAME)) as f:
+    logged = [json.loads(line) for line in f]
+  assert any("captioning/CIDEr-D" in r and "generation/cell_accuracy" in r for r in logged)  # the trainer ran them
   results, step = evaluate.evaluate(config, workdir, evaluators=["captioning", "generation"])
   assert step == 2
   for key in ("captioning/BLEU-4", "captioning/CIDEr-D", "captioning/METEOR", "captioning/ROUGE-L",
