@@ -87,9 +87,9 @@ class Evaluator:
     for name, feats in self._features(images).items():
       out[f"fid_{name}"] = fid.fid_from_features(feats, self.real_features[name])
     if self.recognizer is not None:
-      semantic = scene_recognizer.image_semantic_accuracy(self.recognizer, images, self.captions)
-      out.update({f"semantic/{k}": float(v) for k, v in semantic.items()})
       probs = scene_recognizer.predict(self.recognizer, images)
+      semantic = scene_recognizer.semantic_accuracy(probs, self.captions)
+      out.update({f"semantic/{k}": float(v) for k, v in semantic.items()})
       score_fn = lambda index, texts: scene_recognizer.caption_scores(  # noqa: E731
           {k: v[index] for k, v in probs.items()}, texts)
       index = np.arange(len(images))

@@ -256,7 +256,13 @@ def image_semantic_accuracy(params: Any, images: np.ndarray, captions: Sequence[
   ``margin`` pixels, lenient by default); ``<type>_accuracy``: fraction of claims of each type that hold.
   Unparseable captions count as failures (``parseable`` reports their share).
   """
-  graphs = recognize(params, images, threshold=threshold, relation_margin=margin)
+  return semantic_accuracy(predict(params, images), captions, margin=margin, threshold=threshold)
+
+
+def semantic_accuracy(probs: Mapping[str, np.ndarray], captions: Sequence[str], *,
+                      margin: float = LENIENT_MARGIN, threshold: float = 0.3) -> dict[str, float]:
+  """``image_semantic_accuracy`` from the recogniser's outputs (``predict``) of the images."""
+  graphs = R.decode(probs, threshold=threshold, relation_margin=margin)
   claims = [_parse(c) for c in captions]
   whole, by_type = _claim_scores(claims, graphs, margin)
   return {"num_images": len(graphs), "parseable": float(np.mean([c is not None for c in claims])),
