@@ -13,16 +13,14 @@ from typing import Any
 import flax.traverse_util
 import numpy as np
 
+from bigen_jax.convert import io as convert_io
+from bigen_jax.convert.io import ConversionError  # noqa: F401  (callers catch it from this module)
 from bigen_jax.models import inception
 
 _IGNORED = re.compile(r"^(AuxLogits\.|.*\.num_batches_tracked$)")
 # (collection, last Flax name) -> last torch name
 _LEAVES = {("params", "kernel"): "weight", ("params", "scale"): "weight", ("params", "bias"): "bias",
            ("batch_stats", "mean"): "running_mean", ("batch_stats", "var"): "running_var"}
-
-
-class ConversionError(ValueError):
-  """Unknown, missing or mis-shaped tensors."""
 
 
 def _numpy(value: Any) -> np.ndarray:
@@ -68,13 +66,7 @@ def params_from_torch(state_dict: dict[str, Any]) -> dict[str, Any]:
                    f"{tuple(spec.shape)}")
     flat[(collection, *path)] = value
   unknown = sorted(state[k][0] for k in state if k not in used)
-  problems = []
-  if unknown:
-    problems.append(f"{len(unknown)} unknown keys (no counterpart in InceptionV3): {unknown}")
-  if missing:
-    problems.append(f"{len(missing)} keys missing from the state dict: {sorted(missing)}")
-  if wrong:
-    problems.append(f"{len(wrong)} shape mismatches: {wrong}")
-  if problems:
-    raise ConversionError("cannot convert the inception_v3 state dict:\n  " + "\n  ".join(problems))
+  convert_io.raise_if_mismatched("inception_v3", [
+      ("unknown keys (no counterpart in InceptionV3)", unknown),
+      ("keys missing from the state dict", sorted(missing)), ("shape mismatches", wrong)])
   return flax.traverse_util.unflatten_dict(flat)

@@ -7,6 +7,17 @@ import flax.traverse_util
 import numpy as np
 
 
+class ConversionError(ValueError):
+  """A state dict that does not fit the model: unknown, missing or mis-shaped tensors."""
+
+
+def raise_if_mismatched(what: str, groups: list[tuple[str, list[str]]]) -> None:
+  """Raises ``ConversionError`` listing every non-empty group of (description, keys) at once."""
+  lines = [f"{len(keys)} {description}: {keys}" for description, keys in groups if keys]
+  if lines:
+    raise ConversionError(f"cannot convert the {what} state dict:\n  " + "\n  ".join(lines))
+
+
 def _to_numpy(value: Any) -> Any:
   if hasattr(value, "detach"):  # a torch tensor: floats to float32 (bf16/fp16 have no exact numpy twin)
     value = value.detach().cpu()

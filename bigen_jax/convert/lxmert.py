@@ -24,15 +24,13 @@ import jax
 import ml_collections
 import numpy as np
 
+from bigen_jax.convert import io as convert_io
+from bigen_jax.convert.io import ConversionError
 from bigen_jax.models import lxmert
 
 _DROPPED = re.compile(r"^(answer_head\.|obj_predict_head\.(decoder_dict|out_obj|out_attr)\.|vis_emb\.weight$"
                       r"|embeddings\.position_ids$|cls\.predictions\.decoder\.weight$)")
 _HEADS = ("text_head", "image_head", "match_head", "visual_mask_feature")
-
-
-class ConversionError(ValueError):
-  """Unknown, missing or mis-shaped parameters."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,18 +157,12 @@ def convert(state_dict: dict[str, Any], config: ml_collections.ConfigDict, *, in
   missing = sorted("/".join(k) for k in expected if k not in params)
   missing_backbone = [m for m in missing if not m.startswith(_HEADS)]
   missing_heads = [m for m in missing if m.startswith(_HEADS)]
-  problems = []
-  if unknown:
-    problems.append(f"{len(unknown)} unknown source keys (no counterpart in the model): {unknown}")
-  if wrong:
-    problems.append(f"{len(wrong)} shape mismatches (does the config match the checkpoint?): {wrong}")
-  if missing_backbone:
-    problems.append(f"{len(missing_backbone)} backbone params missing from the checkpoint: {missing_backbone}")
-  if missing_heads and not init_missing_heads:
-    problems.append(f"{len(missing_heads)} head params missing from the checkpoint (pass init_missing_heads=True"
-                    f" / --init_missing_heads to initialise them freshly): {missing_heads}")
-  if problems:
-    raise ConversionError("cannot convert the LXMERT state dict:\n  " + "\n  ".join(problems))
+  convert_io.raise_if_mismatched("LXMERT", [
+      ("unknown source keys (no counterpart in the model)", unknown),
+      ("shape mismatches (does the config match the checkpoint?)", wrong),
+      ("backbone params missing from the checkpoint", missing_backbone),
+      ("head params missing from the checkpoint (pass init_missing_heads=True / --init_missing_heads to "
+       "initialise them freshly)", [] if init_missing_heads else missing_heads)])
   if missing_heads:
     fresh = flax.traverse_util.flatten_dict(lxmert.init_heads(flat_config, jax.random.key(seed)))
     params.update({k: np.asarray(fresh[k]) for k in expected if k not in params})
