@@ -94,11 +94,7 @@ def bench_jax(config, x) -> float:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  threads = _THREADS.value or os.cpu_count()
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=true "
-                             f"intra_op_parallelism_threads={threads}").strip()
-  import torch  # pylint: disable=g-import-not-at-top
-  torch.set_num_threads(threads)
+  threads = timing.limit_threads(_THREADS.value)
   from configs import model as model_configs  # pylint: disable=g-import-not-at-top
   config = model_configs.get_config(_CONFIG.value)
   config.update(dict(dtype="float32", num_clusters=_NUM_CLUSTERS.value, vocab_size=1000, max_len=17,

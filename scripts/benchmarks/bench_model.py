@@ -96,11 +96,7 @@ def bench_torch(config, inputs) -> tuple[float, str]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  threads = _THREADS.value or os.cpu_count()
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=true "
-                             f"intra_op_parallelism_threads={threads}").strip()
-  import torch  # pylint: disable=g-import-not-at-top
-  torch.set_num_threads(threads)
+  threads = timing.limit_threads(_THREADS.value)
   import jax  # pylint: disable=g-import-not-at-top  (no computation before the torch run)
   from configs import model as model_configs  # pylint: disable=g-import-not-at-top
   from bigen_jax.models import flops  # pylint: disable=g-import-not-at-top
