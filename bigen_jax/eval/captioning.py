@@ -10,7 +10,6 @@ split), batch_size (divisible by the data-parallel devices), spice (False skips 
 import os
 
 import jax
-import numpy as np
 
 from bigen_jax.data import records
 from bigen_jax.data import scenes_tfds
@@ -54,13 +53,9 @@ class Evaluator:
 
   def captions(self, params) -> list[str]:
     """Decoded captions of the eval set, in its order."""
-    n, size = len(self.data["index"]), self.cfg.batch_size
-    fields = ("dense", "boxes", "cluster_ids")
-    ids = []
-    for part in eval_set.batches(n, size):
-      batch = eval_set.to_global(self.ctx, {k: self.data[k][part] for k in fields}, size)
-      ids.append(eval_set.gather(self.decode(params, batch), part.stop - part.start))
-    return self.ctx.tokenizer.decode(np.concatenate(ids))
+    ids = eval_set.map_batches(self.ctx, lambda batch, _: self.decode(params, batch), self.data,
+                               ("dense", "boxes", "cluster_ids"), self.cfg.batch_size)
+    return self.ctx.tokenizer.decode(ids)
 
   def run(self, params, *, step: int) -> dict[str, float]:
     texts = self.captions(params)

@@ -42,12 +42,19 @@ def load(config, *, split: str, num_examples: int = 0, with_images: bool = False
   return out
 
 
-def batches(num: int, batch_size: int):
-  """Slices covering range(num) in steps of ``batch_size`` (the last one may be short)."""
-  return [slice(start, min(start + batch_size, num)) for start in range(0, num, batch_size)]
+def map_batches(ctx, fn, data: dict[str, Any], fields: tuple[str, ...], batch_size: int) -> np.ndarray:
+  """``fn(batch, i)`` over the eval set in batches of ``batch_size`` (sharded like training batches; the
+  last one padded), results concatenated whole on every process and cut to the eval set's length."""
+  num = len(data["index"])
+  outputs = []
+  for i, start in enumerate(range(0, num, batch_size)):
+    part = slice(start, min(start + batch_size, num))
+    batch = _to_global(ctx, {k: data[k][part] for k in fields}, batch_size)
+    outputs.append(_gather(fn(batch, i), part.stop - part.start))
+  return np.concatenate(outputs)
 
 
-def to_global(ctx, arrays: dict[str, np.ndarray], batch_size: int) -> dict[str, jax.Array]:
+def _to_global(ctx, arrays: dict[str, np.ndarray], batch_size: int) -> dict[str, jax.Array]:
   """Whole host arrays (the same on every process) of one batch -> global arrays sharded like training
   batches; a short batch is padded with copies of its first row to ``batch_size`` (drop them after)."""
   sharding = ctx.batch_sharding()
@@ -61,6 +68,6 @@ def to_global(ctx, arrays: dict[str, np.ndarray], batch_size: int) -> dict[str, 
   return {k: place(v) for k, v in arrays.items()}
 
 
-def gather(x: jax.Array, num: int) -> np.ndarray:
+def _gather(x: jax.Array, num: int) -> np.ndarray:
   """A global array -> the same numpy array on every process, its first ``num`` rows."""
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))[:num]

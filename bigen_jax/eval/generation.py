@@ -71,7 +71,8 @@ class Evaluator:
       from bigen_jax.convert import io as convert_io  # pylint: disable=g-import-not-at-top
       self.inception = fid.inception_features_fn(convert_io.load_params(self.cfg.inception_weights))
     self.real_features = self._features(self.data["images"])
-    self.reference = self.score_images(preview.render_preview(self.data["cluster_ids"], self.table))
+    self.true_previews = preview.render_preview(self.data["cluster_ids"], self.table)
+    self.reference = self.score_images(self.true_previews)
 
   def _features(self, images: np.ndarray) -> dict[str, np.ndarray]:
     out = {}
@@ -104,14 +105,9 @@ class Evaluator:
 
   def generate(self, params) -> np.ndarray:
     """Cluster ids [N, M] decoded from ``self.captions`` (the first caption of each eval image)."""
-    n, size = len(self.data["index"]), self.cfg.batch_size
     rng = jax.random.key(self.ctx.config.seed)
-    ids = []
-    for i, part in enumerate(eval_set.batches(n, size)):
-      batch = eval_set.to_global(self.ctx, {k: self.data[k][part] for k in ("text_ids", "text_mask", "boxes")},
-                                 size)
-      ids.append(eval_set.gather(self.decode(params, batch, jax.random.fold_in(rng, i)), part.stop - part.start))
-    return np.concatenate(ids)
+    return eval_set.map_batches(self.ctx, lambda batch, i: self.decode(params, batch, jax.random.fold_in(rng, i)),
+                                self.data, ("text_ids", "text_mask", "boxes"), self.cfg.batch_size)
 
   def run(self, params, *, step: int) -> dict[str, float]:
     ids = self.generate(params)
@@ -125,8 +121,7 @@ class Evaluator:
   def save_grid(self, images: np.ndarray, step: int) -> str:
     """PNG: caption | real image | preview of its true tokens | preview of the generated tokens."""
     k = min(self.cfg.grid_images, len(images))
-    truth = preview.render_preview(self.data["cluster_ids"][:k], self.table)
-    rows = [[self.data["images"][i], truth[i], images[i]] for i in range(k)]
+    rows = [[self.data["images"][i], self.true_previews[i], images[i]] for i in range(k)]
     sheet = viz.captioned_grid(rows, [f"{c}  (real | true tokens | generated)" for c in self.captions[:k]],
                                tile=160, wrap=40)
     path = os.path.join(self.ctx.workdir, "eval", f"generation_{step}.png")
