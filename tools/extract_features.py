@@ -29,8 +29,8 @@ _ANNOTATIONS = flags.DEFINE_string("annotations", None, "coco: caption annotatio
 _IMAGES_DIR = flags.DEFINE_string("images_dir", None, "coco: image folder.")
 _KARPATHY = flags.DEFINE_string("karpathy", None, "coco: Karpathy split file (dataset_coco.json).")
 _SPLIT = flags.DEFINE_list("split", ["train"], "Comma-separated splits to extract.")
-_BACKBONE = flags.DEFINE_string("backbone", "demo", "Backbone: demo, resnet or frcnn.")
-_WEIGHTS = flags.DEFINE_string("weights", None, "resnet/frcnn: torch state dict (.pth); none = random init.")
+_BACKBONE = flags.DEFINE_string("backbone", "demo", "Backbone: demo, scenes_detector, resnet or frcnn.")
+_WEIGHTS = flags.DEFINE_string("weights", None, "resnet/frcnn: torch state dict (.pth), none = random init; scenes_detector: its trained file.")
 _SHORT_SIDE = flags.DEFINE_integer("short_side", None,
                                    "Resize short side (frcnn 800, resnet 448; demo: square size, 128).")
 _LAYER = flags.DEFINE_enum("frcnn_layer", "fc7", ["fc6", "fc7"], "frcnn: which box-head layer to output.")

@@ -3,6 +3,8 @@
 Cells are row-major, cell (i, j) covering ``records.grid_boxes()[i * 8 + j]``.
 
   demo    fixed hand-made features of each cell (no weights), D = 64, for the 128-px captioned-scenes world
+  scenes_detector  a convnet trained on rendered scenes to tell what each cell holds (``scenes_detector``):
+          the captioned-scenes world's stand-in for the papers' trained detector, D = 64
   resnet  torchvision ResNet-50 C5 (layer4) average-pooled to 8x8, D = 2048, short side 448
   frcnn   torchvision Faster R-CNN R50-FPN: RoIAlign of the 64 cell boxes + box head (fc7, or fc6),
           D = the head width (1024 in torchvision, taken from the weights file if it differs), short side 800
@@ -349,8 +351,14 @@ class DemoBackbone(Backbone):
     return (self.raw_features(torch.stack(xs)) - self.offset) / self.scale
 
 
+def _scenes_detector(**kwargs) -> Backbone:
+  from bigen_jax.features import scenes_detector  # pylint: disable=g-import-not-at-top  (imports this module)
+  return scenes_detector.ScenesDetectorBackbone(**kwargs)
+
+
 BACKBONES: dict[str, Callable[..., Backbone]] = {
-    "demo": DemoBackbone, "resnet": ResNetBackbone, "frcnn": FasterRCNNBackbone}
+    "demo": DemoBackbone, "resnet": ResNetBackbone, "frcnn": FasterRCNNBackbone,
+    "scenes_detector": _scenes_detector}
 
 
 def build_backbone(name: str, *, weights: str | None = None, short_side: int | None = None,
@@ -364,6 +372,10 @@ def build_backbone(name: str, *, weights: str | None = None, short_side: int | N
     if short_side:
       kwargs["image_size"] = short_side
     return DemoBackbone(device=device, **kwargs)
+  if name == "scenes_detector":
+    if short_side:
+      kwargs["image_size"] = short_side
+    return BACKBONES[name](weights=weights, device=device, **kwargs)
   if short_side:
     kwargs["short_side"] = short_side
   return BACKBONES[name](weights=weights, seed=seed, device=device, **kwargs)
