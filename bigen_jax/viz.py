@@ -47,6 +47,61 @@ def captioned_grid(rows: Sequence[Sequence[np.ndarray]], captions: Sequence[str]
   return sheet
 
 
+Paragraph = tuple[str, tuple[int, int, int]]  # (text, RGB colour)
+
+
+def wrap_text(text: str, *, width: int, font: ImageFont.ImageFont | ImageFont.FreeTypeFont) -> list[str]:
+  """``text`` broken into lines at most ``width`` pixels wide in ``font``; nothing is dropped (a word wider
+  than a line is split across lines), so joining the lines gives back every word."""
+  lines, line = [], ""
+  for word in text.split():
+    while len(word) > 1 and font.getlength(word) > width:
+      cut = max([n for n in range(1, len(word)) if font.getlength(word[:n]) <= width], default=1)
+      lines += [line, word[:cut]] if line else [word[:cut]]
+      line, word = "", word[cut:]
+    candidate = f"{line} {word}" if line else word
+    if line and font.getlength(candidate) > width:
+      lines.append(line)
+      candidate = word
+    line = candidate
+  return lines + [line] if line else lines
+
+
+def text_block(paragraphs: Sequence[Paragraph], *, width: int, font_size: int = 12, pad: int = 4
+               ) -> Image.Image:
+  """Paragraphs (text, colour) wrapped to ``width`` pixels and stacked, as an RGB image ``width`` wide and
+  as tall as its lines need (``pad`` + lines x line height + ``pad``): no text is ever cut off."""
+  font = ImageFont.load_default(size=font_size)
+  line_h = sum(font.getmetrics())
+  lines = [(line, colour) for text, colour in paragraphs
+           for line in wrap_text(text, width=width - 2 * pad, font=font)]
+  block = Image.new("RGB", (width, 2 * pad + line_h * len(lines)), (255, 255, 255))
+  draw = ImageDraw.Draw(block)
+  for n, (line, colour) in enumerate(lines):
+    draw.text((pad, pad + n * line_h), line, fill=tuple(colour), font=font)
+  return block
+
+
+def caption_cards(images: Sequence[np.ndarray], paragraphs: Sequence[Sequence[Paragraph]], *, tile: int = 192,
+                  columns: int = 4, gap: int = 8, font_size: int = 12) -> Image.Image:
+  """Cards of image i ([h, w, 3] uint8, drawn ``tile`` x ``tile``) above its ``text_block`` of
+  ``paragraphs[i]``, ``columns`` cards a row; each row is as tall as its tallest card."""
+  blocks = [text_block(p, width=tile, font_size=font_size) for p in paragraphs]
+  rows = [range(start, min(start + columns, len(images))) for start in range(0, len(images), columns)]
+  heights = [tile + max(blocks[i].height for i in row) for row in rows]
+  ncols = min(columns, len(images))
+  sheet = Image.new("RGB", (ncols * tile + (ncols - 1) * gap, sum(heights) + gap * (len(rows) - 1)),
+                    (255, 255, 255))
+  y = 0
+  for row, height in zip(rows, heights):
+    for c, i in enumerate(row):
+      x = c * (tile + gap)
+      sheet.paste(Image.fromarray(np.asarray(images[i], np.uint8)).resize((tile, tile), Image.NEAREST), (x, y))
+      sheet.paste(blocks[i], (x, y + tile))
+    y += height + gap
+  return sheet
+
+
 def side_by_side(sheets: Sequence[Image.Image], gap: int = 8) -> Image.Image:
   """Places PIL images left to right (the blocks of a contact sheet)."""
   width = sum(s.width for s in sheets) + gap * (len(sheets) - 1)

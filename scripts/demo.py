@@ -161,13 +161,18 @@ def train_stage1(out, steps):
   return state, train.resolve_config(config)[0], rows
 
 
-def caption_sheet(state, config, tok, path, n=8):
-  """Greedy captions of validation images next to a reference caption, as a PNG grid; returns the texts."""
+def caption_sheet(state, config, tok, path, n=12):
+  """Greedy captions of ``n`` validation images as a PNG of cards: each image over its whole generated caption,
+  its first reference caption and whether the claim checker finds the generated caption true of the image's
+  scene graph. Returns (generated, reference, true or None off the scenes world) per image."""
   import io  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
   from bigen_jax import viz  # pylint: disable=g-import-not-at-top
   from bigen_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  from bigen_jax.data import records  # pylint: disable=g-import-not-at-top
+  from bigen_jax.data import scenes_grammar  # pylint: disable=g-import-not-at-top
+  from bigen_jax.data import scenes_tfds  # pylint: disable=g-import-not-at-top
   from bigen_jax.models import lxmert  # pylint: disable=g-import-not-at-top
   from bigen_jax.sampling import captions  # pylint: disable=g-import-not-at-top
   batch = next(input_pipeline.create_iterator(
@@ -179,15 +184,18 @@ def caption_sheet(state, config, tok, path, n=8):
       tokens=captions.Tokens.from_tokenizer(tok, banned=(tok.unk_id,))))
   ids = jax.device_get(decode(jax.device_get(state.params), batch["dense"].astype(np.float32), batch["boxes"]))
   generated = tok.decode(ids)
-  rows, texts = [], []
-  for i in range(n):
-    rows.append([np.asarray(Image.open(io.BytesIO(batch["image"][i])).convert("RGB"))])
-    texts.append(f"model: {generated[i]} || reference: {batch['captions'][i][0].decode()}")
-  half = (n + 1) // 2
-  sheet = viz.side_by_side([viz.captioned_grid(rows[:half], texts[:half], tile=192, wrap=30),
-                            viz.captioned_grid(rows[half:], texts[half:], tile=192, wrap=30)])
-  viz.save_png(sheet, path)
-  return list(zip(generated, [c[0].decode() for c in batch["captions"]]))
+  references = [c[0].decode() for c in batch["captions"]]
+  source = records.read_manifest(config.data.records_dir).get("source", {})
+  graphs = scenes_tfds.scene_graphs(source, "validation", batch["index"])
+  truths = ([None] * n if graphs is None
+            else [scenes_grammar.check_caption(c, g) for c, g in zip(generated, graphs)])
+  verdicts = {True: ("claim check: TRUE", (0, 140, 0)), False: ("claim check: FALSE", (200, 0, 0)),
+              None: ("claim check: n/a (no scene graph)", (120, 120, 120))}
+  images = [np.asarray(Image.open(io.BytesIO(batch["image"][i])).convert("RGB")) for i in range(n)]
+  texts = [[(f"model: {g}", (0, 0, 0)), (f"reference: {r}", (70, 70, 160)), verdicts[t]]
+           for g, r, t in zip(generated, references, truths)]
+  viz.save_png(viz.caption_cards(images, texts, tile=192, columns=4), path)
+  return list(zip(generated, references, truths))
 
 
 def write_summary(out, summary):
@@ -252,8 +260,8 @@ def main(argv):
     pairs = caption_sheet(state, config, tok, os.path.join(out, "captions.png"))
   summary["loss curves"] = os.path.relpath(curves)
   summary["greedy captions"] = os.path.relpath(os.path.join(out, "captions.png"))
-  for i, (generated, reference) in enumerate(pairs[:4]):
-    summary[f"caption {i}: model || reference"] = f"{generated} || {reference}"
+  for i, (generated, reference, true) in enumerate(pairs[:4]):
+    summary[f"caption {i}: model || reference (true of the scene)"] = f"{generated} || {reference} ({true})"
   with timer.stage("9 recogniser"):
     from bigen_jax.eval import scene_recognizer  # pylint: disable=g-import-not-at-top
     _, report = scene_recognizer.load_or_train(os.path.join(out, "scene_recognizer"))

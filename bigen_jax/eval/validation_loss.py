@@ -1,18 +1,30 @@
 """Held-out loss and accuracy of every training task, without dropout, on a fixed set of batches.
 
 The batches (captions sampled, cells masked) depend only on ``config.seed``, so numbers are comparable from
-one evaluation to the next.
+one evaluation to the next. Each task's loss is also measured with every caption paired with another image
+of its batch (``roll_images``, same rng): ``gap`` = shuffled_loss - loss is how much the task uses the pairing
+of caption and image (0 for a model that ignores the other modality).
 """
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from bigen_jax import tasks as tasks_lib
 from bigen_jax.data import input_pipeline
 
+VISUAL_FIELDS = ("dense", "cluster_ids")
+
+
+def roll_images(batch: dict[str, jax.Array], *, shift: int = 1) -> dict[str, jax.Array]:
+  """``batch`` with the visual side (dense [B, 64, D], cluster_ids [B, 64]) rolled by ``shift`` along the
+  batch axis: caption i meets image i - shift. Text and boxes (the same grid for every image) are kept."""
+  return {k: jnp.roll(v, shift, axis=0) if k in VISUAL_FIELDS else v for k, v in batch.items()}
+
 
 class Evaluator:
-  """``validation_loss/<task>/{loss,accuracy}`` over ``config.eval.num_batches`` batches of the eval split."""
+  """``validation_loss/<task>/{loss,accuracy,shuffled_loss,gap}`` over ``config.eval.num_batches`` batches
+  of the eval split."""
 
   def __init__(self, ctx):
     self.ctx = ctx
@@ -30,8 +42,12 @@ class Evaluator:
     loss_fn, cfg = tasks_lib.get_task(task), self.ctx.task_cfgs[task]
 
     def evaluate(params, batch, rng, frozen):
-      _, metrics = loss_fn(params, batch, rng, model=self.ctx.model, cfg=cfg, frozen=frozen, deterministic=True)
-      return metrics
+      def metrics(b):
+        return loss_fn(params, b, rng, model=self.ctx.model, cfg=cfg, frozen=frozen, deterministic=True)[1]
+
+      true = metrics(batch)
+      return {"loss": true["loss"], "accuracy": true["accuracy"],
+              "shuffled_loss": metrics(roll_images(batch))["loss"]}
 
     return evaluate
 
@@ -40,8 +56,9 @@ class Evaluator:
     out = {}
     for task in self.tasks:
       rng = jax.random.key(self.ctx.config.seed)
-      metrics = [self.losses[task](params, b, jax.random.fold_in(rng, i), self.ctx.frozen)
-                 for i, b in enumerate(self.batches)]
-      for key in ("loss", "accuracy"):
-        out[f"validation_loss/{task}/{key}"] = float(np.mean([m[key] for m in jax.device_get(metrics)]))
+      metrics = jax.device_get([self.losses[task](params, b, jax.random.fold_in(rng, i), self.ctx.frozen)
+                                for i, b in enumerate(self.batches)])
+      means = {key: float(np.mean([m[key] for m in metrics])) for key in ("loss", "accuracy", "shuffled_loss")}
+      means["gap"] = means["shuffled_loss"] - means["loss"]
+      out.update({f"validation_loss/{task}/{key}": value for key, value in means.items()})
     return out
