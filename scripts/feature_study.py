@@ -29,6 +29,8 @@ _BACKBONE = flags.DEFINE_enum("backbone", "scenes_detector", ["demo", "scenes_de
 _K = flags.DEFINE_list("k", ["256", "512", "1024", "2048"], "Cluster counts to compare.")
 _SPLIT = flags.DEFINE_string("split", "validation", "Split scored (tune on validation only).")
 _SCENES = flags.DEFINE_string("scenes_config", "demo", "Captioned-scenes config of the world.")
+_DECODERS = flags.DEFINE_list("decoders", ["preview", "scene"], "Token decoders to score: preview (patches of "
+                              "training cells), scene (the detector's heads + the world's renderer).")
 
 
 def main(argv):
@@ -36,7 +38,7 @@ def main(argv):
   from bigen_jax.data import records, scenes, scenes_tfds, tokenizer, vocab  # pylint: disable=g-import-not-at-top
   from bigen_jax.eval import scene_recognizer  # pylint: disable=g-import-not-at-top
   from bigen_jax.features import backbones, extract, scenes_detector  # pylint: disable=g-import-not-at-top
-  from bigen_jax.sampling import preview  # pylint: disable=g-import-not-at-top
+  from bigen_jax.sampling import preview, scene_decoder  # pylint: disable=g-import-not-at-top
   out = os.path.abspath(_OUT.value)
   study = os.path.join(out, "study")
   records_dir = os.path.join(study, f"records_{_BACKBONE.value}")
@@ -71,23 +73,29 @@ def main(argv):
                         splits=("train", _SPLIT.value))
     v = vocab.load_vocab(vocab_dir, records_dir=records_dir)
     ids, _ = vocab.assign(dense.reshape(-1, dense.shape[-1]), v.codebook)
-    table = preview.load_or_build_patch_table(v, records_dir)
-    drawn = preview.render_preview(ids.reshape(len(dense), -1), table)
-    probs = scene_recognizer.predict(recognizer, drawn)
-    semantic = scene_recognizer.semantic_accuracy(probs, first_captions)
     with open(os.path.join(vocab_dir, "vocab.json")) as f:
       meta = json.load(f)
-    row = {"backbone": _BACKBONE.value, "k": k,
-           "relative_error_train": meta["splits"]["train"]["relative_error"],
-           f"relative_error_{_SPLIT.value}": meta["splits"][_SPLIT.value]["relative_error"],
-           "clusters_used": meta["splits"]["train"]["used_clusters"],
-           "reference_semantic_accuracy": float(semantic["accuracy"]),
-           **{f"reference_{k2}": float(v2) for k2, v2 in semantic.items() if k2 != "accuracy"},
-           "seconds": round(time.time() - t, 1)}
-    rows.append(row)
-    print(json.dumps(row), flush=True)
+    for decoder in _DECODERS.value:
+      if decoder == "preview":
+        drawn = preview.render_preview(ids.reshape(len(dense), -1), preview.load_or_build_patch_table(v, records_dir))
+      elif decoder == "scene" and weights:
+        attrs = scene_decoder.cluster_attributes(v.codebook, scene_decoder.load_heads(weights + scene_decoder.HEADS_SUFFIX))
+        drawn = scene_decoder.render_scenes(ids.reshape(len(dense), -1), attrs)
+      else:
+        continue
+      probs = scene_recognizer.predict(recognizer, drawn)
+      semantic = scene_recognizer.semantic_accuracy(probs, first_captions)
+      row = {"backbone": _BACKBONE.value, "k": k, "decoder": decoder,
+             "relative_error_train": meta["splits"]["train"]["relative_error"],
+             f"relative_error_{_SPLIT.value}": meta["splits"][_SPLIT.value]["relative_error"],
+             "clusters_used": meta["splits"]["train"]["used_clusters"],
+             "reference_semantic_accuracy": float(semantic["accuracy"]),
+             **{f"reference_{k2}": float(v2) for k2, v2 in semantic.items() if k2 != "accuracy"},
+             "seconds": round(time.time() - t, 1)}
+      rows.append(row)
+      print(json.dumps(row), flush=True)
   records.write_json_atomic(os.path.join(study, f"features_{_BACKBONE.value}.json"), rows)
-  keys = ["k", "relative_error_train", f"relative_error_{_SPLIT.value}", "clusters_used",
+  keys = ["k", "decoder", "relative_error_train", f"relative_error_{_SPLIT.value}", "clusters_used",
           "reference_semantic_accuracy"]
   lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
   lines += ["| " + " | ".join(f"{r[key]:.4f}" if isinstance(r[key], float) else str(r[key]) for key in keys) + " |"

@@ -80,10 +80,11 @@ def test_interrupted_training_resumes_exactly(trained, tmp_path):
   _, path, _ = trained
   part_path, part = D.load_or_train(str(tmp_path), stop_at=2, **TINY)
   assert part_path == "" and not part["complete"]
-  assert os.path.exists(tmp_path / "detector_training.pt")
+  checkpoint = D.detector_path(str(tmp_path), **TINY) + D.TRAINING_SUFFIX
+  assert os.path.exists(checkpoint)
   resumed_path, report = D.load_or_train(str(tmp_path), **TINY)
   assert report["resumed_from"] == 2 and report["complete"]
-  assert not os.path.exists(tmp_path / "detector_training.pt")
+  assert not os.path.exists(checkpoint)
   _same_weights(D.load_detector(path)[0], D.load_detector(resumed_path)[0])
 
 

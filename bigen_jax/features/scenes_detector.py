@@ -36,6 +36,7 @@ from bigen_jax.data import scenes
 from bigen_jax.data import scenes_render
 from bigen_jax.data.scenes_vocab import BACKGROUNDS, COLOURS, SHAPES, SIZES
 from bigen_jax.features import backbones
+from bigen_jax.sampling import scene_decoder
 
 IMAGE_SIZE = 128
 GRID = records.GRID
@@ -49,6 +50,7 @@ OBJECT_HEADS = ("shape", "colour", "size")  # read on object cells only
 # Per-cell regression heads: name, width.
 REGRESSION_HEADS = (("coverage", 1), ("centre", 2), ("radius", 1), ("background_rgb", 3))
 CENTRE_RANGE = 3.0  # centre offsets are clipped to +-3 cells, then divided by this
+TRAINING_SUFFIX = ".training.pt"  # the checkpoint of an unfinished training, beside the final file
 
 
 # ----------------------------------------------------------------------------------------------- targets
@@ -175,14 +177,14 @@ def accuracy(net: SceneDetectorNet, images: np.ndarray, targets: Mapping[str, np
   return report
 
 
-def train_detector(directory: str | None = None, *, steps: int = 600, seed: int = 1, batch_size: int = 32,
+def train_detector(checkpoint: str | None = None, *, steps: int = 600, seed: int = 1, batch_size: int = 32,
                    learning_rate: float = 3e-3, num_train_scenes: int = 2048, width: int = 32,
                    feature_dim: int = 64, eval_scenes: int = 256, checkpoint_every: int = 100,
                    stop_at: int = 0, log_every: int = 100) -> tuple[SceneDetectorNet, dict[str, Any]]:
   """Trains the detector from scratch (deterministic given the arguments); returns (net, report).
 
-  With ``directory``, a checkpoint (weights, Adam state, step) is written there every ``checkpoint_every``
-  steps and an interrupted training resumes from it exactly. ``stop_at`` > 0 stops after that step (a test
+  With ``checkpoint`` (a file path), the weights, Adam state and step are written there every
+  ``checkpoint_every`` steps and an interrupted training resumes from it exactly. ``stop_at`` > 0 stops after that step (a test
   of the resume); the report then has ``"complete": False``.
   """
   t0 = time.time()
@@ -192,7 +194,7 @@ def train_detector(directory: str | None = None, *, steps: int = 600, seed: int 
   opt = torch.optim.AdamW(net.parameters(), lr=learning_rate, weight_decay=1e-4)
   sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=learning_rate, total_steps=steps, pct_start=0.1)
   start, history = 0, []
-  ckpt_path = os.path.join(directory, "detector_training.pt") if directory else None
+  ckpt_path = checkpoint
   if ckpt_path and os.path.exists(ckpt_path):
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     net.load_state_dict(ckpt["net"])
@@ -216,7 +218,7 @@ def train_detector(directory: str | None = None, *, steps: int = 600, seed: int 
     opt.step()
     sched.step()
     if log_every and (step % log_every == 0 or step == steps - 1):
-      history.append({"step": step, "loss": float(loss), **parts})
+      history.append({"step": step, "loss": float(loss.detach()), **parts})
     if ckpt_path and ((step + 1) % checkpoint_every == 0 or step + 1 == end):
       _save_atomic({"net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                     "step": step + 1, "history": history}, ckpt_path)
@@ -239,9 +241,21 @@ def _save_atomic(obj: Any, path: str) -> None:
 
 
 def save_detector(path: str, net: SceneDetectorNet, report: Mapping[str, Any]) -> None:
-  """One file: the state dict plus the architecture and the training report (atomic write)."""
+  """One file: the state dict plus the architecture and the training report (atomic write); and beside it
+  ``<path>.heads.npz``, the linear heads as numpy, which ``sampling.scene_decoder`` reads (no torch)."""
   _save_atomic({"state_dict": net.state_dict(), "width": net.width,
                 "feature_dim": net.feature_dim, "report": json.dumps(dict(report))}, path)
+  save_heads(path + scene_decoder.HEADS_SUFFIX, net)
+
+
+def save_heads(path: str, net: SceneDetectorNet) -> None:
+  """The heads on fc6 (weight [O, D], bias [O]), their names and widths and the targets' scales, as .npz."""
+  names = [n for n, _ in CLASS_HEADS] + [n for n, _ in REGRESSION_HEADS]
+  tmp = f"{path}.tmp{os.getpid()}.npz"
+  np.savez(tmp, weight=net.heads.weight.detach().numpy(), bias=net.heads.bias.detach().numpy(),
+           names=np.array(names), widths=np.array(net.widths), cell=np.float32(CELL),
+           centre_range=np.float32(CENTRE_RANGE))
+  os.replace(tmp, path)
 
 
 def load_detector(path: str) -> tuple[SceneDetectorNet, dict[str, Any]]:
@@ -262,22 +276,23 @@ def detector_path(directory: str, **train_kwargs) -> str:
   """Where ``load_or_train`` keeps the detector trained with these arguments (defaults filled in)."""
   args = inspect.signature(train_detector).bind(None, **train_kwargs)
   args.apply_defaults()
-  skip = ("directory", "eval_scenes", "checkpoint_every", "stop_at", "log_every")
+  skip = ("checkpoint", "eval_scenes", "checkpoint_every", "stop_at", "log_every")
   key = "_".join(f"{k}{v}" for k, v in sorted(args.arguments.items()) if k not in skip)
   return os.path.join(directory, f"scenes_detector_{key}.pt")
 
 
 def load_or_train(directory: str, **train_kwargs) -> tuple[str, dict[str, Any]]:
   """(path, report) of the cached detector for these arguments, trained on first use (an interrupted
-  training resumes from ``directory/detector_training.pt``)."""
+  training resumes from ``<path>.training.pt``); path is "" while the training is incomplete (``stop_at``)."""
   path = detector_path(directory, **train_kwargs)
   if os.path.exists(path):
     return path, load_detector(path)[1]
-  net, report = train_detector(directory, **train_kwargs)
+  checkpoint = path + TRAINING_SUFFIX
+  net, report = train_detector(checkpoint, **train_kwargs)
   if not report["complete"]:
     return "", report
   save_detector(path, net, report)
-  os.remove(os.path.join(directory, "detector_training.pt"))
+  os.remove(checkpoint)
   return path, report
 
 

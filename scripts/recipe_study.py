@@ -1,0 +1,130 @@
+r"""Which lever moves which number: trains named variants of ``configs/demo.py`` on the demo's data and
+evaluates each with the same evaluators (validation loss gap, captioning, generation).
+
+  python scripts/recipe_study.py --out demo_out --variants paper,cosine_mask,joint --steps 1000
+  python scripts/recipe_study.py --out demo_out --list
+
+Each variant trains in ``OUT/study/recipe/<name>`` (resumable: a finished row is read back, an interrupted
+one resumes from its checkpoint) and the table is rewritten after every row:
+``OUT/study/recipe.{md,json}``. Variants are overrides of the demo config (``VARIANTS`` below); the data
+(records, vocabulary) are those ``make demo`` wrote, or ``--records`` / ``--vocab``.
+"""
+
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags  # pylint: disable=g-import-not-at-top
+from absl import logging  # pylint: disable=g-import-not-at-top
+
+_OUT = flags.DEFINE_string("out", "demo_out", "The demo's output directory.")
+_RECORDS = flags.DEFINE_string("records", "", "Records directory (default OUT/records).")
+_VOCAB = flags.DEFINE_string("vocab", "", "Vocabulary directory (default OUT/vocab).")
+_VARIANTS = flags.DEFINE_list("variants", [], "Variant names, in order (see --list).")
+_STEPS = flags.DEFINE_integer("steps", 0, "Training steps of every variant (0: the config's).")
+_LIST = flags.DEFINE_bool("list", False, "Print the variants and exit.")
+_TAG = flags.DEFINE_string("tag", "recipe", "Name of the table (OUT/study/<tag>.md) and of its run folder.")
+
+# name -> (what it changes, overrides of configs/demo.py as dotted keys).
+PAPER = {"task_schedule": "cycle", "tasks.t2i.mask_schedule": "count", "tasks.t2i.caption_dropout": 0.0,
+         "tasks.itm.weight": 0, "optimizer.lr": 5e-4}
+VARIANTS = {
+    "paper": ("the paper's stage-1 recipe: strict I2T/T2I alternation, U{6..64} masked cells", PAPER),
+    "cosine_mask": ("T2I masks drawn MaskGIT-style (cos schedule: mostly near-full masks)",
+                    {**PAPER, "tasks.t2i.mask_schedule": "cosine"}),
+    "joint": ("both tasks in every step (summed losses), one Adam state for the sum",
+              {**PAPER, "task_schedule": "joint"}),
+    "joint_cosine": ("joint steps + cosine masks", {**PAPER, "task_schedule": "joint",
+                                                    "tasks.t2i.mask_schedule": "cosine"}),
+    "joint_cosine_itm": ("joint steps + cosine masks + image-text matching",
+                         {**PAPER, "task_schedule": "joint", "tasks.t2i.mask_schedule": "cosine",
+                          "tasks.itm.weight": 1}),
+    "joint_cosine_lr1e-3": ("joint steps + cosine masks, lr 1e-3",
+                            {**PAPER, "task_schedule": "joint", "tasks.t2i.mask_schedule": "cosine",
+                             "optimizer.lr": 1e-3}),
+    "demo": ("configs/demo.py as it is", {}),
+}
+KEYS = ("validation_loss/i2t/loss", "validation_loss/i2t/gap", "validation_loss/t2i/loss", "validation_loss/t2i/gap",
+        "captioning/CIDEr-D", "captioning/semantic/accuracy", "captioning/distinct_captions",
+        "generation/semantic/accuracy", "generation/r_precision_easy", "generation/r_precision_hard",
+        "generation/reference/semantic/accuracy")
+
+
+def variant_config(name: str, out: str, steps: int):
+  """configs/demo.py with the variant's overrides, pointed at the demo's data."""
+  from configs import demo as demo_configs  # pylint: disable=g-import-not-at-top
+  if name not in VARIANTS:
+    raise app.UsageError(f"unknown variant {name!r}; known: {sorted(VARIANTS)}")
+  config = demo_configs.get_config("demo")
+  config.data.records_dir = _RECORDS.value or os.path.join(out, "records")
+  config.data.vocab_dir = _VOCAB.value or os.path.join(out, "vocab")
+  config.data.tokenizer = os.path.join(out, "tokenizer", "vocab.txt")
+  config.eval.generation.recognizer_dir = os.path.join(out, "scene_recognizer")
+  config.eval.every = 0
+  if steps:
+    config.total_steps = steps
+  for key, value in VARIANTS[name][1].items():
+    node = config
+    *path, leaf = key.split(".")
+    for part in path:
+      node = node[part]
+    node[leaf] = value
+  return config
+
+
+def write_table(path: str, rows: list[dict]) -> None:
+  from bigen_jax.data import records  # pylint: disable=g-import-not-at-top
+  records.write_json_atomic(path + ".json", rows)
+  short = [k.replace("validation_loss/", "val ").replace("captioning/", "I2T ").replace("generation/", "T2I ")
+           for k in KEYS]
+  lines = ["| variant | what | steps | minutes | " + " | ".join(short) + " |", "|---" * (len(KEYS) + 4) + "|"]
+  for r in rows:
+    cells = [f"{r[k]:.3f}" if isinstance(r.get(k), float) else "-" for k in KEYS]
+    lines.append(f"| {r['variant']} | {r['what']} | {r['steps']} | {r['minutes']:.1f} | " + " | ".join(cells) + " |")
+  with open(path + ".md", "w") as f:
+    f.write("\n".join(lines) + "\n")
+  print("\n".join(lines), flush=True)
+
+
+def main(argv):
+  del argv
+  if _LIST.value:
+    for name, (what, overrides) in VARIANTS.items():
+      print(f"{name:24s} {what}\n{'':24s} {overrides}")
+    return
+  logging.set_verbosity(logging.WARNING)
+  from bigen_jax import evaluate, train  # pylint: disable=g-import-not-at-top
+  out = os.path.abspath(_OUT.value)
+  table = os.path.join(out, "study", _TAG.value)
+  rows = []
+  for name in _VARIANTS.value:
+    workdir = os.path.join(out, "study", _TAG.value, name)
+    done = os.path.join(workdir, "row.json")
+    if os.path.exists(done):
+      with open(done) as f:
+        rows.append(json.load(f))
+      continue
+    config = variant_config(name, out, _STEPS.value)
+    print(f"[recipe] {name}: {VARIANTS[name][0]}", flush=True)
+    t = time.time()
+    state = train.train_and_evaluate(config, workdir)
+    results, step = evaluate.evaluate(config, workdir, evaluators=["validation_loss", "captioning", "generation"])
+    row = {"variant": name, "what": VARIANTS[name][0], "steps": int(state.step), "minutes": (time.time() - t) / 60,
+           **{k: float(v) for k, v in results.items()}}
+    from bigen_jax.data import records  # pylint: disable=g-import-not-at-top
+    records.write_json_atomic(done, row)
+    rows.append(row)
+    write_table(table, rows)
+  write_table(table, rows)
+
+
+if __name__ == "__main__":
+  app.run(main)
