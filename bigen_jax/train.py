@@ -94,14 +94,21 @@ def resolve_config(config: ml_collections.ConfigDict):
   return config, tok, vocab
 
 
-def task_cycle(task_configs: ml_collections.ConfigDict) -> list[str]:
-  """The repeating schedule: ``weight`` consecutive steps of each task, in config order."""
-  cycle = [name for name, cfg in task_configs.items() for _ in range(int(cfg.weight))]
-  if not cycle:
-    raise ValueError("config.tasks gives every task weight 0: nothing to train")
+JOINT = "joint"
+
+
+def task_cycle(task_configs: ml_collections.ConfigDict, schedule: str = "cycle") -> list[str]:
+  """The repeating schedule of step kinds. ``schedule`` "cycle" (the paper): ``weight`` consecutive steps of
+  each task, in config order; "joint": every step is ``JOINT``, the weighted sum of all tasks' losses."""
   for name in task_configs:
     tasks_lib.get_task(name)
-  return cycle
+  if not any(cfg.weight > 0 for cfg in task_configs.values()):
+    raise ValueError("config.tasks gives every task weight 0: nothing to train")
+  if schedule == "joint":
+    return [JOINT]
+  if schedule != "cycle":
+    raise ValueError(f"--config.task_schedule={schedule!r}: expected 'cycle' or 'joint'")
+  return [name for name, cfg in task_configs.items() for _ in range(int(cfg.weight))]
 
 
 def _task_cfgs(config, tok) -> dict[str, ml_collections.ConfigDict]:
@@ -164,15 +171,36 @@ def create_state(ctx: Context, tx: optax.GradientTransformation, codebook: np.nd
   return abstract, shardings, jax.jit(init, out_shardings=shardings)
 
 
+def _objective(ctx: Context, task: str):
+  """``(params, batch, rng, frozen) -> (loss, metrics)`` of one step kind: a task of the registry, or
+  ``JOINT``: sum over tasks of weight * loss (each task its own rng), metrics named ``<task>/<metric>``."""
+  if task != JOINT:
+    loss_fn, cfg = tasks_lib.get_task(task), ctx.task_cfgs[task]
+    return lambda params, batch, rng, frozen: loss_fn(params, batch, rng, model=ctx.model, cfg=cfg,
+                                                       frozen=frozen)
+  weights = {name: float(cfg.weight) for name, cfg in ctx.config.tasks.items() if cfg.weight > 0}
+
+  def joint(params, batch, rng, frozen):
+    total, metrics = 0.0, {}
+    for i, (name, weight) in enumerate(weights.items()):
+      loss, task_metrics = tasks_lib.get_task(name)(params, batch, jax.random.fold_in(rng, i), model=ctx.model,
+                                                    cfg=ctx.task_cfgs[name], frozen=frozen)
+      total = total + weight * loss
+      metrics.update({f"{name}/{k}": v for k, v in task_metrics.items()})
+    return total, metrics
+
+  return joint
+
+
 def make_train_step(ctx: Context, task: str, tx: optax.GradientTransformation, schedule, shardings):
   """One jitted update for ``task``: (state, batch, frozen) -> (state, metrics). Donates the old state."""
-  loss_fn, cfg = tasks_lib.get_task(task), ctx.task_cfgs[task]
+  objective_fn = _objective(ctx, task)
 
   def step(state: TrainState, batch, frozen):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
     def objective(params):
-      return loss_fn(params, batch, rng, model=ctx.model, cfg=cfg, frozen=frozen)
+      return objective_fn(params, batch, rng, frozen)
 
     (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -191,7 +219,11 @@ def model_flops_per_example(config: ml_collections.ConfigDict, cycle: list[str])
   per_task = {"i2t": flops.train_flops(config.model) + 3 * 2 * config.model.hidden_size * (
       config.model.hidden_size + config.model.vocab_size),
               "t2i": flops.train_flops(config.model, image_logits=True)}
-  return float(np.mean([per_task.get(task, flops.train_flops(config.model)) for task in cycle]))
+  def one(task):
+    return per_task.get(task, flops.train_flops(config.model))
+  if cycle == [JOINT]:
+    return float(sum(one(name) for name, cfg in config.tasks.items() if cfg.weight > 0))
+  return float(np.mean([one(task) for task in cycle]))
 
 
 class _History:
@@ -222,7 +254,7 @@ def _summarise(pending: list[tuple[int, str, dict]], last_good: int | None, work
       raise FloatingPointError(f"non-finite {task} loss ({metrics['loss']}) at step {step + 1}; last good "
                                f"checkpoint: {where}")
     for key, value in metrics.items():
-      name = key if key == "lr" else f"{task}/{key}"
+      name = key if key == "lr" or (task == JOINT and "/" in key) else f"{task}/{key}"
       sums[name] = sums.get(name, 0.0) + float(value)
       counts[name] = counts.get(name, 0) + 1
   return {k: sums[k] / counts[k] for k in sums}
@@ -247,7 +279,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   """Trains ``config.total_steps`` steps (resuming from ``workdir``); returns the final train state."""
   ctx = build_context(config, workdir)
   config, mesh, rules, frozen = ctx.config, ctx.mesh, ctx.rules, ctx.frozen
-  cycle = task_cycle(config.tasks)
+  cycle = task_cycle(config.tasks, config.get("task_schedule", "cycle"))
   tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
 
   # The state is placed by ``out_shardings``; activations are constrained only inside the mesh context below.

@@ -30,11 +30,16 @@ def get_config(model: str = "paper") -> ml_collections.ConfigDict:
   config.init_from = ""  # params of tools/convert_lxmert.py (orbax dir or .npz)
   config.init_image_head_from_codebook = True
 
-  # One task per step; the cycle repeats ``weight`` steps of each task in this order (strict alternation).
+  # task_schedule "cycle" (the paper): one task per step, the cycle repeats ``weight`` steps of each task in
+  # this order (strict alternation); "joint": every step minimises the sum over tasks of weight * loss.
+  config.task_schedule = "cycle"
   config.tasks = ml_collections.ConfigDict(dict(
       i2t=dict(weight=1, label_smoothing=0.2, visual_input="dense"),
       t2i=dict(weight=1, label_smoothing=0.0, visual_input="discrete", mask_schedule="count",
-               min_masked=6, max_masked=64),
+               min_masked=6, max_masked=64,
+               caption_dropout=0.0),  # P(caption -> null caption [CLS] [SEP]): trains classifier-free guidance
+      # Image-text matching (X-LXMERT's objective) as an auxiliary task: off (weight 0) in the paper's stage 1.
+      itm=dict(weight=0, visual_input="dense", mismatch_rate=0.5),
   ))
 
   config.optimizer = ml_collections.ConfigDict(dict(
@@ -52,9 +57,14 @@ def get_config(model: str = "paper") -> ml_collections.ConfigDict:
   # Generation evaluators (bigen_jax/eval/captioning.py, generation.py); batch sizes divide the devices.
   config.eval.captioning = ml_collections.ConfigDict(dict(
       decoder="greedy", beam_size=3, num_examples=0, batch_size=64, spice=True))
+  # generation: the main decoder (sampling/image_tokens.py: order, num_steps, temperature, schedule,
+  # choice_temperature, guidance), and ``variants``, name -> overrides of those fields, each decoded and scored
+  # beside it (generation/<name>/...), e.g. {"sampling": {"order": "maskgit", "temperature": 1.0}}.
   config.eval.generation = ml_collections.ConfigDict(dict(
-      order="mask_predict", num_steps=4, temperature=0.0, num_examples=0, batch_size=64, recognizer_dir="",
-      inception_weights="", r_precision_negatives=99, grid_images=8))
+      order="mask_predict", num_steps=4, temperature=0.0, schedule="linear", choice_temperature=0.0,
+      guidance=0.0, variants={}, num_examples=0, batch_size=64, recognizer_dir="", inception_weights="",
+      r_precision_negatives=99, grid_images=8,
+      scene_decoder_heads=""))  # captioned scenes: draw tokens with sampling/scene_decoder.py (<detector>.heads.npz)
   config.peak_flops_per_device = 0.0  # for the MFU estimate; 0: not reported (e.g. 989e12 for H100 bf16)
   config.distributed = ml_collections.ConfigDict(dict(
       num_processes=1, process_id=0, coordinator_address="", cpu_collectives="", auto=False))

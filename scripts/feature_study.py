@@ -29,6 +29,8 @@ _BACKBONE = flags.DEFINE_enum("backbone", "scenes_detector", ["demo", "scenes_de
 _K = flags.DEFINE_list("k", ["256", "512", "1024", "2048"], "Cluster counts to compare.")
 _SPLIT = flags.DEFINE_string("split", "validation", "Split scored (tune on validation only).")
 _SCENES = flags.DEFINE_string("scenes_config", "demo", "Captioned-scenes config of the world.")
+_LAYER = flags.DEFINE_enum("layer", "fc6", ["fc6", "predictions"], "scenes_detector: which layer's features.")
+_DETECTOR_STEPS = flags.DEFINE_integer("detector_steps", 0, "scenes_detector: training steps (0: the default).")
 _DECODERS = flags.DEFINE_list("decoders", ["preview", "scene"], "Token decoders to score: preview (patches of "
                               "training cells), scene (the detector's heads + the world's renderer).")
 
@@ -41,14 +43,18 @@ def main(argv):
   from bigen_jax.sampling import preview, scene_decoder  # pylint: disable=g-import-not-at-top
   out = os.path.abspath(_OUT.value)
   study = os.path.join(out, "study")
-  records_dir = os.path.join(study, f"records_{_BACKBONE.value}")
+  name = _BACKBONE.value + (f"{_DETECTOR_STEPS.value}" if _DETECTOR_STEPS.value else "") + (
+      "_predictions" if _LAYER.value == "predictions" else "")
+  records_dir = os.path.join(study, f"records_{name}")
   tok_path = os.path.join(out, "tokenizer", "vocab.txt")
   tok = tokenizer.load_tokenizer(tok_path)
   weights = None
   if _BACKBONE.value == "scenes_detector":
-    weights, report = scenes_detector.load_or_train(os.path.join(out, "scenes_detector"))
+    kwargs = {"steps": _DETECTOR_STEPS.value} if _DETECTOR_STEPS.value else {}
+    weights, report = scenes_detector.load_or_train(os.path.join(out, "scenes_detector"), **kwargs)
     print("detector held-out:", report.get("heldout"), flush=True)
-  backbone = backbones.build_backbone(_BACKBONE.value, weights=weights)
+  backbone = backbones.build_backbone(_BACKBONE.value, weights=weights,
+                                      **({"layer": _LAYER.value} if weights else {}))
   data_dir = os.path.join(out, "tfds")
   builder = scenes_tfds.builder(data_dir, config=_SCENES.value)
   for split in ("train", _SPLIT.value):
@@ -67,7 +73,7 @@ def main(argv):
   rows = []
   for k in [int(x) for x in _K.value]:
     t = time.time()
-    vocab_dir = os.path.join(study, f"vocab_{_BACKBONE.value}_k{k}")
+    vocab_dir = os.path.join(study, f"vocab_{name}_k{k}")
     if not os.path.exists(os.path.join(vocab_dir, "vocab.json")):
       vocab.build_vocab(records_dir, vocab_dir, k=k, iterations=20, sample_size=64 * 2000, seed=0,
                         splits=("train", _SPLIT.value))
@@ -79,7 +85,8 @@ def main(argv):
       if decoder == "preview":
         drawn = preview.render_preview(ids.reshape(len(dense), -1), preview.load_or_build_patch_table(v, records_dir))
       elif decoder == "scene" and weights:
-        attrs = scene_decoder.cluster_attributes(v.codebook, scene_decoder.load_heads(weights + scene_decoder.HEADS_SUFFIX))
+        attrs = scene_decoder.cluster_attributes(v.codebook, scene_decoder.load_heads(weights + scene_decoder.HEADS_SUFFIX),
+                                                   layer=_LAYER.value)
         drawn = scene_decoder.render_scenes(ids.reshape(len(dense), -1), attrs)
       else:
         continue
@@ -94,13 +101,13 @@ def main(argv):
              "seconds": round(time.time() - t, 1)}
       rows.append(row)
       print(json.dumps(row), flush=True)
-  records.write_json_atomic(os.path.join(study, f"features_{_BACKBONE.value}.json"), rows)
+  records.write_json_atomic(os.path.join(study, f"features_{name}.json"), rows)
   keys = ["k", "decoder", "relative_error_train", f"relative_error_{_SPLIT.value}", "clusters_used",
           "reference_semantic_accuracy"]
   lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
   lines += ["| " + " | ".join(f"{r[key]:.4f}" if isinstance(r[key], float) else str(r[key]) for key in keys) + " |"
             for r in rows]
-  with open(os.path.join(study, f"features_{_BACKBONE.value}.md"), "w") as f:
+  with open(os.path.join(study, f"features_{name}.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
   print("\n".join(lines))
 

@@ -1,4 +1,5 @@
-"""T2I decoding: the compiled ``parallel_decode`` equals plain Python loops with the model, per order."""
+"""T2I decoding: the compiled ``parallel_decode`` equals plain Python loops with the model, per order, with
+MaskGIT sampling and classifier-free guidance."""
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 
 from bigen_jax.models import lxmert
+from bigen_jax.models import masks
 from bigen_jax.sampling import image_tokens
 from configs import model as model_config
 
@@ -97,3 +99,103 @@ def test_random_order_and_sampling_are_seeded(setup):
   assert (a != b).any() and a.min() >= 0 and a.max() < config.num_clusters
   with pytest.raises(ValueError, match="decoding order"):
     image_tokens.parallel_decode(params, jax.random.key(0), model=model, order="spiral", **inputs)
+
+
+@pytest.fixture(scope="module")
+def sharp(setup):
+  """The tiny model initialised at std 0.2: peaked cluster logits that depend on the caption (at the default
+  0.02 they are near uniform). (model, params, logits_fn): one model pass on any caption, logits [B, M, K]."""
+  config, _, _, inputs, _ = setup
+  config = config.copy_and_resolve_references()
+  config.init_std = 0.2
+  model = lxmert.build_model(config)
+  params = nn.unbox(jax.jit(lambda: lxmert.init_params(model, config, jax.random.key(0)))())
+
+  @jax.jit
+  def forward(ids, masked, text_ids, text_mask):
+    return model.apply({"params": params}, text_ids, text_mask, boxes=inputs["boxes"], cluster_ids=ids,
+                       codebook=inputs["codebook"], visual_mask=masked, image_logits=True).image_logits
+
+  def logits_fn(ids, masked, text_ids, text_mask):
+    return np.asarray(forward(jnp.asarray(ids), jnp.asarray(masked), text_ids, text_mask), np.float32)
+
+  return model, params, logits_fn
+
+
+def _null(inputs):
+  ids, mask = masks.null_captions(inputs["text_ids"], cls_id=2, sep_id=3, pad_id=0)
+  return {"null_text_ids": ids, "null_text_mask": mask}
+
+
+def _maskgit_loop(logits_fn, inputs, *, num_steps, temperature, choice_temperature, schedule, guidance=0.0):
+  """MaskGIT in plain Python with the decoder's rng use: sample every masked cell, confidence = log p +
+  annealed Gumbel noise over the still-masked cells, the least confident stay masked."""
+  order_rng, sample_rng = jax.random.split(jax.random.key(0))
+  batch, m = inputs["boxes"].shape[:2]
+  null = _null(inputs)
+  ids, masked = np.zeros((batch, m), np.int32), np.ones((batch, m), bool)
+  for t in range(num_steps):
+    logits = logits_fn(ids, masked, inputs["text_ids"], inputs["text_mask"])
+    if guidance:
+      logits = (1 + guidance) * logits - guidance * logits_fn(ids, masked, null["null_text_ids"],
+                                                              null["null_text_mask"])
+    log_p = jax.nn.log_softmax(jnp.asarray(logits), axis=-1)
+    guess = np.asarray(jax.random.categorical(jax.random.fold_in(sample_rng, t), log_p / temperature, axis=-1))
+    guess_log_p = np.take_along_axis(np.asarray(log_p), guess[..., None], axis=-1)[..., 0]
+    gumbel = np.asarray(jax.random.gumbel(jax.random.fold_in(order_rng, t), (batch, m)))
+    conf = np.where(masked, guess_log_p + choice_temperature * (1 - (t + 1) / num_steps) * gumbel, np.inf)
+    ids = np.where(masked, guess, ids)
+    count = int(image_tokens.masked_count(t, num_steps=num_steps, num_cells=m, schedule=schedule))
+    masked = np.zeros((batch, m), bool)
+    for b in range(batch):
+      masked[b, np.argsort(conf[b], kind="stable")[:count]] = True
+  return ids
+
+
+def test_cosine_schedule():
+  """MaskGIT's floor(M cos(pi/2 (t+1)/K)), at least one cell decided per pass, >= 1 masked until the last."""
+  def counts(k):
+    return [int(image_tokens.masked_count(t, num_steps=k, num_cells=64, schedule="cosine")) for t in range(k)]
+
+  assert counts(4) == [59, 45, 24, 0]
+  assert counts(8) == [62, 59, 53, 45, 35, 24, 12, 0]
+  assert counts(64) == list(range(63, -1, -1))  # floor(64 cos(pi/128 * 2)) = 63: clipped to 62
+  assert counts(80) == list(range(63, 0, -1)) + [1] * 16 + [0]
+  with pytest.raises(ValueError, match="masking schedule"):
+    image_tokens.masked_count(0, num_steps=4, num_cells=64, schedule="square")
+
+
+@pytest.mark.parametrize("schedule,num_steps", [("cosine", 8), ("linear", 4)])
+def test_maskgit_sampling_equals_reference_loop(setup, sharp, schedule, num_steps):
+  config, _, _, inputs, _ = setup
+  model, params, logits_fn = sharp
+  kw = dict(num_steps=num_steps, temperature=1.0, choice_temperature=4.5, schedule=schedule)
+  expected = _maskgit_loop(logits_fn, inputs, **kw)
+  fn = jax.jit(lambda p, r: image_tokens.parallel_decode(p, r, model=model, order="maskgit", **kw, **inputs))
+  np.testing.assert_array_equal(np.asarray(fn(params, jax.random.key(0))[0]), expected)
+  assert len(np.unique(expected)) > 1 and expected.max() < config.num_clusters
+
+
+@pytest.mark.parametrize("order", image_tokens.ORDERS)
+def test_guidance_zero_is_plain_decoding(setup, order):
+  _, model, params, inputs, _ = setup
+  kw = dict(order=order, num_steps=4, temperature=1.0, choice_temperature=2.0, schedule="cosine")
+  plain = jax.jit(lambda p, r: image_tokens.parallel_decode(p, r, model=model, **kw, **inputs))
+  guided = jax.jit(lambda p, r: image_tokens.parallel_decode(p, r, model=model, guidance=0.0, **kw, **inputs,
+                                                             **_null(inputs)))
+  for a, b in zip(plain(params, jax.random.key(5)), guided(params, jax.random.key(5))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_guidance_equals_reference_loop(setup, sharp):
+  """w = 3: every pass decodes from (1 + w) * cond - w * uncond logits (the null caption [CLS] [SEP])."""
+  inputs = setup[3]
+  model, params, logits_fn = sharp
+  kw = dict(num_steps=8, temperature=1.0, choice_temperature=4.5, schedule="cosine", guidance=3.0)
+  expected = _maskgit_loop(logits_fn, inputs, **kw)
+  fn = jax.jit(lambda p, r: image_tokens.parallel_decode(p, r, model=model, order="maskgit", **kw, **inputs,
+                                                         **_null(inputs)))
+  np.testing.assert_array_equal(np.asarray(fn(params, jax.random.key(0))[0]), expected)
+  assert (expected != _maskgit_loop(logits_fn, inputs, **{**kw, "guidance": 0.0})).mean() > 0.2
+  with pytest.raises(ValueError, match="null_text_ids"):
+    image_tokens.parallel_decode(params, jax.random.key(0), model=model, order="maskgit", **kw, **inputs)

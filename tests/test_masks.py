@@ -77,3 +77,12 @@ def test_t2i_mask_ratio_schedule():
 def test_t2i_mask_rejects_unknown_schedule():
   with pytest.raises(ValueError, match="schedule"):
     masks.t2i_mask(jax.random.key(0), batch_size=2, schedule="nope")
+
+
+def test_t2i_mask_cosine_schedule_favours_full_masks():
+  m = np.asarray(masks.t2i_mask(jax.random.key(0), batch_size=4096, schedule="cosine"))
+  per_example = m.sum(1)
+  assert per_example.min() >= 1 and per_example.max() == 64
+  # P(r > 1/2) = P(u < 2/3) = 2/3 for r = cos(pi u / 2): most examples have more than half the grid masked.
+  assert abs((per_example > 32).mean() - 2 / 3) < 0.03
+  assert abs(per_example.mean() / 64 - 2 / np.pi) < 0.02  # E[cos(pi u / 2)] = 2 / pi

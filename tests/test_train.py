@@ -103,6 +103,21 @@ def test_train_end_to_end(tmp_path, data):
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "6"))
 
 
+def test_joint_schedule_sums_the_tasks(tmp_path, data):
+  """task_schedule=joint: every step trains I2T, T2I and ITM together; the joint loss is the weighted sum."""
+  workdir = str(tmp_path / "joint")
+  config = _config(data, **{"task_schedule": "joint", "tasks.itm.weight": 1, "tasks.t2i.weight": 2,
+                            "total_steps": 2})
+  state = train.train_and_evaluate(config, workdir)
+  assert int(state.step) == 2
+  for row in (r for r in _history(workdir) if "lr" in r):
+    assert {"i2t/loss", "t2i/loss", "itm/loss", "joint/loss"} <= set(row)
+    want = row["i2t/loss"] + 2 * row["t2i/loss"] + row["itm/loss"]
+    assert abs(row["joint/loss"] - want) < 1e-4 * abs(want)
+  with pytest.raises(ValueError, match="task_schedule"):
+    train.task_cycle(config.tasks, "sometimes")
+
+
 def test_eight_devices_give_the_losses_of_one(tmp_path, data):
   one = str(tmp_path / "one")
   train.train_and_evaluate(_config(data), one)

@@ -1,9 +1,12 @@
 """Caption -> image evaluation (METHOD.md §8): decode the grid of cluster ids from each eval caption, draw it,
 and score the pictures.
 
-Images are drawn by the preview decoder (``sampling.preview``: each cluster's nearest training cell) until the
-image generator exists; the same decoder applied to the true cluster ids gives the ``reference/`` row, the
-best any token decoder can score through it. Metrics:
+Until the image generator exists, images are drawn by the preview decoder (``sampling.preview``: each
+cluster's nearest training cell) or, in the captioned-scenes world with ``scene_decoder_heads`` set, by the
+scene decoder (``sampling.scene_decoder``: the detector's heads read the tokens, the world's renderer draws
+them; the patch preview is then kept as the ``preview_reference/`` baseline row). The same drawing applied
+to the true cluster ids gives the ``reference/`` row, the best any token decoder can score through it.
+Metrics:
 
   cell_accuracy            decoded ids equal the image's true ids (a strict, token-level number)
   fid_recognizer           FID between drawn and real images in the scene recogniser's feature space
@@ -13,8 +16,13 @@ best any token decoder can score through it. Metrics:
   (CLIPScore joins when the JAX CLIP arrives; the scorer is the only thing that changes.)
 
 The scene-world numbers need captioned-scenes records; on other data only cell accuracy and FID (Inception)
-are reported. Config ``config.eval.generation``: order, num_steps, temperature, num_examples, batch_size,
-recognizer_dir, inception_weights, grid_images. Writes ``workdir/eval/generation_<step>.png``.
+are reported. Config ``config.eval.generation``: the decoder (order, num_steps, temperature, schedule,
+choice_temperature, guidance: ``image_tokens.parallel_decode``), num_examples, batch_size, recognizer_dir,
+inception_weights, grid_images, and ``variants``: name -> overrides of the decoder fields, e.g.
+``{"sampling": {"order": "maskgit", "temperature": 1.0, "choice_temperature": 4.5, "schedule": "cosine"}}``.
+Each variant is decoded from the same captions and reports the headline metrics (``VARIANT_METRICS``) under
+``generation/<name>/...``, so one table compares argmax, sampling and guidance. Writes
+``workdir/eval/generation_<step>.png`` (one generated column per decoder).
 """
 
 import os
@@ -30,20 +38,46 @@ from bigen_jax.eval import eval_set
 from bigen_jax.eval import fid
 from bigen_jax.eval import r_precision
 from bigen_jax.eval import scene_recognizer
+from bigen_jax.models import masks
 from bigen_jax.sampling import image_tokens
 from bigen_jax.sampling import preview
+from bigen_jax.sampling import scene_decoder
 
 NAME = "generation"
+DECODER_FIELDS = ("order", "num_steps", "temperature", "schedule", "choice_temperature", "guidance")
+VARIANT_METRICS = ("cell_accuracy", "fid_recognizer", "fid_inception", "semantic/accuracy", "r_precision_easy",
+                   "r_precision_hard")
+RESERVED_NAMES = ("", "reference", "preview_reference", "semantic")  # prefixes the main decoder's metrics use
 
 
-def decode_fn(ctx, cfg):
-  """A jitted ``(params, batch, rng) -> cluster ids [B, M]`` with the configured order and steps."""
+def decoder_settings(cfg) -> dict[str, dict]:
+  """``parallel_decode`` keyword args of the main decoder (name "") and of each of ``cfg.variants``."""
+  main = {k: cfg[k] for k in DECODER_FIELDS}
+  out = {"": main}
+  for name, overrides in cfg.variants.items():
+    unknown = sorted(set(overrides.keys()) - set(DECODER_FIELDS))
+    if unknown or name in RESERVED_NAMES or "/" in name:
+      raise ValueError(f"generation variant {name!r} {overrides.to_dict()}: expected a name not in "
+                       f"{RESERVED_NAMES} without '/', and overrides of {DECODER_FIELDS}")
+    out[name] = {**main, **overrides.to_dict()}
+  return out
+
+
+def decode_fn(ctx, settings):
+  """A jitted ``(params, batch, rng) -> cluster ids [B, M]`` with the decoder ``settings`` (a mapping of
+  ``DECODER_FIELDS``); with guidance the null captions are built from the tokenizer's ids."""
+  settings = {k: settings[k] for k in DECODER_FIELDS}
+  tok = ctx.tokenizer
 
   def decode(params, batch, rng):
+    null = {}
+    if settings["guidance"]:
+      null_ids, null_mask = masks.null_captions(batch["text_ids"], cls_id=tok.cls_id, sep_id=tok.sep_id,
+                                                pad_id=tok.pad_id)
+      null = {"null_text_ids": null_ids, "null_text_mask": null_mask}
     ids, _ = image_tokens.parallel_decode(
         params, rng, model=ctx.model, text_ids=batch["text_ids"], text_mask=batch["text_mask"],
-        boxes=batch["boxes"], codebook=ctx.frozen["codebook"], num_steps=cfg.num_steps, order=cfg.order,
-        temperature=cfg.temperature)
+        boxes=batch["boxes"], codebook=ctx.frozen["codebook"], **settings, **null)
     return ids
 
   return jax.jit(decode)
@@ -59,7 +93,16 @@ class Evaluator:
     self.data = eval_set.load(config, split=split, num_examples=self.cfg.num_examples, with_images=True)
     self.captions = [refs[0] for refs in self.data["references"]]  # the caption each image is drawn from
     self.table = preview.load_or_build_patch_table(ctx.vocab, config.data.records_dir)
-    self.decode = decode_fn(ctx, self.cfg)
+    self.scene_attrs = None
+    if self.cfg.get("scene_decoder_heads"):
+      heads = scene_decoder.load_heads(self.cfg.scene_decoder_heads)
+      self.scene_attrs = scene_decoder.cluster_attributes(ctx.vocab.codebook, heads)
+    self.settings = decoder_settings(self.cfg)
+    self.decoders = {}  # one compiled decoder per distinct setting, shared by variants that repeat one
+    for settings in self.settings.values():
+      key = _key(settings)
+      if key not in self.decoders:
+        self.decoders[key] = decode_fn(ctx, settings)
     source = records.read_manifest(config.data.records_dir).get("source", {})
     self.scene_graphs = scenes_tfds.scene_graphs(source, split, self.data["index"])
     self.recognizer = None
@@ -71,8 +114,18 @@ class Evaluator:
       from bigen_jax.convert import io as convert_io  # pylint: disable=g-import-not-at-top
       self.inception = fid.inception_features_fn(convert_io.load_params(self.cfg.inception_weights))
     self.real_features = self._features(self.data["images"])
-    self.true_previews = preview.render_preview(self.data["cluster_ids"], self.table)
+    self.true_previews = self.draw(self.data["cluster_ids"])
     self.reference = self.score_images(self.true_previews)
+    self.preview_reference = None
+    if self.scene_attrs is not None:  # the patch preview stays as a baseline row
+      self.preview_reference = self.score_images(preview.render_preview(self.data["cluster_ids"], self.table))
+
+  def draw(self, cluster_ids: np.ndarray) -> np.ndarray:
+    """Cluster ids [N, M] -> pictures [N, H, W, 3]: the scene decoder when ``scene_decoder_heads`` is set
+    (captioned-scenes world), otherwise the patch preview."""
+    if self.scene_attrs is not None:
+      return scene_decoder.render_scenes(cluster_ids, self.scene_attrs)
+    return preview.render_preview(cluster_ids, self.table)
 
   def _features(self, images: np.ndarray) -> dict[str, np.ndarray]:
     out = {}
@@ -103,27 +156,47 @@ class Evaluator:
       out.update(hard.metrics("r_precision_hard"))
     return out
 
-  def generate(self, params) -> np.ndarray:
-    """Cluster ids [N, M] decoded from ``self.captions`` (the first caption of each eval image)."""
+  def generate(self, params, variant: str = "") -> np.ndarray:
+    """Cluster ids [N, M] decoded from ``self.captions`` (the first caption of each eval image) by the main
+    decoder or a ``variant``."""
+    decode = self.decoders[_key(self.settings[variant])]
     rng = jax.random.key(self.ctx.config.seed)
-    return eval_set.map_batches(self.ctx, lambda batch, i: self.decode(params, batch, jax.random.fold_in(rng, i)),
+    return eval_set.map_batches(self.ctx, lambda batch, i: decode(params, batch, jax.random.fold_in(rng, i)),
                                 self.data, ("text_ids", "text_mask", "boxes"), self.cfg.batch_size)
 
   def run(self, params, *, step: int) -> dict[str, float]:
-    ids = self.generate(params)
-    images = preview.render_preview(ids, self.table)
-    out = {"cell_accuracy": float((ids == self.data["cluster_ids"]).mean()), **self.score_images(images)}
-    out.update({f"reference/{k}": v for k, v in self.reference.items()})
+    decoded = {}  # settings -> (images, metrics): a variant equal to another is decoded and scored once
+    for variant, settings in self.settings.items():
+      if _key(settings) not in decoded:
+        ids = self.generate(params, variant)
+        images = self.draw(ids)
+        accuracy = float((ids == self.data["cluster_ids"]).mean())
+        decoded[_key(settings)] = images, {"cell_accuracy": accuracy, **self.score_images(images)}
+    images, out = decoded[_key(self.settings[""])]
+    out = {**out, **{f"reference/{k}": v for k, v in self.reference.items()}}
+    if self.preview_reference is not None:
+      out.update({f"preview_reference/{k}": v for k, v in self.preview_reference.items()})
+    variants = {name: decoded[_key(settings)] for name, settings in self.settings.items() if name}
+    for name, (_, metrics) in variants.items():
+      out.update({f"{name}/{k}": metrics[k] for k in VARIANT_METRICS if k in metrics})
     if self.ctx.workdir and jax.process_index() == 0 and self.cfg.grid_images:
-      self.save_grid(images, step)
+      self.save_grid(images, step, variants={name: v[0] for name, v in variants.items()})
     return {f"{NAME}/{k}": float(v) for k, v in out.items()}
 
-  def save_grid(self, images: np.ndarray, step: int) -> str:
-    """PNG: caption | real image | preview of its true tokens | preview of the generated tokens."""
+  def save_grid(self, images: np.ndarray, step: int, *, variants: dict[str, np.ndarray] | None = None) -> str:
+    """PNG: caption | real image | preview of its true tokens | preview of the generated tokens [N, H, W, 3]
+    | one preview per ``variants`` (name -> images [N, H, W, 3])."""
+    variants = variants or {}
     k = min(self.cfg.grid_images, len(images))
-    rows = [[self.data["images"][i], self.true_previews[i], images[i]] for i in range(k)]
-    sheet = viz.captioned_grid(rows, [f"{c}  (real | true tokens | generated)" for c in self.captions[:k]],
-                               tile=160, wrap=40)
+    rows = [[self.data["images"][i], self.true_previews[i], images[i], *(v[i] for v in variants.values())]
+            for i in range(k)]
+    labels = " | ".join(("real", "true tokens", "generated", *variants))
+    sheet = viz.captioned_grid(rows, [f"{c}  ({labels})" for c in self.captions[:k]], tile=160, wrap=40)
     path = os.path.join(self.ctx.workdir, "eval", f"generation_{step}.png")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     return viz.save_png(sheet, path)
+
+
+def _key(settings: dict) -> tuple:
+  """A hashable form of decoder ``settings``."""
+  return tuple(sorted(settings.items()))

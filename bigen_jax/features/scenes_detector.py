@@ -298,28 +298,47 @@ def load_or_train(directory: str, **train_kwargs) -> tuple[str, dict[str, Any]]:
 
 # ----------------------------------------------------------------------------------------------- backbone
 
+LAYERS = ("fc6", "predictions")
+
+
+def predictions(outputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+  """The heads' outputs as one vector per cell [B, 64, 30], in head order: class heads as probabilities
+  (shape, colour and size multiplied by P(object): they mean nothing on empty cells), regressions as they are."""
+  p_object = F.softmax(outputs["object"], -1)
+  parts = []
+  for name, _ in CLASS_HEADS:
+    probs = F.softmax(outputs[name], -1)
+    parts.append(probs * p_object[..., 1:] if name in OBJECT_HEADS else probs)
+  parts += [outputs[name] for name, _ in REGRESSION_HEADS]
+  return torch.cat(parts, -1)
+
+
 class ScenesDetectorBackbone(backbones.Backbone):
-  """The trained detector's ``fc6`` cell features, D = its feature_dim (64 by default)."""
+  """The trained detector's cell features: ``layer`` "fc6" (the RoI-pooled features, D = its feature_dim,
+  64 by default) or "predictions" (what its heads say of each cell, D = 30: see ``predictions``)."""
   name = "scenes_detector"
 
-  def __init__(self, *, weights: str | None = None, image_size: int = IMAGE_SIZE, device: str = "cpu",
-               **unused):
+  def __init__(self, *, weights: str | None = None, image_size: int = IMAGE_SIZE, layer: str = "fc6",
+               device: str = "cpu", **unused):
     super().__init__(device)
     if not weights:
       raise backbones.WeightsError("--backbone scenes_detector needs --weights: the file that "
                                    "bigen_jax.features.scenes_detector.load_or_train writes")
     if image_size != IMAGE_SIZE:
       raise ValueError(f"the scenes detector reads {IMAGE_SIZE}-px images, got image_size={image_size}")
+    if layer not in LAYERS:
+      raise ValueError(f"scenes_detector layer must be one of {LAYERS}, got {layer!r}")
     self.net, self.report = load_detector(weights)
     self.net.to(self.device)
     self.weights = weights
     self.weights_sha256 = records.sha256_file(weights)
     self.image_size = IMAGE_SIZE
-    self.feature_dim = self.net.feature_dim
+    self.layer = layer
+    self.feature_dim = self.net.feature_dim if layer == "fc6" else sum(self.net.widths)
 
   def config(self) -> dict[str, Any]:
     cfg = super().config()
-    cfg.update(weights=os.path.basename(self.weights), weights_sha256=self.weights_sha256)
+    cfg.update(weights=os.path.basename(self.weights), weights_sha256=self.weights_sha256, layer=self.layer)
     return cfg
 
   def features(self, images: Sequence[np.ndarray]) -> torch.Tensor:
@@ -330,4 +349,5 @@ class ScenesDetectorBackbone(backbones.Backbone):
         x = F.interpolate(x[None], size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False,
                           antialias=True)[0]
       xs.append(x)
-    return self.net(torch.stack(xs).to(self.device))[0]
+    feats, outputs = self.net(torch.stack(xs).to(self.device))
+    return feats if self.layer == "fc6" else predictions(outputs)

@@ -5,7 +5,9 @@ is replaced by [MASK], words after l are hidden (set to [PAD] and invisible to e
 the [MASK] attend to each other bidirectionally. The target is the original token at l.
 
 T2I (text -> image): a set of the 64 grid cells is masked (fed the learned mask feature) and their cluster
-ids are predicted; masked cells stay visible as keys, like BERT's [MASK] tokens.
+ids are predicted; masked cells stay visible as keys, like BERT's [MASK] tokens. The null caption
+``[CLS] [SEP]`` stands for "no caption": T2I training drops captions to it (``caption_dropout``) and
+classifier-free guidance decodes against it.
 """
 
 import flax.struct
@@ -68,14 +70,26 @@ def t2i_mask(rng: Array, *, batch_size: int, num_cells: int = 64, schedule: str 
   """Cells to mask for T2I training, bool [B, num_cells].
 
   schedule "count" (the paper's code): one count ~ U{min_masked..max_masked} for the whole batch;
-  "ratio" (X-LXMERT): a ratio r ~ U(0, 1] per example, ceil(r * num_cells) cells.
+  "ratio" (X-LXMERT): a ratio r ~ U(0, 1] per example, ceil(r * num_cells) cells;
+  "cosine" (MaskGIT): r = cos(pi/2 * u), u ~ U[0, 1) per example, which favours nearly full masks: the
+  state every decoding starts from, where only the caption tells what to draw.
   """
   count_rng, cells_rng = jax.random.split(rng)
   if schedule == "count":
     num = jax.random.randint(count_rng, (), min_masked, min(max_masked, num_cells) + 1)
-  elif schedule == "ratio":
-    ratio = 1.0 - jax.random.uniform(count_rng, (batch_size,))
+  elif schedule in ("ratio", "cosine"):
+    u = jax.random.uniform(count_rng, (batch_size,))
+    ratio = 1.0 - u if schedule == "ratio" else jnp.cos(0.5 * jnp.pi * u)
     num = jnp.clip(jnp.ceil(ratio * num_cells), 1, num_cells).astype(jnp.int32)
   else:
-    raise ValueError(f"unknown T2I mask schedule {schedule!r}: expected 'count' or 'ratio'")
+    raise ValueError(f"unknown T2I mask schedule {schedule!r}: expected 'count', 'ratio' or 'cosine'")
   return random_cells_mask(cells_rng, num_masked=num, batch_size=batch_size, num_cells=num_cells)
+
+
+def null_captions(text_ids: Array, *, cls_id: int, sep_id: int, pad_id: int) -> tuple[Array, Array]:
+  """The null caption ``[CLS] [SEP] [PAD]..`` in the shape of ``text_ids`` [B, L]: (ids like text_ids,
+  text_mask int32 [B, L] = 1, 1, 0, ..)."""
+  text_ids = jnp.asarray(text_ids)
+  index = jnp.broadcast_to(jnp.arange(text_ids.shape[1]), text_ids.shape)
+  ids = jnp.where(index == 0, cls_id, jnp.where(index == 1, sep_id, pad_id)).astype(text_ids.dtype)
+  return ids, (index < 2).astype(jnp.int32)

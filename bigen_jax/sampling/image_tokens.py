@@ -2,30 +2,56 @@
 
 ``parallel_decode`` starts from a fully masked grid and runs ``num_steps`` model passes. Each pass predicts
 every masked cell (argmax, or a sample at ``temperature``) and then chooses which cells stay masked for the
-next pass: the linear schedule leaves floor(M * (K - 1 - t) / K) masked after pass t (64 -> 48 -> 32 -> 16
--> 0 for K = 4). The ``order`` says which:
+next pass. The ``schedule`` says how many: ``linear`` leaves floor(M * (K - 1 - t) / K) masked after pass t
+(64 -> 48 -> 32 -> 16 -> 0 for K = 4); ``cosine`` (MaskGIT) floor(M * cos(pi/2 * (t + 1) / K)), at least one
+fewer than before and at least 1 until the last pass (64 -> 59 -> 45 -> 24 -> 0 for K = 4). The ``order``
+says which:
 
   mask_predict   the least confident cells of the whole grid (Ghazvininejad et al.; X-LXMERT's default):
                  a cell decided earlier is re-masked when its probability is among the lowest.
   easy_first     the least confident of the still-masked cells: decided cells are final.
   left_to_right  raster order (top-left to bottom-right): the last cells stay masked.
   random         a random order per image, drawn once from ``rng``.
+  maskgit        MaskGIT's ``mask_by_random_topk``: the least confident of the still-masked cells, confidence
+                 = log-probability of the decided id + ``choice_temperature * (1 - (t + 1) / K) * gumbel``;
+                 with ``temperature`` > 0 every pass samples, so a blank grid need not collapse to one token.
 
-With K = M every order decides one cell per pass, X-LXMERT's sequential baselines.
+With K = M every order decides one cell per pass, X-LXMERT's sequential baselines. ``guidance`` w > 0 adds
+classifier-free guidance: each pass also runs the model on the null caption ``[CLS] [SEP]``
+(``masks.null_captions``; T2I trains on it with ``caption_dropout``) and decodes from the logits
+(1 + w) * cond - w * uncond.
 """
+
+import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bigen_jax.tasks import common
 
 Array = jax.Array
-ORDERS = ("mask_predict", "easy_first", "left_to_right", "random")
+ORDERS = ("mask_predict", "easy_first", "left_to_right", "random", "maskgit")
+SCHEDULES = ("linear", "cosine")
 
 
-def masked_count(step: Array, *, num_steps: int, num_cells: int) -> Array:
-  """Cells still masked after pass ``step`` (0-based) of the linear schedule."""
-  return (num_cells * (num_steps - 1 - step)) // num_steps
+def _cosine_counts(*, num_steps: int, num_cells: int) -> np.ndarray:
+  """MaskGIT's cosine schedule, int32 [K]: masked cells after each pass."""
+  counts, left = [], num_cells
+  for t in range(num_steps):
+    target = math.floor(num_cells * math.cos(math.pi / 2 * (t + 1) / num_steps))
+    left = 0 if t == num_steps - 1 else max(1, min(left - 1, target))
+    counts.append(left)
+  return np.asarray(counts, np.int32)
+
+
+def masked_count(step: Array, *, num_steps: int, num_cells: int, schedule: str = "linear") -> Array:
+  """Cells still masked after pass ``step`` (0-based) of the ``schedule`` (module docstring)."""
+  if schedule == "linear":
+    return (num_cells * (num_steps - 1 - step)) // num_steps
+  if schedule == "cosine":
+    return jnp.asarray(_cosine_counts(num_steps=num_steps, num_cells=num_cells))[step]
+  raise ValueError(f"unknown masking schedule {schedule!r}: expected one of {SCHEDULES}")
 
 
 def _ranks(priority: Array) -> Array:
@@ -35,41 +61,60 @@ def _ranks(priority: Array) -> Array:
 
 def parallel_decode(params, rng: Array, *, model, text_ids: Array, text_mask: Array, boxes: Array,
                     codebook: Array, num_steps: int = 4, order: str = "mask_predict",
-                    temperature: float = 0.0) -> tuple[Array, Array]:
+                    temperature: float = 0.0, schedule: str = "linear", choice_temperature: float = 0.0,
+                    guidance: float = 0.0, null_text_ids: Array | None = None,
+                    null_text_mask: Array | None = None) -> tuple[Array, Array]:
   """Cluster ids int32 [B, M] for captions ``text_ids``/``text_mask`` [B, L], and their probabilities [B, M].
 
-  boxes [B, M, 4] (the grid); codebook [K, D] turns decided ids into the model's visual input. Pure and
+  boxes [B, M, 4] (the grid); codebook [K, D] turns decided ids into the model's visual input. ``schedule``:
+  "linear" or "cosine"; ``choice_temperature``: the Gumbel noise of the "maskgit" order (ignored by the
+  others); ``guidance`` w: classifier-free guidance against ``null_text_ids``/``null_text_mask`` [B, L]
+  (``masks.null_captions``), needed only when w != 0. Probabilities are those of the (guided) model. Pure and
   jittable: (params, text, rng) -> ids.
   """
   if order not in ORDERS:
     raise ValueError(f"unknown decoding order {order!r}: expected one of {ORDERS}")
+  if schedule not in SCHEDULES:
+    raise ValueError(f"unknown masking schedule {schedule!r}: expected one of {SCHEDULES}")
+  if guidance and (null_text_ids is None or null_text_mask is None):
+    raise ValueError("guidance needs the unconditional caption: pass null_text_ids and null_text_mask "
+                     "(masks.null_captions)")
   batch, num_cells = boxes.shape[:2]
   order_rng, sample_rng = jax.random.split(rng)
   raster = jnp.broadcast_to(-jnp.arange(num_cells, dtype=jnp.float32), (batch, num_cells))
   fixed_priority = {"left_to_right": raster,
                     "random": jax.random.uniform(order_rng, (batch, num_cells))}.get(order)
 
+  def image_logits(ids, masked, caption_ids, caption_mask):
+    return common.apply_model(model, params, task="t2i", rng=None,
+                              head=lambda module, out: module.predict_image(out.vision),
+                              text_ids=caption_ids, text_mask=caption_mask, boxes=boxes, cluster_ids=ids,
+                              codebook=codebook, visual_mask=masked).astype(jnp.float32)
+
   def step(carry, t):
     ids, masked, confidence = carry
-    logits = common.apply_model(model, params, task="t2i", rng=None,
-                                head=lambda module, out: module.predict_image(out.vision),
-                                text_ids=text_ids, text_mask=text_mask, boxes=boxes, cluster_ids=ids,
-                                codebook=codebook, visual_mask=masked).astype(jnp.float32)
+    logits = image_logits(ids, masked, text_ids, text_mask)
+    if guidance:
+      logits = (1 + guidance) * logits - guidance * image_logits(ids, masked, null_text_ids, null_text_mask)
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     if temperature > 0:
       guess = jax.random.categorical(jax.random.fold_in(sample_rng, t), log_probs / temperature, axis=-1)
     else:
       guess = jnp.argmax(log_probs, axis=-1)
-    guess_prob = jnp.exp(jnp.take_along_axis(log_probs, guess[..., None], axis=-1)[..., 0])
+    guess_log_prob = jnp.take_along_axis(log_probs, guess[..., None], axis=-1)[..., 0]
     ids = jnp.where(masked, guess.astype(jnp.int32), ids)
-    confidence = jnp.where(masked, guess_prob, confidence)
+    confidence = jnp.where(masked, jnp.exp(guess_log_prob), confidence)
     if order == "mask_predict":
       priority = confidence
     elif order == "easy_first":
       priority = jnp.where(masked, confidence, jnp.inf)
+    elif order == "maskgit":
+      noise = jax.random.gumbel(jax.random.fold_in(order_rng, t), (batch, num_cells))
+      anneal = choice_temperature * (1 - (t + 1) / num_steps)
+      priority = jnp.where(masked, guess_log_prob + anneal * noise, jnp.inf)
     else:
       priority = jnp.where(masked, fixed_priority, jnp.inf)
-    masked = _ranks(priority) < masked_count(t, num_steps=num_steps, num_cells=num_cells)
+    masked = _ranks(priority) < masked_count(t, num_steps=num_steps, num_cells=num_cells, schedule=schedule)
     return (ids, masked, confidence), None
 
   start = (jnp.zeros((batch, num_cells), jnp.int32), jnp.ones((batch, num_cells), bool),

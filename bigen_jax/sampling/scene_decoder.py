@@ -39,18 +39,29 @@ def load_heads(path: str) -> dict[str, Any]:
     return {k: f[k] for k in f.files}
 
 
-def cluster_attributes(codebook: np.ndarray, heads: Mapping[str, Any]) -> dict[str, np.ndarray]:
-  """The heads applied to each centroid [K, D]: class heads as probabilities [K, C], regressions [K, W].
+def cluster_attributes(codebook: np.ndarray, heads: Mapping[str, Any], *, layer: str = "fc6"
+                       ) -> dict[str, np.ndarray]:
+  """What the detector's heads say of each centroid [K, D]: class heads as probabilities [K, C],
+  regressions [K, W].
 
-  The heads are linear, so this is the mean of the heads' outputs over the cluster's training cells.
+  ``layer`` is the records' feature layer: "fc6" centroids go through the (linear) heads, which gives the
+  mean of the heads' outputs over the cluster's cells; "predictions" centroids are already those outputs.
   """
-  out = np.asarray(codebook, np.float64) @ np.asarray(heads["weight"], np.float64).T + heads["bias"]
+  codebook = np.asarray(codebook, np.float64)
+  if layer == "fc6":
+    out = codebook @ np.asarray(heads["weight"], np.float64).T + heads["bias"]
+  elif layer == "predictions":
+    out = codebook
+  else:
+    raise ValueError(f"scene decoder: unknown detector layer {layer!r}: expected 'fc6' or 'predictions'")
   attrs, start = {}, 0
   for name, width in zip(heads["names"], heads["widths"]):
     part = out[:, start:start + int(width)]
     start += int(width)
     if str(name) in CLASS_HEADS:
-      part = np.exp(part - part.max(-1, keepdims=True))
+      if layer == "fc6":
+        part = np.exp(part - part.max(-1, keepdims=True))
+      part = np.maximum(part, 1e-12)
       part = part / part.sum(-1, keepdims=True)
     attrs[str(name)] = part
   attrs["cell"] = float(heads["cell"])

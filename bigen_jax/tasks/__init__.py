@@ -9,9 +9,10 @@ module plus one line below, and the training loop does not change.
 """
 
 from bigen_jax.tasks import i2t
+from bigen_jax.tasks import itm
 from bigen_jax.tasks import t2i
 
-TASKS = {"i2t": i2t.loss_fn, "t2i": t2i.loss_fn}
+TASKS = {"i2t": i2t.loss_fn, "t2i": t2i.loss_fn, "itm": itm.loss_fn}
 
 
 def get_task(name: str):

@@ -1,0 +1,100 @@
+"""T2I caption dropout: the null caption ``[CLS] [SEP]``, the dropped fraction, and that the loss sees it."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from bigen_jax.models import lxmert
+from bigen_jax.models import masks
+from bigen_jax.tasks import t2i
+from configs import base
+from configs import model as model_config
+
+PAD, CLS, SEP, MASK = 0, 2, 3, 4
+IDS = dict(cls_id=CLS, sep_id=SEP, pad_id=PAD)
+
+
+def _captions(batch: int, length: int = 8, seed: int = 0):
+  """Random captions [CLS] w.. [SEP] [PAD].. of 1..length-2 words: (text_ids, text_mask) int32 [B, L]."""
+  rng = np.random.default_rng(seed)
+  words = rng.integers(5, 64, (batch, length))
+  n = rng.integers(1, length - 1, batch)[:, None]
+  index = np.arange(length)[None]
+  ids = np.where(index == 0, CLS, np.where(index <= n, words, np.where(index == n + 1, SEP, PAD)))
+  return jnp.asarray(ids, jnp.int32), jnp.asarray(index <= n + 1, jnp.int32)
+
+
+def test_null_captions():
+  text_ids, _ = _captions(3)
+  ids, mask = masks.null_captions(text_ids, **IDS)
+  assert ids.dtype == text_ids.dtype and ids.shape == mask.shape == text_ids.shape
+  np.testing.assert_array_equal(ids, np.tile([CLS, SEP] + [PAD] * 6, (3, 1)))
+  np.testing.assert_array_equal(mask, np.tile([1, 1] + [0] * 6, (3, 1)))
+
+
+def test_drop_captions_rate_and_rows():
+  text_ids, text_mask = _captions(10_000)
+  ids, mask, dropped = jax.jit(lambda r, i, m: t2i.drop_captions(r, text_ids=i, text_mask=m, rate=0.5, **IDS))(
+      jax.random.key(0), text_ids, text_mask)
+  ids, mask, dropped = np.asarray(ids), np.asarray(mask), np.asarray(dropped)
+  assert abs(dropped.mean() - 0.5) < 0.03
+  null_ids, null_mask = map(np.asarray, masks.null_captions(text_ids, **IDS))
+  np.testing.assert_array_equal(ids[dropped], null_ids[dropped])
+  np.testing.assert_array_equal(mask[dropped], null_mask[dropped])
+  np.testing.assert_array_equal(ids[~dropped], np.asarray(text_ids)[~dropped])
+  np.testing.assert_array_equal(mask[~dropped], np.asarray(text_mask)[~dropped])
+  assert mask.dtype == np.int32
+  _, _, none = t2i.drop_captions(jax.random.key(0), text_ids=text_ids, text_mask=text_mask, rate=0.0, **IDS)
+  assert not np.asarray(none).any()
+
+
+@pytest.fixture(scope="module")
+def results():
+  """(loss, metrics) of one batch of 256 under several caption_dropout / deterministic settings, same rng,
+  compiled as one program."""
+  config = model_config.get_config("tiny")
+  config.num_cells = 64
+  model = lxmert.build_model(config)
+  params = nn.unbox(jax.jit(lambda: lxmert.init_params(model, config, jax.random.key(0)))())
+  rng = np.random.default_rng(1)
+  text_ids, text_mask = _captions(256, length=config.max_len)
+  batch = dict(text_ids=text_ids, text_mask=text_mask,
+               cluster_ids=jnp.asarray(rng.integers(0, config.num_clusters, (256, 64)), jnp.int32),
+               boxes=jnp.asarray(rng.uniform(size=(256, 64, 4)), jnp.float32))
+  null_ids, null_mask = masks.null_captions(text_ids, **IDS)
+  all_null = {**batch, "text_ids": null_ids, "text_mask": null_mask}
+  codebook = rng.normal(size=(config.num_clusters, config.visual_feat_dim))
+  frozen = {"codebook": jnp.asarray(codebook, jnp.float32)}
+  runs = {"p0.5": (batch, 0.5, False), "p0": (batch, 0.0, False), "p0.5 deterministic": (batch, 0.5, True),
+          "p1": (batch, 1.0, False), "p1 deterministic": (batch, 1.0, True),
+          "p0 deterministic": (batch, 0.0, True), "null captions p0": (all_null, 0.0, False)}
+
+  def cfg(caption_dropout):
+    out = ml_collections.ConfigDict(base.get_config().tasks.t2i.to_dict())
+    out.update(dict(caption_dropout=caption_dropout, mask_id=MASK, **IDS))
+    return ml_collections.FrozenConfigDict(out)
+
+  @jax.jit
+  def run(params, rng):
+    return {name: t2i.loss_fn(params, b, rng, model=model, cfg=cfg(p), frozen=frozen, deterministic=d)
+            for name, (b, p, d) in runs.items()}
+
+  return jax.device_get(run(params, jax.random.key(3)))
+
+
+def test_loss_reports_dropped_fraction(results):
+  assert abs(results["p0.5"][1]["caption_dropped"] - 0.5) < 0.12  # 256 examples: sd 0.031
+  assert results["p0"][1]["caption_dropped"] == 0.0
+  assert results["p0.5 deterministic"][1]["caption_dropped"] == 0.0
+  assert base.get_config().tasks.t2i.caption_dropout == 0.0
+
+
+def test_dropped_captions_reach_the_model(results):
+  """p = 1 is the loss of the same batch with every caption the null one; deterministic keeps the captions."""
+  assert results["p1"][1]["caption_dropped"] == 1.0
+  assert results["p1"][0] == results["null captions p0"][0]
+  assert results["p1"][0] != results["p0"][0]
+  assert results["p1 deterministic"][0] == results["p0 deterministic"][0]
