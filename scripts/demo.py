@@ -3,7 +3,9 @@ r"""`make demo`: the whole pipeline built so far, end to end, on the captioned-s
 Stages (each resumable: re-running skips finished work):
   1. world      render the captioned-scenes TFDS dataset (train/validation/test)
   2. tokenizer  train a WordPiece vocabulary on the training captions (offline)
-  3. features   extract 8x8 grid features with the `demo` backbone into TFRecords (+ PNG images)
+  3. detector   train (once) the scenes detector: a convnet that says what each grid cell holds (objects,
+                shapes, colours, sizes, centres, background), the world's stand-in for the papers' detector
+  3b features   extract its 8x8 RoI-pooled grid features (`scenes_detector` backbone) into TFRecords (+ PNG)
   4. vocab      FAISS k-means visual vocabulary; every cell gets its cluster id
   5. pipeline   read a few training batches through the tf.data input pipeline
   6. pictures   contact sheet: images, their captions and their k-means token maps
@@ -11,8 +13,9 @@ Stages (each resumable: re-running skips finished work):
   8. captions   loss curves (PNG) and greedy captions of validation images (PNG grid)
   9. recogniser train (once) the scene recogniser that reads generated images back into scene graphs
   10. evaluate  captioning and generation evaluators on the validation split (bigen_jax.evaluate): COCO
-                caption metrics, truth of captions, mask-predict images (preview decoder), FID, semantic
-                accuracy, R-precision; a markdown table and a caption -> image PNG grid
+                caption metrics, truth of captions, images decoded by argmax mask-predict, MaskGIT sampling
+                and classifier-free guidance, drawn by the scene decoder (the patch preview as a baseline):
+                FID, semantic accuracy, R-precision; a markdown table and a caption -> image PNG grid
 
 Writes OUT/summary.json and OUT/summary.md, and prints the summary table.
 """
@@ -35,19 +38,27 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 
 _OUT = flags.DEFINE_string("out", "demo_out", "Output directory.")
 _SCENES = flags.DEFINE_string("scenes_config", "demo", "Captioned-scenes size: tiny, demo or large.")
-_K = flags.DEFINE_integer("k", 256, "Visual vocabulary size (k-means clusters).")
+_K = flags.DEFINE_integer("k", 1024, "Visual vocabulary size (k-means clusters): scripts/feature_study.py.")
+_BACKBONE = flags.DEFINE_enum("backbone", "scenes_detector", ["scenes_detector", "demo"],
+                              "Grid features: the trained scenes detector, or the fixed hand-made `demo` cells.")
+_LAYER = flags.DEFINE_enum("layer", "logits", ["logits", "fc6"], "scenes_detector: the layer whose outputs are "
+                           "the grid features (scripts/feature_study.py compares them).")
 _TEXT_VOCAB = flags.DEFINE_integer("text_vocab", 1000, "WordPiece vocabulary size to train (at most).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of k-means and the input pipeline.")
 _TRAIN_STEPS = flags.DEFINE_integer("train_steps", 0, "Stage-1 steps (0: configs/demo.py's total_steps).")
 
 SPLITS = ("train", "validation", "test")
 # The evaluation numbers the summary shows (the full table is in demo_out/train/eval/results_<step>.md).
-EVAL_KEYS = ("captioning/BLEU-4", "captioning/METEOR", "captioning/ROUGE-L", "captioning/CIDEr-D",
-             "captioning/distinct_captions", "captioning/semantic/accuracy", "generation/cell_accuracy",
-             "generation/fid_recognizer", "generation/reference/fid_recognizer", "generation/semantic/accuracy",
-             "generation/reference/semantic/accuracy", "generation/r_precision_easy",
-             "generation/reference/r_precision_easy", "generation/r_precision_hard",
-             "generation/reference/r_precision_hard")
+EVAL_KEYS = ("validation_loss/i2t/gap", "validation_loss/t2i/gap", "captioning/BLEU-4", "captioning/METEOR",
+             "captioning/ROUGE-L", "captioning/CIDEr-D", "captioning/distinct_captions",
+             "captioning/semantic/accuracy", "generation/cell_accuracy", "generation/fid_recognizer",
+             "generation/reference/fid_recognizer", "generation/semantic/accuracy",
+             "generation/reference/semantic/accuracy", "generation/preview_reference/semantic/accuracy",
+             "generation/r_precision_easy", "generation/reference/r_precision_easy", "generation/r_precision_hard",
+             "generation/reference/r_precision_hard", "generation/sampling/semantic/accuracy",
+             "generation/sampling/r_precision_easy", "generation/sampling/r_precision_hard",
+             "generation/guidance/semantic/accuracy", "generation/guidance/r_precision_easy",
+             "generation/guidance/r_precision_hard")
 
 
 class Timer:
@@ -92,10 +103,17 @@ def train_tokenizer(data_dir, config, out_dir, vocab_size):
   return tokenizer.load_tokenizer(path), path
 
 
-def extract_features(data_dir, config, records_dir, tok, vocab_path, sizes):
+def train_detector(out):
+  """The scenes detector (trained once, cached and resumable in OUT/scenes_detector): (weights path, report)."""
+  from bigen_jax.features import scenes_detector  # pylint: disable=g-import-not-at-top
+  return scenes_detector.load_or_train(os.path.join(out, "scenes_detector"))
+
+
+def extract_features(data_dir, config, records_dir, tok, vocab_path, sizes, weights):
   from bigen_jax.data import scenes  # pylint: disable=g-import-not-at-top
   from bigen_jax.features import backbones, extract  # pylint: disable=g-import-not-at-top
-  backbone = backbones.build_backbone("demo")
+  backbone = backbones.build_backbone(_BACKBONE.value, weights=weights,
+                                      **({"layer": _LAYER.value} if weights else {}))
   for split in SPLITS:
     extract.extract_split(
         scenes.source(split, data_dir=data_dir, config=config), split=split, out_dir=records_dir,
@@ -137,23 +155,27 @@ def contact_sheet(records_dir, vocab_dir, tok, k, path, n=8):
   return viz.save_png(sheet, path)
 
 
-def demo_config(out, steps):
-  """configs/demo.py pointed at the demo's files under ``out``."""
+def demo_config(out, steps, detector=""):
+  """configs/demo.py pointed at the demo's files under ``out`` (and the scenes detector's heads, which draw
+  generated tokens)."""
   from configs import demo as demo_configs  # pylint: disable=g-import-not-at-top
   config = demo_configs.get_config("demo")
   config.data.records_dir = os.path.join(out, "records")
   config.data.vocab_dir = os.path.join(out, "vocab")
   config.data.tokenizer = os.path.join(out, "tokenizer", "vocab.txt")
   config.eval.generation.recognizer_dir = os.path.join(out, "scene_recognizer")
+  if detector:
+    from bigen_jax.sampling import scene_decoder  # pylint: disable=g-import-not-at-top
+    config.eval.generation.scene_decoder_heads = detector + scene_decoder.HEADS_SUFFIX
   if steps:
     config.total_steps = steps
   return config
 
 
-def train_stage1(out, steps):
+def train_stage1(out, steps, detector):
   """Trains configs/demo.py on the demo data (resumes from demo_out/train); returns (state, config)."""
   from bigen_jax import train  # pylint: disable=g-import-not-at-top
-  config = demo_config(out, steps)
+  config = demo_config(out, steps, detector)
   workdir = os.path.join(out, "train")
   state = train.train_and_evaluate(config, workdir)
   with open(os.path.join(workdir, train.HISTORY_NAME)) as f:
@@ -224,9 +246,17 @@ def main(argv):
   with timer.stage("2 tokenizer"):
     tok, vocab_path = train_tokenizer(dirs["tfds"], _SCENES.value, dirs["tokenizer"], _TEXT_VOCAB.value)
   summary["WordPiece vocabulary"] = tok.vocab_size
-  with timer.stage("3 features"):
-    dim = extract_features(dirs["tfds"], _SCENES.value, dirs["records"], tok, vocab_path, sizes)
-  summary["grid features"] = f"8x8 x {dim} (demo backbone)"
+  detector = ""
+  if _BACKBONE.value == "scenes_detector":
+    with timer.stage("3 detector"):
+      detector, report = train_detector(out)
+    held = report["heldout"]
+    summary["scenes detector (held-out cells): object, shape, colour, size, background accuracy"] = ", ".join(
+        f"{held[k]:.3f}" for k in ("object", "shape_on_objects", "colour_on_objects", "size_on_objects",
+                                   "background"))
+  with timer.stage("3b features"):
+    dim = extract_features(dirs["tfds"], _SCENES.value, dirs["records"], tok, vocab_path, sizes, detector)
+  summary["grid features"] = f"8x8 x {dim} ({_BACKBONE.value} backbone{', ' + _LAYER.value if detector else ''})"
   with timer.stage("4 vocab"):
     from bigen_jax.data import vocab  # pylint: disable=g-import-not-at-top
     if not os.path.exists(os.path.join(dirs["vocab"], "vocab.json")):
@@ -246,7 +276,7 @@ def main(argv):
     sheet = contact_sheet(dirs["records"], dirs["vocab"], tok, _K.value, os.path.join(out, "contact_sheet.png"))
   summary["contact sheet"] = os.path.relpath(sheet)
   with timer.stage("7 train"):
-    state, config, rows = train_stage1(out, _TRAIN_STEPS.value)
+    state, config, rows = train_stage1(out, _TRAIN_STEPS.value, detector)
   last = {k: v for r in rows for k, v in r.items()}
   first = {k: v for r in reversed(rows) for k, v in r.items()}
   for key in ("i2t/loss", "t2i/loss", "i2t/accuracy", "t2i/accuracy", "validation_loss/i2t/loss",
@@ -270,8 +300,8 @@ def main(argv):
       f"{held['caption_accuracy']:.3f}, recall {held['recall']:.3f} precision {held['precision']:.3f}")
   with timer.stage("10 evaluate"):
     from bigen_jax import evaluate  # pylint: disable=g-import-not-at-top
-    results, step = evaluate.evaluate(demo_config(out, _TRAIN_STEPS.value), os.path.join(out, "train"),
-                                      evaluators=["captioning", "generation"])
+    results, step = evaluate.evaluate(demo_config(out, _TRAIN_STEPS.value, detector), os.path.join(out, "train"),
+                                      evaluators=["validation_loss", "captioning", "generation"])
   for key in EVAL_KEYS:
     if key in results:
       summary[f"eval {key}"] = f"{results[key]:.3f}"

@@ -29,7 +29,7 @@ _BACKBONE = flags.DEFINE_enum("backbone", "scenes_detector", ["demo", "scenes_de
 _K = flags.DEFINE_list("k", ["256", "512", "1024", "2048"], "Cluster counts to compare.")
 _SPLIT = flags.DEFINE_string("split", "validation", "Split scored (tune on validation only).")
 _SCENES = flags.DEFINE_string("scenes_config", "demo", "Captioned-scenes config of the world.")
-_LAYER = flags.DEFINE_enum("layer", "fc6", ["fc6", "predictions"], "scenes_detector: which layer's features.")
+_LAYER = flags.DEFINE_enum("layer", "fc6", ["fc6", "logits"], "scenes_detector: which layer's features.")
 _DETECTOR_STEPS = flags.DEFINE_integer("detector_steps", 0, "scenes_detector: training steps (0: the default).")
 _DECODERS = flags.DEFINE_list("decoders", ["preview", "scene"], "Token decoders to score: preview (patches of "
                               "training cells), scene (the detector's heads + the world's renderer).")
@@ -44,7 +44,7 @@ def main(argv):
   out = os.path.abspath(_OUT.value)
   study = os.path.join(out, "study")
   name = _BACKBONE.value + (f"{_DETECTOR_STEPS.value}" if _DETECTOR_STEPS.value else "") + (
-      "_predictions" if _LAYER.value == "predictions" else "")
+      "_logits" if _LAYER.value == "logits" else "")
   records_dir = os.path.join(study, f"records_{name}")
   tok_path = os.path.join(out, "tokenizer", "vocab.txt")
   tok = tokenizer.load_tokenizer(tok_path)

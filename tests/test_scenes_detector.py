@@ -40,7 +40,7 @@ def test_cell_targets_follow_the_scene_graph():
   far = 7 * 8 + 0  # bottom-left corner: no object
   assert t["object"][far] == 0 and t["coverage"][far] == 0
   assert t["object"].sum() == 9  # a 38-px circle centred in a cell covers its 3x3 neighbourhood
-  assert t["background_rgb"].shape == (64, 3) and 0 <= t["background_rgb"].min() <= t["background_rgb"].max() <= 1
+  assert set(t) == {"object", "shape", "colour", "size", "background", "coverage", "centre", "radius"}
 
 
 def test_empty_scene_has_no_object_cells():

@@ -96,7 +96,8 @@ class Evaluator:
     self.scene_attrs = None
     if self.cfg.get("scene_decoder_heads"):
       heads = scene_decoder.load_heads(self.cfg.scene_decoder_heads)
-      self.scene_attrs = scene_decoder.cluster_attributes(ctx.vocab.codebook, heads)
+      layer = records.read_manifest(config.data.records_dir)["backbone_config"].get("layer", "fc6")
+      self.scene_attrs = scene_decoder.cluster_attributes(ctx.vocab.codebook, heads, layer=layer)
     self.settings = decoder_settings(self.cfg)
     self.decoders = {}  # one compiled decoder per distinct setting, shared by variants that repeat one
     for settings in self.settings.values():
