@@ -10,6 +10,7 @@ one resumes from its checkpoint) and the table is rewritten after every row:
 (records, vocabulary) are those ``make demo`` wrote, or ``--records`` / ``--vocab``.
 """
 
+import glob
 import json
 import os
 import sys
@@ -51,6 +52,7 @@ VARIANTS = {
                             {**PAPER, "task_schedule": "joint", "tasks.t2i.mask_schedule": "cosine",
                              "optimizer.lr": 1e-3}),
     "demo": ("configs/demo.py as it is", {}),
+    "demo_constant_lr": ("configs/demo.py, constant lr after warm-up", {"optimizer.schedule": "constant"}),
 }
 KEYS = ("validation_loss/i2t/loss", "validation_loss/i2t/gap", "validation_loss/t2i/loss", "validation_loss/t2i/gap",
         "captioning/CIDEr-D", "captioning/semantic/accuracy", "captioning/distinct_captions",
@@ -68,6 +70,9 @@ def variant_config(name: str, out: str, steps: int):
   config.data.vocab_dir = _VOCAB.value or os.path.join(out, "vocab")
   config.data.tokenizer = os.path.join(out, "tokenizer", "vocab.txt")
   config.eval.generation.recognizer_dir = os.path.join(out, "scene_recognizer")
+  detectors = sorted(glob.glob(os.path.join(out, "scenes_detector", "*.pt.heads.npz")))
+  if detectors:  # the demo's scenes detector draws generated tokens (sampling/scene_decoder.py)
+    config.eval.generation.scene_decoder_heads = detectors[-1]
   config.eval.every = 0
   if steps:
     config.total_steps = steps

@@ -1,5 +1,6 @@
-"""``validation_loss``'s true-vs-shuffled gap: every caption paired with the previous image of its batch, the
-same rng, so the pairing is the only difference; zero when the batch's images are all the same."""
+"""``validation_loss``'s true-vs-shuffled gap: every caption paired with another image of its batch (the images
+move for I2T, the captions for T2I), the same rng, so the pairing is the only difference; zero when the
+batch's examples are all the same."""
 
 import os
 
@@ -61,11 +62,13 @@ def test_gap_is_shuffled_minus_true_loss(setup):
     loss, _, shuffled, gap = (out[k] for k in keys)
     assert gap == shuffled - loss
     assert gap != 0  # the images differ and even a random model looks at them
-  rolled = [ctx.batch_to_global(jax.device_get(validation_loss.roll_images(b))) for b in batches]
-  on_rolled = _evaluate(evaluator, params, rolled)
   for task in ("i2t", "t2i"):
+    fields = validation_loss.CONDITION[task]
+    rolled = [ctx.batch_to_global(jax.device_get(validation_loss.roll_fields(b, fields))) for b in batches]
+    on_rolled = _evaluate(evaluator, params, rolled)
     assert out[f"validation_loss/{task}/shuffled_loss"] == pytest.approx(
         on_rolled[f"validation_loss/{task}/loss"], rel=1e-5)
+  assert validation_loss.CONDITION["t2i"] == ("text_ids", "text_mask")  # T2I keeps its targets in place
   evaluator.batches = batches
 
 

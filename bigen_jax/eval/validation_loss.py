@@ -2,8 +2,10 @@
 
 The batches (captions sampled, cells masked) depend only on ``config.seed``, so numbers are comparable from
 one evaluation to the next. Each task's loss is also measured with every caption paired with another image
-of its batch (``roll_images``, same rng): ``gap`` = shuffled_loss - loss is how much the task uses the pairing
-of caption and image (0 for a model that ignores the other modality).
+of its batch (same rng): ``gap`` = shuffled_loss - loss is how much the task uses the pairing of caption and
+image (0 for a model that ignores the other modality). The side a task is conditioned on moves
+(``CONDITION``: the images for I2T, the captions for T2I), so every example keeps its own targets and masked
+cells and the pairing is the only difference.
 """
 
 import jax
@@ -14,12 +16,20 @@ from bigen_jax import tasks as tasks_lib
 from bigen_jax.data import input_pipeline
 
 VISUAL_FIELDS = ("dense", "cluster_ids")
+TEXT_FIELDS = ("text_ids", "text_mask")
+CONDITION = {"i2t": VISUAL_FIELDS, "itm": VISUAL_FIELDS, "t2i": TEXT_FIELDS}  # other tasks: the images
+
+
+def roll_fields(batch: dict[str, jax.Array], fields: tuple[str, ...], *, shift: int = 1) -> dict[str, jax.Array]:
+  """``batch`` with ``fields`` rolled by ``shift`` along the batch axis, the rest kept: with the visual
+  fields (dense [B, 64, D], cluster_ids [B, 64]) caption i meets image i - shift; with the text fields
+  (text_ids, text_mask [B, L]) image i meets caption i - shift. Boxes (one grid for all) never move."""
+  return {k: jnp.roll(v, shift, axis=0) if k in fields else v for k, v in batch.items()}
 
 
 def roll_images(batch: dict[str, jax.Array], *, shift: int = 1) -> dict[str, jax.Array]:
-  """``batch`` with the visual side (dense [B, 64, D], cluster_ids [B, 64]) rolled by ``shift`` along the
-  batch axis: caption i meets image i - shift. Text and boxes (the same grid for every image) are kept."""
-  return {k: jnp.roll(v, shift, axis=0) if k in VISUAL_FIELDS else v for k, v in batch.items()}
+  """``roll_fields`` of the visual side."""
+  return roll_fields(batch, VISUAL_FIELDS, shift=shift)
 
 
 class Evaluator:
@@ -46,8 +56,8 @@ class Evaluator:
         return loss_fn(params, b, rng, model=self.ctx.model, cfg=cfg, frozen=frozen, deterministic=True)[1]
 
       true = metrics(batch)
-      return {"loss": true["loss"], "accuracy": true["accuracy"],
-              "shuffled_loss": metrics(roll_images(batch))["loss"]}
+      shuffled = roll_fields(batch, CONDITION.get(task, VISUAL_FIELDS))
+      return {"loss": true["loss"], "accuracy": true["accuracy"], "shuffled_loss": metrics(shuffled)["loss"]}
 
     return evaluate
 
