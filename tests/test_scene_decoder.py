@@ -65,3 +65,12 @@ def test_render_scenes_draws_the_decoded_objects():
   red = np.array([215, 38, 38])
   assert np.abs(image[40, 40].astype(int) - red).max() < 30  # the square's centre is red
   assert np.abs(image[110, 110].astype(int) - red).max() > 60  # far from it is background
+
+
+def test_heads_file_errors_name_the_file(tmp_path):
+  with pytest.raises(FileNotFoundError, match="scene_decoder_heads"):
+    SD.load_heads(str(tmp_path / "nope.heads.npz"))
+  bad = tmp_path / "bad.heads.npz"
+  np.savez(bad, weight=np.zeros((2, 2)))
+  with pytest.raises(ValueError, match="missing"):
+    SD.load_heads(str(bad))

@@ -5,16 +5,18 @@ feature says what is in it. This PyTorch convnet is trained once, on rendered sc
 (disjoint from the dataset's splits and from the scene recogniser's pool; a different architecture and seed),
 to say per cell of the 8x8 grid:
 
-  shape / colour / size   of the object covering most of the cell (or "none")     cross-entropy
+  object                  whether an object covers at least 8% of the cell        cross-entropy
+  shape / colour / size   of the object covering most of the cell                cross-entropy, object cells
   coverage                the fraction of the cell that object covers             L1
-  centre                  where that object's centre lies, relative to the cell   L1
-  radius                  that object's radius, in cells                          L1
+  centre                  where that object's centre lies, relative to the cell   L1, object cells
+  radius                  that object's radius, in cells                          L1, object cells
   background              the background's type (4)                              cross-entropy
 
-Architecture: strided 3x3 convs to a stride-8 map with dilated residual context, RoI average pooling of
-each grid box (2x2 map cells per box), then ``fc6`` (a 1x1 layer, ReLU): the ``feature_dim``-wide cell
-features that ``tools/extract_features.py --backbone scenes_detector`` stores. The heads are linear on
-``fc6``, so everything above is linearly readable from the stored features.
+Architecture: strided 3x3 convs with batch norm to a stride-4 map (the cell's colours and edges) and a
+stride-8 map with dilated context (what object the cell belongs to), both RoI-average-pooled over the 64
+grid boxes, then ``fc6`` (linear, ReLU, ``feature_dim`` wide) and linear heads. The backbone stores ``fc6``
+or the heads' ``logits`` (``ScenesDetectorBackbone(layer=...)``); either way the heads' reading of a
+cluster centroid is the mean reading of its cells, which ``sampling.scene_decoder`` draws.
 
 ``load_or_train(directory)`` caches the trained weights (and resumes an interrupted training from its last
 checkpoint); ``ScenesDetectorBackbone`` is the extraction backbone.

@@ -17,6 +17,7 @@ SPADE generator (issue 13) that replaces both; the world's renderer makes it exa
 """
 
 import math
+import os
 from typing import Any, Mapping
 
 import numpy as np
@@ -37,7 +38,13 @@ _PATTERN = {"period": 12.0, "pattern_angle": 45.0, "amplitude": 14.0, "noise": 5
 def load_heads(path: str) -> dict[str, Any]:
   """The detector's heads from ``<detector>.heads.npz``: weight [O, D], bias [O], names, widths, and the
   constants the targets were scaled by (cell size, centre range)."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"--config.eval.generation.scene_decoder_heads={path}: no such file (the scenes "
+                            "detector writes <weights>.heads.npz beside its weights)")
   with np.load(path, allow_pickle=False) as f:
+    missing = {"weight", "bias", "names", "widths", "cell", "centre_range"} - set(f.files)
+    if missing:
+      raise ValueError(f"{path} is not a scenes-detector heads file: missing {sorted(missing)}")
     return {k: f[k] for k in f.files}
 
 
