@@ -83,10 +83,11 @@ def main(argv):
       meta = json.load(f)
     for decoder in _DECODERS.value:
       if decoder == "preview":
-        drawn = preview.render_preview(ids.reshape(len(dense), -1), preview.load_or_build_patch_table(v, records_dir))
+        table = preview.load_or_build_patch_table(v, records_dir)
+        drawn = preview.render_preview(ids.reshape(len(dense), -1), table)
       elif decoder == "scene" and weights:
-        attrs = scene_decoder.cluster_attributes(v.codebook, scene_decoder.load_heads(weights + scene_decoder.HEADS_SUFFIX),
-                                                   layer=_LAYER.value)
+        heads = scene_decoder.load_heads(weights + scene_decoder.HEADS_SUFFIX)
+        attrs = scene_decoder.cluster_attributes(v.codebook, heads, layer=_LAYER.value)
         drawn = scene_decoder.render_scenes(ids.reshape(len(dense), -1), attrs)
       else:
         continue

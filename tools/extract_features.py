@@ -30,7 +30,9 @@ _IMAGES_DIR = flags.DEFINE_string("images_dir", None, "coco: image folder.")
 _KARPATHY = flags.DEFINE_string("karpathy", None, "coco: Karpathy split file (dataset_coco.json).")
 _SPLIT = flags.DEFINE_list("split", ["train"], "Comma-separated splits to extract.")
 _BACKBONE = flags.DEFINE_string("backbone", "demo", "Backbone: demo, scenes_detector, resnet or frcnn.")
-_WEIGHTS = flags.DEFINE_string("weights", None, "resnet/frcnn: torch state dict (.pth), none = random init; scenes_detector: its trained file.")
+_WEIGHTS = flags.DEFINE_string("weights", None, "resnet/frcnn: torch state dict (.pth), none = random init; "
+                                "scenes_detector: the file scenes_detector.load_or_train wrote.")
+_DETECTOR_LAYER = flags.DEFINE_enum("detector_layer", "fc6", ["fc6", "logits"], "scenes_detector: which layer.")
 _SHORT_SIDE = flags.DEFINE_integer("short_side", None,
                                    "Resize short side (frcnn 800, resnet 448; demo: square size, 128).")
 _LAYER = flags.DEFINE_enum("frcnn_layer", "fc7", ["fc6", "fc7"], "frcnn: which box-head layer to output.")
@@ -83,7 +85,8 @@ def main(argv):
     torch.set_num_threads(_THREADS.value)
   backbone = backbones.build_backbone(
       _BACKBONE.value, weights=_WEIGHTS.value, short_side=_SHORT_SIDE.value, device=_DEVICE.value,
-      seed=_SEED.value, **({"layer": _LAYER.value} if _BACKBONE.value == "frcnn" else {}))
+      seed=_SEED.value, **({"layer": _LAYER.value} if _BACKBONE.value == "frcnn" else {}),
+      **({"layer": _DETECTOR_LAYER.value} if _BACKBONE.value == "scenes_detector" else {}))
   tok = tokenizer_lib.load_tokenizer(_VOCAB.value)
   batch_size = _BATCH_SIZE.value or (64 if _BACKBONE.value == "demo" else 4)
   for split in _SPLIT.value:

@@ -183,7 +183,8 @@ def train_detector(checkpoint: str | None = None, *, steps: int = 1000, seed: in
   """Trains the detector from scratch (deterministic given the arguments); returns (net, report).
 
   With ``checkpoint`` (a file path), the weights, Adam state and step are written there every
-  ``checkpoint_every`` steps and an interrupted training resumes from it exactly. ``stop_at`` > 0 stops after that step (a test
+  ``checkpoint_every`` steps and an interrupted training resumes from it exactly. ``stop_at`` > 0 stops
+  after that step (a test
   of the resume); the report then has ``"complete": False``.
   """
   t0 = time.time()
