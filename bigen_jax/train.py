@@ -219,6 +219,7 @@ def model_flops_per_example(config: ml_collections.ConfigDict, cycle: list[str])
   per_task = {"i2t": flops.train_flops(config.model) + 3 * 2 * config.model.hidden_size * (
       config.model.hidden_size + config.model.vocab_size),
               "t2i": flops.train_flops(config.model, image_logits=True)}
+
   def one(task):
     return per_task.get(task, flops.train_flops(config.model))
   if cycle == [JOINT]:
