@@ -115,8 +115,8 @@ class Evaluator:
       from bigen_jax.convert import io as convert_io  # pylint: disable=g-import-not-at-top
       self.inception = fid.inception_features_fn(convert_io.load_params(self.cfg.inception_weights))
     self.real_features = self._features(self.data["images"])
-    self.true_previews = self.draw(self.data["cluster_ids"])
-    self.reference = self.score_images(self.true_previews)
+    self.true_drawings = self.draw(self.data["cluster_ids"])
+    self.reference = self.score_images(self.true_drawings)
     self.preview_reference = None
     if self.scene_attrs is not None:  # the patch preview stays as a baseline row
       self.preview_reference = self.score_images(preview.render_preview(self.data["cluster_ids"], self.table))
@@ -185,11 +185,11 @@ class Evaluator:
     return {f"{NAME}/{k}": float(v) for k, v in out.items()}
 
   def save_grid(self, images: np.ndarray, step: int, *, variants: dict[str, np.ndarray] | None = None) -> str:
-    """PNG: caption | real image | preview of its true tokens | preview of the generated tokens [N, H, W, 3]
-    | one preview per ``variants`` (name -> images [N, H, W, 3])."""
+    """PNG: caption | real image | drawing of its true tokens | drawing of the generated tokens [N, H, W, 3]
+    | one drawing per ``variants`` (name -> images [N, H, W, 3])."""
     variants = variants or {}
     k = min(self.cfg.grid_images, len(images))
-    rows = [[self.data["images"][i], self.true_previews[i], images[i], *(v[i] for v in variants.values())]
+    rows = [[self.data["images"][i], self.true_drawings[i], images[i], *(v[i] for v in variants.values())]
             for i in range(k)]
     labels = " | ".join(("real", "true tokens", "generated", *variants))
     sheet = viz.captioned_grid(rows, [f"{c}  ({labels})" for c in self.captions[:k]], tile=160, wrap=40)
