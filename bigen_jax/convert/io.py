@@ -6,8 +6,10 @@ from typing import Any
 import flax.traverse_util
 import numpy as np
 
+from bigen_jax import errors
 
-class ConversionError(ValueError):
+
+class ConversionError(errors.UserError):
   """A state dict that does not fit the model: unknown, missing or mis-shaped tensors."""
 
 

@@ -28,6 +28,8 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from bigen_jax import errors
+
 SCHEMA_VERSION = 1
 GRID = 8
 NUM_CELLS = GRID * GRID
@@ -35,7 +37,7 @@ MANIFEST_NAME = "manifest.json"
 REQUIRED_MANIFEST_KEYS = ("version", "backbone", "feature_dim", "grid", "max_len", "splits")
 
 
-class DataError(ValueError):
+class DataError(errors.UserError):
   """Bad or inconsistent data on disk; the message names the file or field."""
 
 

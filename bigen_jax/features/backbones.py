@@ -24,6 +24,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 import torch  # pylint: disable=g-import-not-at-top
 import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
 
+from bigen_jax import errors  # pylint: disable=g-import-not-at-top
 from bigen_jax.data import records  # pylint: disable=g-import-not-at-top
 
 try:  # No compilation: torchvision ops must not fall back to inductor (hundreds of MB under /tmp).
@@ -35,7 +36,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class WeightsError(ValueError):
+class WeightsError(errors.UserError):
   """A weights file that cannot be loaded into a backbone; the message names the file and the keys."""
 
 
