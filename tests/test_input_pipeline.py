@@ -67,6 +67,23 @@ def test_exact_resume_across_epochs(records_dir):
       np.testing.assert_array_equal(want[k], got[k])
 
 
+@pytest.mark.parametrize("consumed", [4, 8, 3])  # the end of epoch 0, of epoch 1, and mid-epoch
+def test_every_state_resumes(records_dir, consumed):
+  """Any position ``get_state`` reports can be restored, epoch ends included (the iterator rolls over
+  lazily, so the raw position after an epoch's last batch is one past it)."""
+  reference = _take(_it(records_dir), consumed + 3)
+  it = _it(records_dir)
+  _take(it, consumed)
+  resumed = _it(records_dir)
+  resumed.set_state(it.get_state())
+  for want, got in zip(reference[consumed:], _take(resumed, 3)):
+    np.testing.assert_array_equal(want["index"], got["index"])
+    np.testing.assert_array_equal(want["text_ids"], got["text_ids"])
+  legacy = _it(records_dir)  # the un-normalised end-of-epoch state older checkpoints hold
+  legacy.set_state({"epoch": 0, "batch_in_epoch": 4})
+  assert legacy.get_state() == {"epoch": 1, "batch_in_epoch": 0}
+
+
 def test_save_restore_file(tmp_path, records_dir):
   it = _it(records_dir)
   _take(it, 3)

@@ -110,12 +110,22 @@ class BatchIterator(dataset_iterator.DatasetIterator):
 
   # --- state -----------------------------------------------------------------------------------------
   def get_state(self) -> dict[str, int]:
-    return {"epoch": self._epoch, "batch_in_epoch": self._batch_in_epoch}
+    """The position of the next batch, normalised: after an epoch's last batch it is the next epoch's start."""
+    return self._normalised(self._epoch, self._batch_in_epoch)
 
   def set_state(self, state: Mapping[str, int]) -> None:
-    if not 0 <= state["batch_in_epoch"] < max(self.batches_per_epoch, 1):
+    """Continues at ``state``; the end of a training epoch (written by earlier versions) means the next start."""
+    epoch, batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
+    limit = self.batches_per_epoch + (1 if self.train else 0)
+    if epoch < 0 or not 0 <= batch_in_epoch < max(limit, 1):
       raise ValueError(f"iterator state {dict(state)} is outside an epoch of {self.batches_per_epoch} batches")
-    self._epoch, self._batch_in_epoch, self._it = int(state["epoch"]), int(state["batch_in_epoch"]), None
+    state = self._normalised(epoch, batch_in_epoch)
+    self._epoch, self._batch_in_epoch, self._it = state["epoch"], state["batch_in_epoch"], None
+
+  def _normalised(self, epoch: int, batch_in_epoch: int) -> dict[str, int]:
+    if self.train and batch_in_epoch >= self.batches_per_epoch:
+      return {"epoch": epoch + 1, "batch_in_epoch": 0}
+    return {"epoch": epoch, "batch_in_epoch": batch_in_epoch}
 
   def save(self, filename) -> None:
     records.write_json_atomic(str(filename), self.get_state())
