@@ -245,13 +245,15 @@ class _History:
         f.write(json.dumps({"step": step, **scalars}) + "\n")
 
 
-def _summarise(pending: list[tuple[int, str, dict]], last_good: int | None, workdir: str) -> dict[str, float]:
-  """Means of the metrics since the last log, per task; stops on a non-finite loss."""
+def _summarise(pending: list[tuple[int, str, dict]], ckpt: checkpoint.Checkpointer) -> dict[str, float]:
+  """Means of the metrics since the last log, per task; stops on a non-finite loss, naming the newest
+  checkpoint that still verifies."""
   fetched = jax.device_get(pending)
   sums, counts = {}, {}
   for step, task, metrics in fetched:
     if not np.isfinite(metrics["loss"]):
-      where = f"step {last_good} in {workdir}" if last_good is not None else "none yet"
+      last_good = ckpt.newest_verified_step()
+      where = f"step {last_good} in {ckpt.directory}" if last_good is not None else "none yet"
       raise FloatingPointError(f"non-finite {task} loss ({metrics['loss']}) at step {step + 1}; last good "
                                f"checkpoint: {where}")
     for key, value in metrics.items():
@@ -286,7 +288,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   # The state is placed by ``out_shardings``; activations are constrained only inside the mesh context below.
   abstract, shardings, init = create_state(ctx, tx, ctx.vocab.codebook)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=config.checkpoint.every,
-                                 keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+                                 keep=config.checkpoint.keep, async_save=config.checkpoint.async_save,
+                                 fallback=config.checkpoint.get("fallback", True))
   data = input_pipeline.create_iterator(
       records_dir=config.data.records_dir, split=config.data.train_split, global_batch_size=config.batch_size,
       seed=config.seed, vocab_dir=config.data.vocab_dir, shuffle_buffer=config.data.shuffle_buffer,
@@ -321,7 +324,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         report(step)
         save_now = ckpt.manager.should_save(step) or step == last
         if step % config.log_every == 0 or save_now:
-          summary = _summarise(pending, ckpt.latest_step(), workdir)
+          summary = _summarise(pending, ckpt)
           n, pending = len({s for s, _, _ in pending}), []
           elapsed, t_log = time.time() - t_log, time.time()
           summary.update({"steps_per_sec": n / elapsed, "examples_per_sec": n * config.batch_size / elapsed})
@@ -341,7 +344,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
           writer.write_scalars(step, results)
           history.write(step, results)
         if (jax.process_count() == 1 or step % config.log_every == 0) and stop.should_stop():
-          _summarise(pending, ckpt.latest_step(), workdir)
+          _summarise(pending, ckpt)
           if ckpt.latest_step() != step:
             ckpt.save(step, state, data.get_state(), force=True)
           logging.warning("stopped by signal at step %d; checkpoint written", step)

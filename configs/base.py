@@ -51,7 +51,9 @@ def get_config(model: str = "paper") -> ml_collections.ConfigDict:
   config.axis_rules = model_config.AXIS_RULES
 
   config.log_every = 100
-  config.checkpoint = ml_collections.ConfigDict(dict(every=1000, keep=3, async_save=True))
+  # fallback: a newest step that fails its sha256 record or cannot be read is moved aside and the next newest
+  # is restored; False stops the run instead.
+  config.checkpoint = ml_collections.ConfigDict(dict(every=1000, keep=3, async_save=True, fallback=True))
   config.eval = ml_collections.ConfigDict(dict(every=5000, evaluators=("validation_loss",), num_batches=20,
                                                batch_size=0))
   # Generation evaluators (bigen_jax/eval/captioning.py, generation.py); batch sizes divide the devices.

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import pytest
 
+from bigen_jax import checkpoint
 from bigen_jax import train
 from bigen_jax.convert import io as convert_io
 from bigen_jax.data import tokenizer
@@ -183,12 +184,49 @@ def test_two_processes_give_the_losses_of_one(tmp_path, data):
   np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], rtol=0, atol=1e-5)
 
 
-def test_non_finite_loss_names_step_and_checkpoint():
+def test_non_finite_loss_names_the_newest_verified_checkpoint(tmp_path):
+  directory = str(tmp_path / "checkpoints")
+  ckpt = checkpoint.Checkpointer(directory, save_every=1, async_save=False)
   pending = [(0, "i2t", {"loss": np.float32(2.0)}), (1, "t2i", {"loss": np.float32(np.nan)})]
+  with pytest.raises(FloatingPointError, match=r"at step 2; last good checkpoint: none yet"):
+    train._summarise(pending, ckpt)
+  for step in (1, 2):
+    ckpt.save(step, {"w": np.full(256, step, np.float32)}, {"epoch": 0, "batch_in_epoch": step})
+  with open(os.path.join(directory, "2", "state", "_METADATA"), "ab") as f:
+    f.write(b" ")  # the newest step no longer matches its record
   with pytest.raises(FloatingPointError, match=r"non-finite t2i loss \(nan\) at step 2; last good checkpoint: "
-                                               r"step 1 in /w"):
-    train._summarise(pending, 1, "/w")
-  assert train._summarise(pending[:1], None, "/w") == {"i2t/loss": 2.0}
+                                               rf"step 1 in {directory}"):
+    train._summarise(pending, ckpt)
+  assert train._summarise(pending[:1], ckpt) == {"i2t/loss": 2.0}
+  ckpt.close()
+
+
+def test_resume_at_an_epoch_end_and_after_a_fallback_is_exact(tmp_path, data, capsys):
+  """40 examples in batches of 8: a job slice ending at step 5 ends epoch 0. A corrupt newest checkpoint
+  (10) is moved aside and the run continues from 5 with the losses of the run that wrote it."""
+  settings = {"total_steps": 12, "checkpoint.every": 5}
+  reference = str(tmp_path / "reference")
+  train.train_and_evaluate(_config(data, **settings), reference)
+  want = _losses(reference)
+
+  sliced = str(tmp_path / "sliced")
+  train.train_and_evaluate(_config(data, stop_at_step=5, **settings), sliced)
+  with open(os.path.join(sliced, "checkpoints", "5", "data", "metadata")) as f:
+    assert json.load(f) == {"epoch": 1, "batch_in_epoch": 0}
+  train.train_and_evaluate(_config(data, **settings), sliced)
+  assert _losses(sliced) == want
+
+  corrupt = str(tmp_path / "corrupt")
+  train.train_and_evaluate(_config(data, stop_at_step=10, **settings), corrupt)
+  state_dir = os.path.join(corrupt, "checkpoints", "10", "state")
+  victim = max((os.path.join(d, f) for d, _, fs in os.walk(state_dir) for f in fs), key=os.path.getsize)
+  with open(victim, "r+b") as f:
+    f.seek(os.path.getsize(victim) // 2)
+    f.write(b"\x00" * 64)
+  train.train_and_evaluate(_config(data, **settings), corrupt)
+  assert "checkpoint step 10" in capsys.readouterr().out
+  assert _losses(corrupt) == want
+  assert sorted(int(s) for s in os.listdir(os.path.join(corrupt, "checkpoints")) if s.isdigit()) == [5, 10, 12]
 
 
 def test_init_from_converted_params(tmp_path, data):
