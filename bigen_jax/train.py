@@ -22,6 +22,7 @@ import numpy as np
 import optax
 
 from bigen_jax import checkpoint
+from bigen_jax import config_checks
 from bigen_jax import optim
 from bigen_jax import parallel
 from bigen_jax import tasks as tasks_lib
@@ -264,7 +265,9 @@ def _summarise(pending: list[tuple[int, str, dict]], ckpt: checkpoint.Checkpoint
 
 
 def build_context(config: ml_collections.ConfigDict, workdir: str) -> Context:
-  """Resolves ``config`` against the data and lays out the mesh: what training and evaluation share."""
+  """Checks ``config``, resolves it against the data and lays out the mesh: what training and evaluation
+  share."""
+  config_checks.check_config(config)
   config, tok, vocab = resolve_config(config)
   os.makedirs(workdir, exist_ok=True)
   devices = jax.devices()[:config.mesh.num_devices] if config.mesh.get("num_devices") else None

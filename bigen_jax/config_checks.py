@@ -1,0 +1,61 @@
+"""Checks of a training config that run before any compute; each error names the ``--config.`` flag.
+
+What the data decides (vocabulary sizes, feature dimension) is checked later by ``train.resolve_config``
+against the records; here: step counts, batch sizes against the devices, the mesh, task weights.
+"""
+
+import jax
+import ml_collections
+
+from bigen_jax import errors
+from bigen_jax import parallel
+
+_EVAL_BATCHES = {"captioning": "eval.captioning.batch_size", "generation": "eval.generation.batch_size"}
+
+
+def _require(ok: bool, flag: str, value, why: str) -> None:
+  if not ok:
+    raise errors.ConfigError(f"--config.{flag}={value!r}: {why}")
+
+
+def check_config(config: ml_collections.ConfigDict, num_devices: int | None = None,
+                 process_count: int | None = None) -> tuple[int, int, int]:
+  """Raises ``ConfigError`` for a config that cannot run on ``num_devices`` (default: all) devices over
+  ``process_count`` processes; returns the mesh shape (data, fsdp, tensor)."""
+  available = jax.device_count() if num_devices is None else num_devices
+  processes = jax.process_count() if process_count is None else process_count
+  for flag in ("total_steps", "batch_size", "log_every", "checkpoint.every", "checkpoint.keep"):
+    value = config
+    for part in flag.split("."):
+      value = value[part]
+    _require(isinstance(value, int) and value > 0, flag, value, "must be a positive integer")
+  _require(config.stop_at_step >= 0, "stop_at_step", config.stop_at_step, "must be >= 0 (0: total_steps)")
+  _require(config.eval.every >= 0, "eval.every", config.eval.every, "must be >= 0 (0: no evaluation)")
+  if config.eval.every:
+    _require(config.eval.num_batches > 0, "eval.num_batches", config.eval.num_batches, "must be positive")
+  for name, task in config.tasks.items():
+    _require(task.weight >= 0, f"tasks.{name}.weight", task.weight, "must be >= 0")
+  _require(config.optimizer.lr > 0, "optimizer.lr", config.optimizer.lr, "must be positive")
+
+  wanted = int(config.mesh.get("num_devices") or 0)
+  _require(0 <= wanted <= available, "mesh.num_devices", wanted,
+           f"there are {available} devices (0 uses all of them)")
+  try:
+    shape = parallel.mesh_shape(config, wanted or available)
+  except ValueError as e:
+    raise errors.ConfigError(f"--config.mesh ({dict(config.mesh)}): {e}") from None
+  data_parallel = shape[0] * shape[1]
+
+  def divisible(flag: str, batch: int) -> None:
+    _require(batch > 0 and batch % data_parallel == 0 and batch % processes == 0, flag, batch,
+             f"must be a positive multiple of the {data_parallel} data-parallel devices (mesh data x fsdp = "
+             f"{shape[0]} x {shape[1]}) and of the {processes} processes")
+
+  divisible("batch_size", config.batch_size)
+  if config.eval.every:
+    if config.eval.batch_size:
+      divisible("eval.batch_size", config.eval.batch_size)
+    for evaluator, flag in _EVAL_BATCHES.items():
+      if evaluator in config.eval.evaluators:
+        divisible(flag, config.eval[evaluator].batch_size)
+  return shape
