@@ -136,16 +136,15 @@ def read_pipeline(records_dir, vocab_dir, seed, steps=20, batch_size=32):
 
 def contact_sheet(records_dir, vocab_dir, tok, k, path, n=8):
   """Validation images | k-means token map, with two of their captions, as one PNG."""
-  import io  # pylint: disable=g-import-not-at-top
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   from bigen_jax import viz  # pylint: disable=g-import-not-at-top
+  from bigen_jax.data import images  # pylint: disable=g-import-not-at-top
   from bigen_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   it = input_pipeline.create_iterator(records_dir=records_dir, split="validation", global_batch_size=n,
                                       seed=0, vocab_dir=vocab_dir, train=False, with_images=True)
   batch = next(it)
   rows, texts = [], []
   for i in range(n):
-    image = np.asarray(Image.open(io.BytesIO(batch["image"][i])).convert("RGB"))
+    image = images.decode_image(batch["image"][i])
     rows.append([image, viz.token_map(batch["cluster_ids"][i], k, size=256)])
     caps = tok.decode(batch["caption_ids"][i][:2])
     texts.append(" | ".join(caps))
@@ -187,10 +186,9 @@ def caption_sheet(state, config, tok, path, n=12):
   """Greedy captions of ``n`` validation images as a PNG of cards: each image over its whole generated caption,
   its first reference caption and whether the claim checker finds the generated caption true of the image's
   scene graph. Returns (generated, reference, true or None off the scenes world) per image."""
-  import io  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   from bigen_jax import viz  # pylint: disable=g-import-not-at-top
+  from bigen_jax.data import images as images_lib  # pylint: disable=g-import-not-at-top
   from bigen_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   from bigen_jax.data import records  # pylint: disable=g-import-not-at-top
   from bigen_jax.data import scenes_grammar  # pylint: disable=g-import-not-at-top
@@ -213,7 +211,7 @@ def caption_sheet(state, config, tok, path, n=12):
             else [scenes_grammar.check_caption(c, g) for c, g in zip(generated, graphs)])
   verdicts = {True: ("claim check: TRUE", (0, 140, 0)), False: ("claim check: FALSE", (200, 0, 0)),
               None: ("claim check: n/a (no scene graph)", (120, 120, 120))}
-  images = [np.asarray(Image.open(io.BytesIO(batch["image"][i])).convert("RGB")) for i in range(n)]
+  images = [images_lib.decode_image(batch["image"][i]) for i in range(n)]
   texts = [[(f"model: {g}", (0, 0, 0)), (f"reference: {r}", (70, 70, 160)), verdicts[t]]
            for g, r, t in zip(generated, references, truths)]
   viz.save_png(viz.caption_cards(images, texts, tile=192, columns=4), path)

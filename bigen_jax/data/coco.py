@@ -5,8 +5,8 @@ Two readers:
                    image folder, optionally split by Karpathy's ``dataset_coco.json`` (train = train +
                    restval, validation = val, test = test: 113,287 / 5,000 / 5,000 images).
   ``tfds_source``  the TFDS ``coco_captions`` dataset, for users who have prepared it.
-Images are read lazily (PIL, converted to RGB: COCO has grayscale and CMYK files); a missing or unreadable
-image raises ``DataError`` naming the file.
+Images are read lazily by ``images.decode_image`` (COCO has grayscale and CMYK files); a missing or
+unreadable image raises ``DataError`` naming the file.
 """
 
 import json
@@ -14,8 +14,8 @@ import os
 from typing import Any, Iterator
 
 import numpy as np
-from PIL import Image
 
+from bigen_jax.data import images
 from bigen_jax.data.records import DataError
 
 KARPATHY_SPLITS = {"train": ("train", "restval"), "validation": ("val",), "val": ("val",), "test": ("test",)}
@@ -38,14 +38,8 @@ def _field(obj: Any, key: str, path: str, where: str) -> Any:
 
 
 def load_image(path: str) -> np.ndarray:
-  """uint8 [H, W, 3] RGB; DataError naming the file when it is missing or not a readable image."""
-  if not os.path.isfile(path):
-    raise DataError(f"image {path} does not exist")
-  try:
-    with Image.open(path) as im:
-      return np.asarray(im.convert("RGB"))
-  except (OSError, ValueError, Image.DecompressionBombError) as e:
-    raise DataError(f"image {path} cannot be read: {e}") from e
+  """uint8 [H, W, 3] RGB (``images.decode_image``); DataError naming the file when it is missing or unreadable."""
+  return images.decode_image(path)
 
 
 class CocoSource:

@@ -5,14 +5,13 @@ process reads the same first ``num_examples`` records of the split; decoding run
 (``to_global``) and its outputs come back whole to every process (``gather``).
 """
 
-import io
 from typing import Any
 
 import jax
 from jax.experimental import multihost_utils
 import numpy as np
-from PIL import Image
 
+from bigen_jax.data import images as images_lib
 from bigen_jax.data import input_pipeline
 from bigen_jax.data import records
 
@@ -38,7 +37,8 @@ def load(config, *, split: str, num_examples: int = 0, with_images: bool = False
   out = {k: data[k] for k in FIELDS if k in data}
   out["references"] = [[c.decode("utf-8") for c in row if c] for row in data["captions"]]
   if with_images:
-    out["images"] = np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in data["image"]])
+    out["images"] = np.stack([images_lib.decode_image(b, name=f"the image of record {i} of split {split!r}")
+                              for i, b in zip(data["index"], data["image"])])
   return out
 
 

@@ -6,13 +6,13 @@ representative). The result shows what the tokens encode (shape, colour, positio
 called ``preview`` everywhere so nobody mistakes it for the paper's generator.
 """
 
-import io
 import os
 
 from absl import logging
 import numpy as np
 from PIL import Image
 
+from bigen_jax.data import images
 from bigen_jax.data import records
 from bigen_jax.data import vocab as vocab_lib
 
@@ -22,7 +22,7 @@ PATCHES_NAME = "preview_patches.npy"
 def _cells(image_png: bytes, patch: int, grid: int) -> np.ndarray:
   """An encoded image -> its grid cells uint8 [grid*grid, patch, patch, 3] (row-major, like the boxes)."""
   size = patch * grid
-  image = np.asarray(Image.open(io.BytesIO(image_png)).convert("RGB").resize((size, size), Image.BILINEAR))
+  image = np.asarray(Image.fromarray(images.decode_image(image_png)).resize((size, size), Image.BILINEAR))
   return image.reshape(grid, patch, grid, patch, 3).transpose(0, 2, 1, 3, 4).reshape(grid * grid, patch,
                                                                                       patch, 3)
 
