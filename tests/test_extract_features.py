@@ -123,6 +123,19 @@ def test_resnet_grid_is_avg_pool_of_layer4(resnet):
   np.testing.assert_allclose(resnet([im])[0], want, rtol=1e-4, atol=1e-5)
 
 
+def test_resnet_caps_the_long_side(resnet):
+  assert tuple(resnet.preprocess(_images(1, 4, 400)[0]).shape) == (3, 13, 1333)  # not 256 x 25600
+  assert resnet.config()["max_side"] == 1333
+  assert tuple(resnet.preprocess(_images(1, 400, 4)[0]).shape) == (3, 1333, 13)
+  assert tuple(resnet.preprocess(_images(1, 64, 96)[0]).shape) == (3, 256, 384)  # short side when it fits
+  resnet.max_side = 300
+  try:
+    assert tuple(resnet.preprocess(_images(1, 64, 96)[0]).shape) == (3, 200, 300)
+    assert resnet([_images(1, 4, 400)[0]]).shape == (1, 64, 2048)
+  finally:
+    resnet.max_side = 1333
+
+
 def test_unknown_backbone():
   with pytest.raises(ValueError, match=r"unknown backbone 'vgg'.*demo.*frcnn.*resnet"):
     backbones.build_backbone("vgg")

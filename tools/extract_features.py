@@ -35,6 +35,9 @@ _WEIGHTS = flags.DEFINE_string("weights", None, "resnet/frcnn: torch state dict 
 _DETECTOR_LAYER = flags.DEFINE_enum("detector_layer", "fc6", ["fc6", "logits"], "scenes_detector: which layer.")
 _SHORT_SIDE = flags.DEFINE_integer("short_side", None,
                                    "Resize short side (frcnn 800, resnet 448; demo: square size, 128).")
+_MAX_SIDE = flags.DEFINE_integer("max_side", 1333, "resnet/frcnn: cap on the resized long side (the short side is "
+                                 "smaller for long thin images); demo/scenes_detector resize to a fixed square.",
+                                 lower_bound=1)
 _LAYER = flags.DEFINE_enum("frcnn_layer", "fc7", ["fc6", "fc7"], "frcnn: which box-head layer to output.")
 _OUT = flags.DEFINE_string("out", None, "Output directory (shards + manifest.json).", required=True)
 _VOCAB = flags.DEFINE_string("vocab", None, "Tokenizer vocab.txt (BERT WordPiece).", required=True)
@@ -86,6 +89,7 @@ def main(argv):
   backbone = backbones.build_backbone(
       _BACKBONE.value, weights=_WEIGHTS.value, short_side=_SHORT_SIDE.value, device=_DEVICE.value,
       seed=_SEED.value, **({"layer": _LAYER.value} if _BACKBONE.value == "frcnn" else {}),
+      **({"max_side": _MAX_SIDE.value} if _BACKBONE.value in ("resnet", "frcnn") else {}),
       **({"layer": _DETECTOR_LAYER.value} if _BACKBONE.value == "scenes_detector" else {}))
   tok = tokenizer_lib.load_tokenizer(_VOCAB.value)
   batch_size = _BATCH_SIZE.value or (64 if _BACKBONE.value == "demo" else 4)

@@ -8,6 +8,8 @@ Cells are row-major, cell (i, j) covering ``records.grid_boxes()[i * 8 + j]``.
   resnet  torchvision ResNet-50 C5 (layer4) average-pooled to 8x8, D = 2048, short side 448
   frcnn   torchvision Faster R-CNN R50-FPN: RoIAlign of the 64 cell boxes + box head (fc7, or fc6),
           D = the head width (1024 in torchvision, taken from the weights file if it differs), short side 800
+resnet and frcnn resize the short side to ``short_side`` unless the long side would exceed ``max_side`` (1333),
+in which case the long side is ``max_side``: a 20 x 4000 image must not become 224 x 44800.
 
 ``build_backbone(name, weights=..., short_side=..., device=...)`` is the entry point. Without a weights file
 ``resnet`` and ``frcnn`` are randomly initialised (seeded), which is only good for testing.
@@ -191,19 +193,28 @@ class ResNetBackbone(_TorchvisionBackbone):
   feature_dim = 2048
   ignore_prefixes = ("fc.",)  # the classifier is never run (and its size varies)
 
-  def __init__(self, *, weights=None, short_side=448, seed=0, device="cpu"):
+  def __init__(self, *, weights=None, short_side=448, max_side=1333, seed=0, device="cpu"):
+    if short_side < 1 or max_side < 1:
+      raise ValueError(f"resnet short_side and max_side must be positive, got {short_side}, {max_side}")
     self.image_size = int(short_side)
+    self.max_side = int(max_side)
     super().__init__(weights=weights, seed=seed, device=device)
+
+  def config(self):
+    cfg = super().config()
+    cfg.update(max_side=self.max_side)
+    return cfg
 
   def build(self, state):
     import torchvision  # pylint: disable=g-import-not-at-top
     return torchvision.models.resnet50(weights=None)
 
   def preprocess(self, im: np.ndarray) -> torch.Tensor:
-    """uint8 [H, W, 3] -> normalised float [3, H', W'] with short side ``image_size`` (bilinear, antialiased)."""
+    """uint8 [H, W, 3] -> normalised float [3, H', W'] with short side ``image_size``, or long side ``max_side``
+    if that is smaller (bilinear, antialiased)."""
     x = _to_float(im, self.device)
     h, w = x.shape[-2:]
-    s = self.image_size / min(h, w)
+    s = min(self.image_size / min(h, w), self.max_side / max(h, w))
     size = (max(1, round(h * s)), max(1, round(w * s)))
     if size != (h, w):
       x = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
