@@ -4,6 +4,8 @@ import io
 import json
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -16,6 +18,8 @@ import torch.nn.functional as F  # pylint: disable=g-import-not-at-top,wrong-imp
 from bigen_jax.data import records  # pylint: disable=g-import-not-at-top,wrong-import-position
 from bigen_jax.features import backbones  # pylint: disable=g-import-not-at-top,wrong-import-position
 from bigen_jax.features import extract  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _images(n, h=64, w=64, seed=0):
@@ -320,3 +324,24 @@ def test_source_shorter_than_requested(tmp_path, tok):
   assert bb.images == 0
   with pytest.raises(ValueError, match="num_examples"):
     _extract(tmp_path / "x", tok, source=iter(_source(2)))
+
+
+def test_repaired_shard_is_byte_identical_in_another_process_and_keeps_the_vocabulary(tmp_path, tok):
+  from bigen_jax.data import vocab  # pylint: disable=g-import-not-at-top
+  out, vocab_dir = tmp_path / "records", str(tmp_path / "vocab")
+  entry = _extract(out, tok)
+  vocab.build_vocab(str(out), vocab_dir, k=4, iterations=2, sample_size=200)
+  shard = out / entry["shards"][1]["file"]
+  data = shard.read_bytes()
+  flipped = bytearray(data)
+  flipped[len(data) // 2:len(data) // 2 + 8] = bytes(255 - b for b in flipped[len(data) // 2:len(data) // 2 + 8])
+  shard.write_bytes(bytes(flipped))
+  # The repair runs in a fresh process, as a re-run of the tool would (protobuf map order is per process).
+  script = (f"import sys; sys.path[:0] = [{ROOT!r}, {os.path.join(ROOT, 'tests')!r}]\n"
+            "from bigen_jax.data import tokenizer\n"
+            "import test_extract_features as t\n"
+            f"t._extract({str(out)!r}, tokenizer.load_tokenizer({tok.vocab_path!r}))\n")
+  subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, cwd=ROOT)
+  assert shard.read_bytes() == data
+  assert records.read_manifest(str(out))["splits"]["train"] == entry
+  vocab.load_vocab(vocab_dir, records_dir=str(out))  # fingerprint unchanged: no k-means rebuild

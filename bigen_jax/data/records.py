@@ -62,7 +62,8 @@ def _tf():
 
 def encode_example(*, index: int, image_id: int, key: str, dense: np.ndarray, boxes: np.ndarray,
                    caption_ids: np.ndarray, captions: Iterable[str], image: bytes = b"") -> bytes:
-  """Serialises one image's record. ``dense`` [64, D] (stored as float16), ``caption_ids`` [N, L]."""
+  """Serialises one image's record, byte-reproducibly. ``dense`` [64, D] (stored as float16), ``caption_ids``
+  [N, L]."""
   tf = _tf()
   dense = np.asarray(dense)
   if dense.ndim != 2 or dense.shape[0] != NUM_CELLS:
@@ -87,7 +88,9 @@ def encode_example(*, index: int, image_id: int, key: str, dense: np.ndarray, bo
       "captions": tf.train.Feature(bytes_list=tf.train.BytesList(value=captions)),
       "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image])),
   }
-  return tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString()
+  # deterministic=True sorts the feature map: protobuf's default map order differs from process to process, and
+  # a shard rewritten after corruption must have the bytes (sha256) the visual vocabulary was fingerprinted on.
+  return tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString(deterministic=True)
 
 
 def make_parse_fn(feature_dim: int, max_len: int):
