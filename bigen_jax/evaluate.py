@@ -19,6 +19,9 @@ import jax  # pylint: disable=g-import-not-at-top
 import ml_collections  # pylint: disable=g-import-not-at-top
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
+from bigen_jax import cli  # pylint: disable=g-import-not-at-top
+from bigen_jax import errors  # pylint: disable=g-import-not-at-top
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "The run's training configuration.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run's directory (checkpoints/ inside).", required=True)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
@@ -32,13 +35,37 @@ def markdown_table(results: dict[str, float], step: int) -> str:
   return "\n".join(lines) + "\n"
 
 
+def checkpoint_steps(workdir: str, step: int | None = None) -> list[int]:
+  """The steps saved in ``workdir/checkpoints`` (integer-named directories; unfinished ``*.orbax-checkpoint-tmp*``
+  ones are not steps), read without creating anything.
+
+  Raises ``UserError`` when the workdir does not exist, holds no checkpoint, or lacks ``step``.
+  """
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.exists(workdir):
+    raise errors.UserError(f"--workdir={workdir} does not exist")
+  if not os.path.isdir(workdir):
+    raise errors.UserError(f"--workdir={workdir} is not a directory")
+  names = os.listdir(directory) if os.path.isdir(directory) else []
+  steps = sorted(int(n) for n in names if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
+  if not steps:
+    raise errors.UserError(f"no checkpoints in {directory}: is --workdir={workdir} a training run's directory?")
+  if step is not None and step not in steps:
+    raise errors.UserError(f"no checkpoint step {step} in {directory}: available steps are {steps}")
+  return steps
+
+
 def evaluate(config: ml_collections.ConfigDict, workdir: str, *, step: int | None = None,
              evaluators: list[str] | None = None) -> tuple[dict[str, float], int]:
   """Restores ``step`` (default latest) of the run in ``workdir`` and runs ``evaluators``; returns
-  (results, step) and writes them under ``workdir/eval``."""
+  (results, step) and writes them under ``workdir/eval``.
+
+  A missing workdir, checkpoint or step raises ``UserError`` before anything is loaded or created.
+  """
   from bigen_jax import checkpoint, optim, train  # pylint: disable=g-import-not-at-top
   from bigen_jax.data import records  # pylint: disable=g-import-not-at-top
   from bigen_jax.eval import registry  # pylint: disable=g-import-not-at-top
+  checkpoint_steps(workdir, step)
   ctx = train.build_context(config, workdir)
   tx, _ = optim.make_optimizer(ctx.config.optimizer, ctx.config.total_steps)
   abstract, _, _ = train.create_state(ctx, tx, ctx.vocab.codebook)
@@ -72,4 +99,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  cli.run(main)

@@ -16,6 +16,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags  # pylint: disable=g-import-not-at-top
 
+from bigen_jax import cli  # pylint: disable=g-import-not-at-top
+
 _RECORDS = flags.DEFINE_string("records", None, "Records directory (tools/extract_features.py --out).",
                                required=True)
 _OUT = flags.DEFINE_string("out", None, "Output directory of the vocabulary.", required=True)
@@ -35,4 +37,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

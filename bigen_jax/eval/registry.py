@@ -7,6 +7,8 @@ trainer and by ``bigen_jax.evaluate``. Metric names are prefixed with the evalua
 
 import importlib
 
+from bigen_jax import errors
+
 
 def create(name: str, ctx):
   """The evaluator ``name`` (a module of ``bigen_jax.eval``) for the training context ``ctx``."""
@@ -15,8 +17,8 @@ def create(name: str, ctx):
   except ModuleNotFoundError as e:
     if e.name != f"bigen_jax.eval.{name}":
       raise
-    raise ValueError(f"config.eval.evaluators names {name!r}, but there is no module bigen_jax/eval/{name}.py"
-                     ) from e
+    raise errors.ConfigError(f"config.eval.evaluators names {name!r}, but there is no module "
+                             f"bigen_jax/eval/{name}.py") from e
   if not hasattr(module, "Evaluator"):
     raise ValueError(f"bigen_jax/eval/{name}.py has no Evaluator class")
   return module.Evaluator(ctx)

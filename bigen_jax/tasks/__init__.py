@@ -8,6 +8,7 @@ The trainer looks tasks up here by name; a new task (SCST, CLIP loss, pretrainin
 module plus one line below, and the training loop does not change.
 """
 
+from bigen_jax import errors
 from bigen_jax.tasks import i2t
 from bigen_jax.tasks import itm
 from bigen_jax.tasks import t2i
@@ -17,5 +18,5 @@ TASKS = {"i2t": i2t.loss_fn, "t2i": t2i.loss_fn, "itm": itm.loss_fn}
 
 def get_task(name: str):
   if name not in TASKS:
-    raise ValueError(f"unknown task {name!r} in config.tasks: known tasks are {sorted(TASKS)}")
+    raise errors.ConfigError(f"unknown task {name!r} in config.tasks: known tasks are {sorted(TASKS)}")
   return TASKS[name]
