@@ -4,7 +4,8 @@ r"""Converts a torchvision ``inception_v3`` state dict into Flax variables of ``
       --out checkpoints/inception_v3.npz
 
 Input: a .pth state dict (``torch.load``, weights only) in torchvision naming; ``AuxLogits.*`` and
-``num_batches_tracked`` are ignored, any other unknown or missing key stops the conversion with a list.
+``num_batches_tracked`` are ignored, any other unknown or missing key stops the conversion with one line that
+counts them (with examples) and names the input.
 Output: {"params", "batch_stats"} as a ``.npz`` file (keys 'params/Mixed_5b/...') or else an orbax checkpoint
 directory, via ``bigen_jax.convert.io.save_params``; read it back with ``io.load_params``.
 """
@@ -19,6 +20,8 @@ from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags  # pylint: disable=g-import-not-at-top
 from absl import logging  # pylint: disable=g-import-not-at-top
 
+from bigen_jax import cli  # pylint: disable=g-import-not-at-top
+
 _TORCH_WEIGHTS = flags.DEFINE_string("torch_weights", None, "torchvision inception_v3 state dict (.pth).",
                                      required=True)
 _OUT = flags.DEFINE_string("out", None, "A .npz file, or an orbax checkpoint directory.", required=True)
@@ -30,10 +33,11 @@ def main(argv):
   from bigen_jax.convert import inception  # pylint: disable=g-import-not-at-top
   from bigen_jax.convert import io  # pylint: disable=g-import-not-at-top
   state = io.load_state_dict(_TORCH_WEIGHTS.value)
-  variables = inception.params_from_torch(state)
+  with io.naming_file(_TORCH_WEIGHTS.value):
+    variables = inception.params_from_torch(state)
   io.save_params(variables, _OUT.value)
   logging.info("converted %d tensors -> %s", len(state), _OUT.value)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -7,7 +7,8 @@ Input: .pth/.bin (torch.load, weights only) or .safetensors in Hugging Face ``Lx
 ``LxmertForPreTraining`` naming or the original LXMERT / X-LXMERT naming (``module.``, ``bert.``).
 Output: an orbax checkpoint directory (``ocp.StandardCheckpointer``), or a ``.npz`` file when the path ends
 in .npz; read either with ``bigen_jax.convert.io.load_params``. X-LXMERT's centroids (``vis_emb.weight``),
-when present, are written to ``--codebook_out``. Unknown or missing keys stop the conversion with a list.
+when present, are written to ``--codebook_out``. Unknown or missing keys stop the conversion with one line
+that counts them (with examples) and names the input; so does an input that is not a state dict.
 """
 
 import os
@@ -21,6 +22,8 @@ from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags  # pylint: disable=g-import-not-at-top
 from absl import logging  # pylint: disable=g-import-not-at-top
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+from bigen_jax import cli  # pylint: disable=g-import-not-at-top
 
 _CONFIG = config_flags.DEFINE_config_file("config", os.path.join(_ROOT, "configs", "model.py:paper"),
                                           "Model config (configs/model.py:ARG).")
@@ -39,7 +42,8 @@ def main(argv):
   from bigen_jax.convert import io  # pylint: disable=g-import-not-at-top
   from bigen_jax.convert import lxmert  # pylint: disable=g-import-not-at-top
   state = io.load_state_dict(_INPUT.value)
-  result = lxmert.convert(state, _CONFIG.value, init_missing_heads=_INIT_MISSING_HEADS.value, seed=_SEED.value)
+  with io.naming_file(_INPUT.value):
+    result = lxmert.convert(state, _CONFIG.value, init_missing_heads=_INIT_MISSING_HEADS.value, seed=_SEED.value)
   io.save_params(result.params, _OUTPUT.value)
   logging.info("converted %d tensors -> %s", len(state), _OUTPUT.value)
   if result.dropped:
@@ -52,4 +56,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

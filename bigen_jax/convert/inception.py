@@ -4,7 +4,8 @@ Names map one to one (``Mixed_5b.branch1x1.conv.weight`` -> params ``Mixed_5b/br
 conv weights OIHW -> HWIO, ``bn.weight``/``bn.bias`` -> params ``scale``/``bias``, ``bn.running_mean``/
 ``bn.running_var`` -> batch_stats ``mean``/``var``, ``fc.weight`` -> transposed ``fc/kernel``. Ignored:
 ``AuxLogits.*`` (the training-only auxiliary head), ``*.num_batches_tracked``, a leading ``module.``. Any
-other key, or a missing or mis-shaped tensor, raises ``ConversionError`` listing them all.
+other key, or a missing or mis-shaped tensor, raises ``ConversionError`` counting them with examples (or, when
+no key is an Inception one, saying it is another model's state dict).
 """
 
 import re
@@ -66,6 +67,7 @@ def params_from_torch(state_dict: dict[str, Any]) -> dict[str, Any]:
                    f"{tuple(spec.shape)}")
     flat[(collection, *path)] = value
   unknown = sorted(state[k][0] for k in state if k not in used)
+  convert_io.raise_if_foreign("inception_v3", [key for key, _ in state.values()], len(used))
   convert_io.raise_if_mismatched("inception_v3", [
       ("unknown keys (no counterpart in InceptionV3)", unknown),
       ("keys missing from the state dict", sorted(missing)), ("shape mismatches", wrong)])

@@ -10,8 +10,9 @@ match head, X-LXMERT's CCC head ``obj_predict_head.{transform,linear_feat,out_cl
 ``obj_predict_head.{decoder_dict,out_obj,out_attr}`` (LXMERT's detector-label and feature heads), and
 ``vis_emb.weight`` (X-LXMERT's frozen centroids: returned as ``Conversion.codebook``). LXMERT's object
 head shares X-LXMERT's ``obj_predict_head.transform``, which then starts the image head's transform.
-Any other key, or any missing or mis-shaped parameter, raises ``ConversionError`` naming them; missing
-*head* parameters may instead be freshly initialised (``init_missing_heads=True``).
+Any other key, or any missing or mis-shaped parameter, raises ``ConversionError`` counting them with examples
+(or, when no key is an LXMERT one, saying it is another model's state dict); missing *head* parameters may
+instead be freshly initialised (``init_missing_heads=True``).
 """
 
 import dataclasses
@@ -157,6 +158,7 @@ def convert(state_dict: dict[str, Any], config: ml_collections.ConfigDict, *, in
   missing = sorted("/".join(k) for k in expected if k not in params)
   missing_backbone = [m for m in missing if not m.startswith(_HEADS)]
   missing_heads = [m for m in missing if m.startswith(_HEADS)]
+  convert_io.raise_if_foreign("LXMERT", [named[k][0] for k in state], len(used))
   convert_io.raise_if_mismatched("LXMERT", [
       ("unknown source keys (no counterpart in the model)", unknown),
       ("shape mismatches (does the config match the checkpoint?)", wrong),
