@@ -136,3 +136,90 @@ def test_extract_features_cli_on_coco(fixture, tmp_path):
   got = [b for b in records.read_split(out, "train", fields=("image_id", "captions"))]
   assert got[0]["image_id"].tolist() == [3, 9, 12]
   assert got[0]["captions"][2][0].decode() == _caption(12, 5).strip()  # annotation ids run backwards
+
+
+def test_orphan_captions_are_counted_in_a_warning(fixture, tmp_path, caplog):
+  ann = json.load(open(fixture["annotations_file"]))
+  ann["annotations"] += [{"image_id": 99, "id": 1, "caption": "lost"}, {"image_id": 99, "id": 2, "caption": "x"},
+                         {"image_id": 98, "id": 3, "caption": "y"}]
+  path = tmp_path / "orphans.json"
+  path.write_text(json.dumps(ann))
+  with caplog.at_level("WARNING"):
+    src = coco.source("anything", annotations_file=str(path), images_dir=fixture["images_dir"])
+  assert "orphans.json: 3 of 29 caption annotations name 2 image id(s) that are not in its images list " \
+         "(e.g. ids [98, 99])" in caplog.text
+  assert all("lost" not in e["captions"] for e in src.entries)
+
+
+def _tokenizer(fixture, tmp_path):
+  from bigen_jax.data import tokenizer  # pylint: disable=g-import-not-at-top
+  texts = [c for e in coco.source("train", **fixture).entries for c in e["captions"]]
+  return tokenizer.load_tokenizer(tokenizer.train_wordpiece(texts, vocab_size=80, out_dir=str(tmp_path / "tok")))
+
+
+def test_bad_image_fails_then_skip_resumes_without_editing_annotations(fixture, tmp_path):
+  from bigen_jax.features import backbones, extract  # pylint: disable=g-import-not-at-top
+  tok = _tokenizer(fixture, tmp_path)
+  bad = os.path.join(fixture["images_dir"], "train2014", "COCO_train2014_000000000009.jpg")  # 2nd of 3 by id
+  with open(bad, "wb") as f:
+    f.write(b"")
+  out = str(tmp_path / "records")
+
+  def run(on_bad_image, **files):
+    src = coco.source("train", **{**fixture, **files}, on_bad_image=on_bad_image)
+    return extract.extract_split(src, split="train", out_dir=out, backbone=backbones.build_backbone("demo"),
+                                 tokenizer=tok, shard_size=1, batch_size=1, progress=False)
+
+  with pytest.raises(records.DataError, match=r"000000000009.jpg cannot be read.*--on_bad_image=skip"):
+    run("fail")
+  partial = records.read_manifest(out)["splits"]["train"]
+  assert not partial["complete"] and len(partial["shards"]) == 1
+  entry = run("skip")  # same annotations: the written shard is kept, the bad image recorded and passed over
+  assert entry["complete"] and entry["num_examples"] == 2 and entry["requested_examples"] == 3
+  assert {**entry["shards"][0], "file": None} == {**partial["shards"][0], "file": None}  # renamed -of-00002 only
+  assert [s["file"] for s in entry["shards"]] == [records.shard_name("train", i, 2) for i in range(2)]
+  (skipped,) = entry["skipped"]
+  assert skipped["path"] == bad and skipped["image_id"] == 9 and "cannot be read" in skipped["reason"]
+  got = next(iter(records.read_split(out, "train", fields=("index", "image_id"))))
+  assert got["index"].tolist() == [0, 1] and got["image_id"].tolist() == [3, 12]
+  # A damaged shard after the bad image is rewritten byte-identically; the skip list stays as it was.
+  shard = os.path.join(out, entry["shards"][1]["file"])
+  data = open(shard, "rb").read()
+  with open(shard, "wb") as f:
+    f.write(data[:-5])
+  assert run("skip") == entry and open(shard, "rb").read() == data
+  # Removing the image from the split instead gets an error that says how to go on.
+  karpathy = json.load(open(fixture["karpathy_file"]))
+  karpathy["images"] = [im for im in karpathy["images"] if im["cocoid"] != 9]
+  edited = tmp_path / "edited.json"
+  edited.write_text(json.dumps(karpathy))
+  with pytest.raises(records.DataError, match=r"requested_examples is 3 but this run asks for 2.*annotations.*"
+                                              r"pass --on_bad_image=skip.*another --out directory"):
+    run("skip", karpathy_file=str(edited))
+
+
+def _check_only(fixture, *extra):
+  return subprocess.run([sys.executable, os.path.join(ROOT, "tools", "extract_features.py"), "--source", "coco",
+                         "--annotations", fixture["annotations_file"], "--images_dir", fixture["images_dir"],
+                         "--karpathy", fixture["karpathy_file"], "--check_only", *extra],
+                        capture_output=True, text=True, check=False)
+
+
+def test_check_only_lists_every_bad_image_and_writes_nothing(fixture, tmp_path):
+  ok = _check_only(fixture, "--split", "train,validation,test")
+  assert ok.returncode == 0, ok.stderr
+  assert "0 of 5 images" in ok.stdout
+  truncated = os.path.join(fixture["images_dir"], "train2014", "COCO_train2014_000000000012.jpg")
+  data = open(truncated, "rb").read()
+  with open(truncated, "wb") as f:
+    f.write(data[:len(data) // 2])
+  missing = os.path.join(fixture["images_dir"], "val2014", "COCO_val2014_000000000025.jpg")
+  os.remove(missing)
+  out = tmp_path / "records"
+  bad = _check_only(fixture, "--split", "train,validation,test", "--out", str(out))
+  assert bad.returncode == 2, bad.stderr
+  lines = bad.stdout.strip().splitlines()
+  assert lines[0].startswith(f"image {truncated} cannot be read: image file is truncated")
+  assert lines[1] == f"image {missing} does not exist"
+  assert lines[2].startswith("2 of 5 images in split(s) train,validation,test are missing or unreadable")
+  assert not out.exists()

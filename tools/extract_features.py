@@ -6,7 +6,11 @@ r"""Extracts 8x8 grid features once (PyTorch) into TFRecord shards + manifest.js
       --karpathy dataset_coco.json --split train,val,test --backbone frcnn --weights frcnn.pth \
       --vocab bert-base-uncased-vocab.txt --out data/coco_frcnn --store_images --store_image_size 256
 
-Re-running resumes: finished shards are kept, missing or damaged ones rewritten.
+Re-running resumes: finished shards are kept, missing or damaged ones rewritten. Images are decoded by
+``bigen_jax.data.images`` (16-bit scaled, transparency composited on white, EXIF orientation applied).
+``--check_only`` opens every image of the requested splits without a model, prints each missing or unreadable
+one and exits with status 2 if there were any (0 otherwise); ``--on_bad_image=skip`` extracts the rest and
+lists the bad ones in manifest.json (``splits.<split>.skipped``).
 """
 
 import os
@@ -39,8 +43,13 @@ _MAX_SIDE = flags.DEFINE_integer("max_side", 1333, "resnet/frcnn: cap on the res
                                  "smaller for long thin images); demo/scenes_detector resize to a fixed square.",
                                  lower_bound=1)
 _LAYER = flags.DEFINE_enum("frcnn_layer", "fc7", ["fc6", "fc7"], "frcnn: which box-head layer to output.")
-_OUT = flags.DEFINE_string("out", None, "Output directory (shards + manifest.json).", required=True)
-_VOCAB = flags.DEFINE_string("vocab", None, "Tokenizer vocab.txt (BERT WordPiece).", required=True)
+_OUT = flags.DEFINE_string("out", None, "Output directory (shards + manifest.json); needed unless --check_only.")
+_VOCAB = flags.DEFINE_string("vocab", None, "Tokenizer vocab.txt (BERT WordPiece); needed unless --check_only.")
+_ON_BAD_IMAGE = flags.DEFINE_enum("on_bad_image", "fail", ["fail", "skip"],
+                                  "coco: a missing or unreadable image stops the run (fail) or is listed in "
+                                  "manifest.json under splits.<split>.skipped and left out (skip).")
+_CHECK_ONLY = flags.DEFINE_bool("check_only", False, "coco: open every image of --split without a model, list "
+                                "the missing or unreadable ones and exit (status 2 if any); writes nothing.")
 _SHARD_SIZE = flags.DEFINE_integer("shard_size", 1000, "Records per shard.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Images per backbone call (default: demo 64, else 4).")
 _STORE_IMAGES = flags.DEFINE_bool("store_images", False, "Also store each image as PNG (for the GAN).")
@@ -48,7 +57,8 @@ _STORE_IMAGE_SIZE = flags.DEFINE_integer("store_image_size", None, "Resize store
 _NUM_EXAMPLES = flags.DEFINE_integer("num_examples", None, "Extract at most this many examples per split.")
 _MAX_CAPTIONS = flags.DEFINE_integer("max_captions", 5, "Captions kept per image.")
 _MAX_LEN = flags.DEFINE_integer("max_len", 17, "Caption length in tokens.")
-_THREADS = flags.DEFINE_integer("threads", 0, "torch.set_num_threads (0: torch's default).")
+_THREADS = flags.DEFINE_integer("threads", 0, "torch.set_num_threads (0: torch's default); --check_only: "
+                                "files checked in parallel (0: the CPU count).")
 _DEVICE = flags.DEFINE_string("device", "cpu", "torch device (cpu, cuda, cuda:1, ...).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of randomly initialised backbones (testing only).")
 
@@ -63,7 +73,7 @@ def make_source(split: str):
     raise app.UsageError("--source coco needs --annotations and --images_dir")
   from bigen_jax.data import coco  # pylint: disable=g-import-not-at-top
   return (coco.source(split, annotations_file=_ANNOTATIONS.value, images_dir=_IMAGES_DIR.value,
-                      karpathy_file=_KARPATHY.value),
+                      karpathy_file=_KARPATHY.value, on_bad_image=_ON_BAD_IMAGE.value),
           {"name": "coco", "karpathy": bool(_KARPATHY.value),
            "paths": {"annotations": _ANNOTATIONS.value, "images_dir": _IMAGES_DIR.value,
                      "karpathy": _KARPATHY.value}})
@@ -79,8 +89,30 @@ def count_examples(split: str, src) -> int:
   return sum(1 for _ in make_source(split)[0])
 
 
+def check_images() -> int:
+  """``--check_only``: prints every missing or unreadable image of the requested splits; 2 if any, else 0."""
+  if _SOURCE.value != "coco":
+    raise app.UsageError("--check_only checks image files: only --source coco reads them")
+  bad: dict[str, str] = {}
+  total = 0
+  for split in _SPLIT.value:
+    src = make_source(split)[0]
+    total += len(src)
+    for b in src.bad_images(workers=_THREADS.value or os.cpu_count() or 1):
+      bad.setdefault(b["path"], b["reason"])
+  for reason in bad.values():
+    print(reason)
+  print(f"{len(bad)} of {total} images in split(s) {','.join(_SPLIT.value)} are missing or unreadable"
+        + (": fix them, or extract with --on_bad_image=skip to leave them out" if bad else ""))
+  return 2 if bad else 0
+
+
 def main(argv):
   del argv
+  if _CHECK_ONLY.value:
+    return check_images()
+  if not _OUT.value or not _VOCAB.value:
+    raise app.UsageError("--out and --vocab are required (unless --check_only)")
   import torch  # pylint: disable=g-import-not-at-top
   from bigen_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   from bigen_jax.features import backbones, extract  # pylint: disable=g-import-not-at-top

@@ -7,7 +7,11 @@ A dataset directory holds sharded TFRecord files per split plus ``manifest.json`
      "tokenizer": {"vocab_file", "vocab_size", "sha256"}, "source": {"name", ..., "paths": {...}},
      "splits": {"train": {"num_examples": n, "requested_examples": n, "shard_size": s, "complete": true,
                           "shards": [{"file": "train-00000-of-00004.tfrecord", "num_examples": k,
-                                      "num_bytes": b, "sha256": "..."}, ...]}}}
+                                      "num_bytes": b, "sha256": "..."}, ...],
+                          "skipped": [{"shard", "image_id", "key", "path", "reason"}, ...]}}}
+
+``skipped`` (present only when images were skipped, ``--on_bad_image=skip``) lists the source's unreadable
+images, which have no record. Records are serialised deterministically: rewriting a shard gives the same bytes.
 
 Each record is one image (a ``tf.train.Example``):
   index        int64        position of the example within its split (0..n-1), keys side tables such as the

@@ -4,6 +4,11 @@
 their examples skipped without running the backbone; missing, truncated or corrupt shards are rewritten.
 A run whose backbone, feature size, tokenizer, ... differ from the manifest already in ``out_dir`` fails and
 names the differing field instead of mixing two kinds of features in one directory.
+
+Examples a source yields with an ``"error"`` instead of an ``"image"`` (``coco.source(on_bad_image="skip")``)
+get no record: the split's manifest entry lists them under ``"skipped"`` (``{"shard", "image_id", "key",
+"path", "reason"}``, ``shard`` = the shard whose source examples it was among), and resuming passes over them
+again, so a bad image never has to be removed from the annotations.
 """
 
 import io
@@ -146,11 +151,18 @@ def extract_split(source_iter: Iterable[Mapping[str, Any]], *, split: str, out_d
   manifest = _Manifest(out_dir, header)
   old = manifest.split(split)
   if old is not None:
-    for field, want in (("requested_examples", n), ("shard_size", shard_size)):
-      if old.get(field) != want:
-        raise records.DataError(
-            f"{manifest.path}: splits.{split}.{field} is {old.get(field)!r} but this run asks for {want!r}; "
-            "write to another --out directory (or delete the split's shards and manifest entry)")
+    if old.get("shard_size") != shard_size:
+      raise records.DataError(
+          f"{manifest.path}: splits.{split}.shard_size is {old.get('shard_size')!r} but this run asks for "
+          f"{shard_size!r}; write to another --out directory (or delete the split's shards and manifest entry)")
+    if old.get("requested_examples") != n:
+      raise records.DataError(
+          f"{manifest.path}: splits.{split}.requested_examples is {old.get('requested_examples')!r} but this run "
+          f"asks for {n!r}: the source (annotations, --num_examples) changed since the split was started, so "
+          "its shards no longer line up with it. Bad images need not be removed from the annotations: keep "
+          "them as they were and pass --on_bad_image=skip, which lists them under splits."
+          f"{split}.skipped. Otherwise write to another --out directory (or delete the split's shards and "
+          "manifest entry)")
   num_shards = math.ceil(n / shard_size)
   final_shards = math.ceil(old["num_examples"] / shard_size) if old and old.get("complete") else num_shards
 
@@ -164,10 +176,16 @@ def extract_split(source_iter: Iterable[Mapping[str, Any]], *, split: str, out_d
       continue
     if i is not None:
       done[i] = dict(entry)
+  skipped: dict[int, list[dict[str, Any]]] = {}  # shard index -> bad examples among its source examples
+  for bad in (old or {}).get("skipped", []):
+    if bad["shard"] in done:
+      skipped.setdefault(bad["shard"], []).append(bad)
 
   def save(complete: bool, total: int) -> dict[str, Any]:
     entry = {"num_examples": total, "requested_examples": n, "shard_size": shard_size, "complete": complete,
              "shards": [done[i] for i in sorted(done)]}
+    if any(skipped.values()):
+      entry["skipped"] = [bad for i in sorted(skipped) for bad in skipped[i]]
     manifest.save_split(split, entry)
     return entry
 
@@ -185,20 +203,22 @@ def extract_split(source_iter: Iterable[Mapping[str, Any]], *, split: str, out_d
   total = 0
   try:
     for i in range(num_shards):
-      if i in done:  # skip its examples without running the backbone
-        skipped = sum(1 for _ in itertools.islice(it, done[i]["num_examples"]))
-        if skipped != done[i]["num_examples"]:
-          raise records.DataError(f"split {split!r}: the source ended after {total + skipped} examples, but "
-                                  f"shard {done[i]['file']} in {manifest.path} holds examples beyond that")
-        total += skipped
+      if i in done:  # pass over its source examples without running the backbone
+        want = done[i]["num_examples"] + len(skipped.get(i, []))
+        passed = _pass_over(it, want)
+        if passed != want:
+          raise records.DataError(f"split {split!r}: the source ended {want - passed} examples before the end "
+                                  f"of shard {done[i]['file']} in {manifest.path}: did the source change?")
+        total += done[i]["num_examples"]
         continue
       name = records.shard_name(split, i, final_shards)
       counter = [0]
       path = os.path.join(out_dir, name)
+      skipped[i] = []
       entry = records.write_shard(path, _records(
-          itertools.islice(it, expected[i]), start=total, backbone=backbone, tokenizer=tokenizer,
-          batch_size=batch_size, max_len=max_len, max_captions=max_captions, store_images=store_images,
-          store_image_size=store_image_size, counter=counter, bar=bar))
+          itertools.islice(_good_examples(it, i, skipped[i]), expected[i]), start=total, backbone=backbone,
+          tokenizer=tokenizer, batch_size=batch_size, max_len=max_len, max_captions=max_captions,
+          store_images=store_images, store_image_size=store_image_size, counter=counter, bar=bar))
       total += counter[0]
       if counter[0] < expected[i] and any(j > i for j in done):
         raise records.DataError(f"split {split!r}: the source ended after {total} examples, but {manifest.path} "
@@ -213,8 +233,14 @@ def extract_split(source_iter: Iterable[Mapping[str, Any]], *, split: str, out_d
   finally:
     bar.close()
 
-  if total < n:  # the source was shorter than len()/num_examples said: name the shards by the true count
-    logging.warning("split %s: the source ended after %d of %d examples", split, total, n)
+  bad = [b for i in sorted(skipped) for b in skipped[i]]
+  num_skipped = len(bad)
+  if bad:
+    logging.warning("split %s: %d bad image(s) skipped (e.g. %s), listed under splits.%s.skipped in %s", split,
+                    len(bad), ", ".join(b["path"] or b["key"] for b in bad[:3]), split, manifest.path)
+  if total < n:  # fewer records than len()/num_examples said: name the shards by the true count
+    if total + num_skipped < n:
+      logging.warning("split %s: the source ended after %d of %d examples", split, total + num_skipped, n)
     count = math.ceil(total / shard_size)
     for i in sorted(done):
       new = records.shard_name(split, i, count)
@@ -222,6 +248,25 @@ def extract_split(source_iter: Iterable[Mapping[str, Any]], *, split: str, out_d
         os.replace(os.path.join(out_dir, done[i]["file"]), os.path.join(out_dir, new))
         done[i] = {**done[i], "file": new}
   return save(True, total)
+
+
+def _pass_over(it: Iterator[Any], n: int) -> int:
+  """Advances ``it`` by up to ``n`` examples (``it.skip`` when it has one: no image decoding); returns how many."""
+  if hasattr(it, "skip"):
+    return it.skip(n)
+  return sum(1 for _ in itertools.islice(it, n))
+
+
+def _good_examples(examples: Iterator[Mapping[str, Any]], shard: int,
+                   skipped: list[dict[str, Any]]) -> Iterator[Mapping[str, Any]]:
+  """``examples`` without those that carry an ``"error"``, which are appended to ``skipped`` instead."""
+  for ex in examples:
+    if "error" not in ex:
+      yield ex
+      continue
+    logging.warning("skipping %s: %s", ex.get("path", ex["key"]), ex["error"])
+    skipped.append({"shard": shard, "image_id": int(ex["image_id"]), "key": str(ex["key"]),
+                    "path": ex.get("path"), "reason": str(ex["error"])})
 
 
 def _records(examples: Iterator[Mapping[str, Any]], *, start: int, backbone, tokenizer, batch_size: int,
