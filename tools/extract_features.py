@@ -26,6 +26,8 @@ from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags  # pylint: disable=g-import-not-at-top
 from absl import logging  # pylint: disable=g-import-not-at-top
 
+from bigen_jax import cli  # pylint: disable=g-import-not-at-top
+
 _SOURCE = flags.DEFINE_enum("source", "scenes", ["scenes", "coco"], "Which image/caption source.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "scenes: directory of the captioned-scenes TFDS data.")
 _SCENES_CONFIG = flags.DEFINE_string("scenes_config", "demo", "scenes: world configuration.")
@@ -140,4 +142,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)
