@@ -69,7 +69,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, step: int | Non
   ctx = train.build_context(config, workdir)
   tx, _ = optim.make_optimizer(ctx.config.optimizer, ctx.config.total_steps)
   abstract, _, _ = train.create_state(ctx, tx, ctx.vocab.codebook)
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1, async_save=False)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1, async_save=False, create=False)
   try:
     state, _, step = ckpt.restore(abstract, step)
   finally:
