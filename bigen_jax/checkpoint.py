@@ -96,8 +96,9 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, save_every: int, keep: int = 3, async_save: bool = True,
                fallback: bool = True, create: bool = True):
+    """``create`` False: a reader (evaluation) that never creates, moves or writes anything."""
     self.directory = os.path.abspath(directory)  # orbax restores only from absolute paths
-    self.fallback, self.async_save = fallback, async_save
+    self.fallback, self.async_save, self.writable = fallback, async_save, create
     options = ocp.CheckpointManagerOptions(save_interval_steps=save_every, max_to_keep=keep,
                                            enable_async_checkpointing=async_save, create=create)
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
@@ -158,7 +159,8 @@ class Checkpointer:
     """Restores ``step`` (default: the newest good step) into the shapes/shardings of ``abstract_state``.
 
     An explicit ``step`` never falls back. Without one, a step that fails verification or reading is reported
-    and, with ``fallback``, moved aside for the next newest; ``CheckpointError`` when none is left.
+    and, with ``fallback``, the next newest is tried (a writable checkpointer moves the bad step aside first, so
+    training can write that step afresh); ``CheckpointError`` when none is left.
     """
     self._join_recorder()
     candidates = self.all_steps() if step is None else [step]
@@ -188,9 +190,10 @@ class Checkpointer:
         raise CheckpointError(message + hint)
       logging.error("%s: falling back to an older step", message)
       print(f"[checkpoint] {message}: falling back to an older step", flush=True)
-      self._reject(candidate)
-    raise CheckpointError("no checkpoint can be restored: " + "; ".join(failures) +
-                          f" (moved to {self.directory}_rejected)")
+      if self.writable:
+        self._reject(candidate)
+    moved = f" (moved to {self.directory}_rejected)" if self.writable else ""
+    raise CheckpointError("no checkpoint can be restored: " + "; ".join(failures) + moved)
 
   def _reject(self, step: int) -> None:
     """Moves a bad step out of the manager's sight (kept for inspection), so the run can write it afresh."""

@@ -11,6 +11,7 @@ Results go to ``workdir/eval/results_<step>.json`` and ``.md``; evaluators add t
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # its start-up notice would precede one-line errors
 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags  # pylint: disable=g-import-not-at-top
@@ -69,7 +70,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, step: int | Non
   ctx = train.build_context(config, workdir)
   tx, _ = optim.make_optimizer(ctx.config.optimizer, ctx.config.total_steps)
   abstract, _, _ = train.create_state(ctx, tx, ctx.vocab.codebook)
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1, async_save=False, create=False)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1, async_save=False,
+                                 create=False)
   try:
     state, _, step = ckpt.restore(abstract, step)
   finally:

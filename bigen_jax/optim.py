@@ -7,6 +7,8 @@ import jax
 import ml_collections
 import optax
 
+from bigen_jax import errors
+
 
 def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
   """``cfg.schedule``: "warmup_cosine" (linear 0 -> lr over ``warmup_fraction``, cosine to 0) or "constant"."""
@@ -16,7 +18,7 @@ def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> 
                                               decay_steps=max(total_steps, warmup + 1), end_value=0.0)
   if cfg.schedule == "constant":
     return optax.constant_schedule(cfg.lr)
-  raise ValueError(f"--config.optimizer.schedule={cfg.schedule!r}: use 'warmup_cosine' or 'constant'")
+  raise errors.ConfigError(f"--config.optimizer.schedule={cfg.schedule!r}: use 'warmup_cosine' or 'constant'")
 
 
 def decay_mask(params: Any) -> Any:

@@ -23,6 +23,7 @@ import optax
 
 from bigen_jax import checkpoint
 from bigen_jax import config_checks
+from bigen_jax import errors
 from bigen_jax import optim
 from bigen_jax import parallel
 from bigen_jax import tasks as tasks_lib
@@ -77,7 +78,7 @@ def resolve_config(config: ml_collections.ConfigDict):
   data = config.data
   for flag in ("records_dir", "vocab_dir", "tokenizer"):
     if not data[flag]:
-      raise ValueError(f"--config.data.{flag} is empty: point it at the output of tools/ (see README)")
+      raise errors.ConfigError(f"--config.data.{flag} is empty: point it at the output of tools/ (see README)")
   manifest = records.read_manifest(data.records_dir)
   tok = tokenizer_lib.load_tokenizer(data.tokenizer)
   want_sha = manifest.get("tokenizer", {}).get("sha256")
@@ -91,7 +92,7 @@ def resolve_config(config: ml_collections.ConfigDict):
     if config.model[field] == -1:
       config.model[field] = value
     elif config.model[field] != value:
-      raise ValueError(f"--config.model.{field}={config.model[field]} but the data has {value}")
+      raise errors.ConfigError(f"--config.model.{field}={config.model[field]} but the data has {value}")
   return config, tok, vocab
 
 
@@ -104,11 +105,11 @@ def task_cycle(task_configs: ml_collections.ConfigDict, schedule: str = "cycle")
   for name in task_configs:
     tasks_lib.get_task(name)
   if not any(cfg.weight > 0 for cfg in task_configs.values()):
-    raise ValueError("config.tasks gives every task weight 0: nothing to train")
+    raise errors.ConfigError("config.tasks gives every task weight 0: nothing to train")
   if schedule == "joint":
     return [JOINT]
   if schedule != "cycle":
-    raise ValueError(f"--config.task_schedule={schedule!r}: expected 'cycle' or 'joint'")
+    raise errors.ConfigError(f"--config.task_schedule={schedule!r}: expected 'cycle' or 'joint'")
   return [name for name, cfg in task_configs.items() for _ in range(int(cfg.weight))]
 
 
@@ -133,7 +134,7 @@ def _load_init_params(path: str, abstract: Any, scan_layers: bool) -> Any:
   missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
   bad = [k for k in set(want) & set(have) if tuple(have[k].shape) != tuple(want[k].shape)]
   if missing or extra or bad:
-    raise ValueError(f"--config.init_from={path} does not fit the model: missing {missing[:5]}, unexpected "
+    raise errors.ConfigError(f"--config.init_from={path} does not fit the model: missing {missing[:5]}, unexpected "
                      f"{extra[:5]}, shape mismatch {bad[:5]}")
   return params
 

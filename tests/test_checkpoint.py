@@ -122,3 +122,13 @@ def test_unreadable_unrecorded_step_falls_back(tmp_path, capsys):
   ckpt.close()
   line, = [l for l in capsys.readouterr().out.splitlines() if l.startswith("[checkpoint]")]
   assert "step 2" in line and "cannot be read" in line
+
+
+def test_a_reader_falls_back_without_moving_anything(tmp_path):
+  directory = str(tmp_path / "ckpt")
+  _write(directory, steps=(1, 2))
+  _damage(os.path.join(directory, "2"), "flip")
+  reader = checkpoint.Checkpointer(directory, save_every=1, create=False)
+  assert reader.restore(_abstract())[2] == 1
+  reader.close()
+  assert os.path.isdir(os.path.join(directory, "2")) and not os.path.exists(directory + "_rejected")

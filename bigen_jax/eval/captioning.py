@@ -11,6 +11,7 @@ import os
 
 import jax
 
+from bigen_jax import errors
 from bigen_jax.data import records
 from bigen_jax.data import scenes_tfds
 from bigen_jax.eval import caption_metrics
@@ -35,7 +36,7 @@ def decode_fn(ctx, cfg):
       return captions_lib.greedy_captions(params, **kw)
     if cfg.decoder == "beam":
       return captions_lib.beam_search_captions(params, beam_size=cfg.beam_size, **kw)[0][:, 0]
-    raise ValueError(f"--config.eval.captioning.decoder={cfg.decoder!r}: expected 'greedy' or 'beam'")
+    raise errors.ConfigError(f"--config.eval.captioning.decoder={cfg.decoder!r}: expected 'greedy' or 'beam'")
 
   return jax.jit(decode)
 

@@ -30,6 +30,7 @@ import os
 import jax
 import numpy as np
 
+from bigen_jax import errors
 from bigen_jax import viz
 from bigen_jax.data import records
 from bigen_jax.data import scenes
@@ -57,8 +58,9 @@ def decoder_settings(cfg) -> dict[str, dict]:
   for name, overrides in cfg.variants.items():
     unknown = sorted(set(overrides.keys()) - set(DECODER_FIELDS))
     if unknown or name in RESERVED_NAMES or "/" in name:
-      raise ValueError(f"generation variant {name!r} {overrides.to_dict()}: expected a name not in "
-                       f"{RESERVED_NAMES} without '/', and overrides of {DECODER_FIELDS}")
+      raise errors.ConfigError(f"--config.eval.generation.variants: variant {name!r} {overrides.to_dict()}: "
+                               f"expected a name not in {RESERVED_NAMES} without '/', and overrides of "
+                               f"{DECODER_FIELDS}")
     out[name] = {**main, **overrides.to_dict()}
   return out
 
