@@ -131,7 +131,9 @@ def test_eight_devices_give_the_losses_of_one(tmp_path, data):
 
 
 def test_sigkill_resume_is_exact_and_sigterm_checkpoints(tmp_path, data):
-  settings = {"total_steps": 40, "checkpoint.every": 4, "checkpoint.async_save": True}
+  """Checkpoints every 5 steps = every epoch end (40 examples, batches of 8): the kill lands after the
+  verified checkpoint of step 10, which the resume must be able to continue from."""
+  settings = {"total_steps": 40, "checkpoint.every": 5, "checkpoint.async_save": True}
   reference = str(tmp_path / "reference")
   train.train_and_evaluate(_config(data, **settings), reference)
   want = _losses(reference)
@@ -139,7 +141,11 @@ def test_sigkill_resume_is_exact_and_sigterm_checkpoints(tmp_path, data):
   workdir = str(tmp_path / "run")
   proc = subprocess.Popen(_command(data, workdir, **settings), cwd=ROOT, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE)
-  _wait_for_step(workdir, proc, 9)
+  _wait_for_step(workdir, proc, 11)
+  record = os.path.join(workdir, "checkpoints", "10", checkpoint.RECORD_NAME)
+  while not os.path.exists(record):
+    assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+    time.sleep(0.02)
   proc.kill()
   assert proc.wait() == -signal.SIGKILL
   killed_at = max(r["step"] for r in _history(workdir))
