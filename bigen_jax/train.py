@@ -8,7 +8,7 @@ import dataclasses
 import json
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 from absl import logging
 from clu import metric_writers
@@ -139,38 +139,76 @@ def _load_init_params(path: str, abstract: Any, scan_layers: bool) -> Any:
   return params
 
 
-def create_state(ctx: Context, tx: optax.GradientTransformation, codebook: np.ndarray):
-  """Abstract train state and its shardings, and a jitted ``init(rng)`` placing the state on the mesh.
+def param_layout(ctx: Context) -> tuple[Any, Any]:
+  """(abstract params, each a ``ShapeDtypeStruct`` with its sharding; the shardings) of ``ctx``'s model."""
+  boxed = lxmert.abstract_params(ctx.model, ctx.config.model)
+  abstract = nn.unbox(boxed)
+  shardings = parallel.fit_shardings(
+      abstract, nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), ctx.mesh, ctx.rules))
+  return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract,
+                      shardings), shardings
 
-  codebook [K, D] (numpy) initialises the image head's last layer unless ``config.init_from`` is given.
+
+def _place(value: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+  """A host array every process holds whole, as a global array: each process puts only its own shards."""
+  value = np.asarray(value)
+  return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+class _Init:
+  """``init(rng)``: a new train state on the mesh; ``init.lower(rng)``: its program, for inspection.
+
+  The large inputs (``init_from``'s params, the codebook) are read and placed on the devices at the call and
+  passed to the jitted function as arguments, sharded like the params: closed over, they would be compiled into
+  the program as constants (0.9 GB for the paper model).
+  """
+
+  def __init__(self, jitted, inputs: Callable[[], tuple[Any, Any]]):
+    self._jitted, self._inputs = jitted, inputs
+
+  def __call__(self, rng: jax.Array) -> TrainState:
+    return self._jitted(rng, *self._inputs())
+
+  def lower(self, rng: jax.Array):
+    return self._jitted.lower(rng, *self._inputs())
+
+
+def create_state(ctx: Context, tx: optax.GradientTransformation, codebook: np.ndarray):
+  """Abstract train state and its shardings, and ``init(rng)`` (``_Init``) placing a new state on the mesh.
+
+  codebook [K, D] (numpy) initialises the image head's last layer unless ``config.init_from`` is given. The
+  ``init_from`` file is read only when ``init`` is called: evaluation, which restores, never needs it.
   """
   config, model = ctx.config, ctx.model
-  boxed = lxmert.abstract_params(model, config.model)
-  abstract_params = nn.unbox(boxed)
-  param_sh = parallel.fit_shardings(
-      abstract_params, nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), ctx.mesh, ctx.rules))
+  abstract_params, param_sh = param_layout(ctx)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   replicated = jax.sharding.NamedSharding(ctx.mesh, jax.sharding.PartitionSpec())
   opt_sh = optax.tree_utils.tree_map_params(tx, lambda _, sh: sh, abstract_opt, param_sh,
                                             transform_non_params=lambda _: replicated)
   shardings = TrainState(step=replicated, params=param_sh, opt_state=opt_sh, rng=replicated)
-  init_params = (_load_init_params(config.init_from, abstract_params, config.model.scan_layers)
-                 if config.init_from else None)
+  use_codebook = not config.init_from and config.init_image_head_from_codebook
 
-  def init(rng):
+  def init(rng, init_params, codebook):
     params_rng, state_rng = jax.random.split(rng)
     params = nn.unbox(lxmert.init_params(model, config.model, params_rng))
     if init_params is not None:
-      params = jax.tree.map(lambda p, x: jnp.asarray(x, p.dtype), params, init_params)
-    elif config.init_image_head_from_codebook:
+      params = jax.tree.map(lambda p, x: x.astype(p.dtype), params, init_params)
+    elif codebook is not None:
       params = heads.init_image_head_from_codebook(params, codebook)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       rng=jax.random.key_data(state_rng))
 
-  abstract = jax.eval_shape(init, jax.random.key(0))
+  def inputs():
+    if config.init_from:
+      loaded = _load_init_params(config.init_from, abstract_params, config.model.scan_layers)
+      return jax.tree.map(_place, loaded, param_sh), None
+    return None, _place(np.asarray(codebook, np.float32), replicated) if use_codebook else None
+
+  codebook_spec = jax.ShapeDtypeStruct(np.shape(codebook), jnp.float32) if use_codebook else None
+  abstract = jax.eval_shape(init, jax.random.key(0), abstract_params if config.init_from else None, codebook_spec)
   abstract = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract,
                           shardings)
-  return abstract, shardings, jax.jit(init, out_shardings=shardings)
+  return abstract, shardings, _Init(jax.jit(init, out_shardings=shardings), inputs)
 
 
 def _objective(ctx: Context, task: str):

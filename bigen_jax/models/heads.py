@@ -11,7 +11,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from bigen_jax.models.layers import LayerSpec, constrain, dense, gelu, layer_norm
 
@@ -83,7 +82,7 @@ def init_image_head_from_codebook(params: Any, codebook: Any) -> Any:
   if "image_head" not in params:
     return {k: init_image_head_from_codebook(v, codebook) for k, v in params.items()}
   classifier = params["image_head"]["classifier"]
-  codebook = np.asarray(codebook, np.float32)
+  codebook = jnp.asarray(codebook, jnp.float32)  # numpy or traced (an argument of the jitted init)
   kernel = classifier["kernel"]
   value = getattr(kernel, "value", kernel)
   if value.shape != codebook.T.shape:
