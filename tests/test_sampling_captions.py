@@ -1,10 +1,12 @@
 """I2T decoders: greedy equals a step-by-step Python loop of argmax with the model; beam size 1 equals
-greedy; beam search finds the best of all captions of a tiny vocabulary; sampling honours top-k/top-p."""
+greedy; beam search finds the best of all captions of a tiny vocabulary; sampling draws from the tempered,
+top-k and nucleus-filtered distribution of a numpy reference."""
 
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
+import pytest
 
 from bigen_jax.models import lxmert
 from bigen_jax.sampling import captions
@@ -89,11 +91,91 @@ def test_beam_search_is_exhaustive_on_a_tiny_vocabulary():
   np.testing.assert_allclose(np.asarray(scores[0, :7]), np.array(log_probs)[order], rtol=1e-5, atol=1e-5)
 
 
-def test_sampling_respects_top_k_and_top_p():
+def _reference_filter(log_probs, temperature, top_k, top_p):
+  """The sampling distribution in numpy float64, word by word: softmax(log_probs / T); the top_k most likely
+  words renormalised; then the most likely words added one at a time until their mass reaches top_p;
+  renormalised. Returns (probabilities [B, V], the smallest gap between a cumulative mass and top_p)."""
+  out, gap = [], np.inf
+  for row in np.asarray(log_probs, np.float64):
+    z = row / temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    order = np.argsort(-p, kind="stable")
+    if top_k:
+      p[order[top_k:]] = 0.0
+      p /= p.sum()
+    keep, mass = np.zeros(p.shape, bool), 0.0
+    for word in order:
+      keep[word] = True
+      mass += p[word]
+      gap = min(gap, abs(mass - top_p))
+      if mass >= top_p:
+        break
+    p = np.where(keep, p, 0.0)
+    out.append(p / p.sum())
+  return np.array(out), gap
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.5, 0, 0.9), (2.0, 0, 0.9), (0.5, 6, 0.8), (2.0, 6, 0.8),
+                                                     (2.0, 10, 1.0), (1.0, 0, 0.5)])
+def test_filter_logits_equals_numpy_reference(temperature, top_k, top_p):
+  """Rows of different sharpness, with never-produced words (-inf), filtered inside jit with a traced
+  temperature and top_p: the same support and probabilities as the word-by-word reference."""
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(5, 40)) * np.array([[0.3], [1.0], [2.0], [4.0], [8.0]])
+  logits[:, [0, 7]] = -np.inf
+  log_probs = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), axis=-1)
+  want, gap = _reference_filter(log_probs, temperature, top_k, top_p)
+  assert top_p == 1.0 or gap > 1e-5  # no cumulative mass within float32 rounding (40 words) of top_p
+  got = jax.jit(lambda lp, t, p: captions.filter_logits(lp, temperature=t, top_k=top_k, top_p=p))(
+      log_probs, temperature, top_p)
+  np.testing.assert_array_equal(np.isfinite(got), want > 0)
+  np.testing.assert_allclose(np.exp(np.asarray(got, np.float64)), want, rtol=1e-5, atol=1e-7)
+  if top_p < 1.0 and not top_k:  # the nucleus of the tempered distribution differs from the untempered one's
+    untempered, _ = _reference_filter(log_probs, 1.0, 0, top_p)
+    assert temperature == 1.0 or ((untempered > 0) != (want > 0)).any()
+
+
+def test_filter_logits_small_cases():
   log_probs = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
   np.testing.assert_array_equal(np.isfinite(captions.filter_logits(log_probs, top_k=2)), [[1, 1, 0, 0]])
-  np.testing.assert_array_equal(np.isfinite(captions.filter_logits(log_probs, top_p=0.8)), [[1, 1, 0, 0]])
+  np.testing.assert_array_equal(np.isfinite(captions.filter_logits(log_probs, top_p=0.79)), [[1, 1, 0, 0]])
   np.testing.assert_array_equal(np.isfinite(captions.filter_logits(log_probs, top_p=0.81)), [[1, 1, 1, 0]])
+  np.testing.assert_array_equal(np.isfinite(captions.filter_logits(log_probs, top_p=0.1)), [[1, 0, 0, 0]])
+  # T = 0.5 squares the probabilities: [0.25, 0.09, 0.0225, 0.0025] / 0.365, so 0.9 is reached by two words.
+  np.testing.assert_array_equal(np.isfinite(captions.filter_logits(log_probs, temperature=0.5, top_p=0.9)),
+                                [[1, 1, 0, 0]])
+  np.testing.assert_allclose(np.exp(captions.filter_logits(log_probs, temperature=0.5, top_p=0.9)),
+                             [[0.25 / 0.34, 0.09 / 0.34, 0, 0]], rtol=1e-5)
+
+
+def test_sample_captions_draws_from_the_filtered_distribution():
+  """The first word of 1000 sampled captions per image (max_len 3: one free word, then [SEP]) lies in the
+  reference's support and has its frequencies; a sharper model (init std 0.2) makes the nucleus matter."""
+  config = model_config.get_config("tiny")
+  config.init_std = 0.2
+  model = lxmert.build_model(config)
+  params = nn.unbox(jax.jit(lambda: lxmert.init_params(model, config, jax.random.key(0)))())
+  _, _, _, feats, boxes = _setup()
+  kw = dict(model=model, visual={"visual_feats": feats}, boxes=boxes, tokens=TOKENS)
+  start = jnp.full((3, 3), PAD, jnp.int32).at[:, 0].set(CLS)
+  log_probs = captions.next_word_log_probs(params, start, 1, **kw)
+  draws = 1000
+  for temperature, top_k, top_p in ((0.5, 0, 0.9), (2.0, 8, 0.9)):
+    want, _ = _reference_filter(log_probs, temperature, top_k, top_p)
+    sample = jax.jit(jax.vmap(lambda r: captions.sample_captions(  # noqa: B023
+        params, r, max_len=3, temperature=temperature, top_k=top_k, top_p=top_p, **kw)))
+    ids = np.asarray(sample(jax.random.split(jax.random.key(0), draws)))  # [draws, 3 images, 3]
+    assert ((ids[..., 1] == SEP) | (ids[..., 2] == SEP)).all()
+    for b in range(3):
+      words = ids[:, b, 1]
+      assert (want[b, words] > 0).all(), (temperature, top_k, top_p, b)
+      freq = np.bincount(words, minlength=want.shape[1]) / draws
+      bound = 4 * np.sqrt(want[b] * (1 - want[b]) / draws) + 2 / draws
+      assert (np.abs(freq - want[b]) <= bound).all(), (temperature, top_k, top_p, b)
+
+
+def test_sampling_is_seeded_and_cold_sampling_is_greedy():
   config, model, params, feats, boxes = _setup()
   kw = dict(model=model, visual={"visual_feats": feats}, boxes=boxes, max_len=config.max_len, tokens=TOKENS)
   sample = jax.jit(lambda p, r, t: captions.sample_captions(p, r, temperature=t, **kw))

@@ -86,29 +86,40 @@ def greedy_captions(params: Any, *, model, visual: dict[str, Array], boxes: Arra
                             choose=lambda log_probs, l: jnp.argmax(log_probs, axis=-1))
 
 
-def filter_logits(log_probs: Array, *, top_k: int = 0, top_p: float = 1.0) -> Array:
-  """Keeps the ``top_k`` most likely words (0: all) and the smallest set whose probability reaches ``top_p``
-  (nucleus); the rest get -inf. log_probs [B, V]."""
+def filter_logits(log_probs: Array, *, temperature: float | Array = 1.0, top_k: int = 0,
+                  top_p: float | Array = 1.0) -> Array:
+  """The sampling distribution: log-probabilities [B, V] of ``softmax(log_probs / temperature)`` restricted to
+  its ``top_k`` most likely words (0: all; ties with the k-th kept), then to the nucleus, and renormalised;
+  the other words get -inf.
+
+  The nucleus is the smallest set of most likely words whose probability under the tempered, top-k-renormalised
+  distribution reaches ``top_p`` (a word is kept when the mass of the words more likely than it is below
+  ``top_p``; the most likely word is always kept). log_probs [B, V]: any logits or log-probabilities (-inf for
+  never-produced words); temperature > 0 and top_p may be traced values, top_k must be static. Jittable.
+  """
+  log_probs = jax.nn.log_softmax(log_probs / temperature, axis=-1)
   if top_k:
     kth = jax.lax.top_k(log_probs, top_k)[0][:, -1:]
-    log_probs = jnp.where(log_probs < kth, -jnp.inf, log_probs)
-  if top_p < 1.0:
-    order = jnp.argsort(-log_probs, axis=-1)
-    sorted_lp = jnp.take_along_axis(log_probs, order, axis=-1)
-    before = jnp.cumsum(jnp.exp(sorted_lp), axis=-1) - jnp.exp(sorted_lp)  # mass of the more likely words
-    keep_sorted = before < top_p
-    keep = jnp.zeros_like(keep_sorted).at[jnp.arange(log_probs.shape[0])[:, None], order].set(keep_sorted)
-    log_probs = jnp.where(keep, log_probs, -jnp.inf)
-  return log_probs
+    log_probs = jax.nn.log_softmax(jnp.where(log_probs < kth, -jnp.inf, log_probs), axis=-1)
+  if isinstance(top_p, (int, float)) and top_p >= 1.0:
+    return log_probs
+  order = jnp.argsort(-log_probs, axis=-1)
+  sorted_probs = jnp.exp(jnp.take_along_axis(log_probs, order, axis=-1))
+  before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs  # mass of the more likely words
+  keep_sorted = (before < top_p) | (jnp.arange(log_probs.shape[-1]) == 0) | (top_p >= 1.0)
+  keep = jnp.zeros_like(keep_sorted).at[jnp.arange(log_probs.shape[0])[:, None], order].set(keep_sorted)
+  return jax.nn.log_softmax(jnp.where(keep, log_probs, -jnp.inf), axis=-1)
 
 
 def sample_captions(params: Any, rng: Array, *, model, visual: dict[str, Array], boxes: Array, max_len: int,
-                    tokens: Tokens, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Array:
-  """Sampled captions int32 [B, max_len]: each word drawn from the text head's distribution at
-  ``temperature``, restricted to the ``top_k`` words and the ``top_p`` nucleus (SCST's sampler)."""
+                    tokens: Tokens, temperature: float | Array = 1.0, top_k: int = 0,
+                    top_p: float | Array = 1.0) -> Array:
+  """Sampled captions int32 [B, max_len] (SCST's sampler): each word drawn from ``filter_logits`` of the text
+  head's log-probabilities (tempered by ``temperature``, then top-k, then nucleus ``top_p``); the word at
+  position l uses ``fold_in(rng, l)``."""
 
   def choose(log_probs, l):
-    filtered = filter_logits(log_probs / temperature, top_k=top_k, top_p=top_p)
+    filtered = filter_logits(log_probs, temperature=temperature, top_k=top_k, top_p=top_p)
     return jax.random.categorical(jax.random.fold_in(rng, l), filtered, axis=-1)
 
   return _decode_one_by_one(params, model=model, visual=visual, boxes=boxes, max_len=max_len, tokens=tokens,
