@@ -90,6 +90,42 @@ def test_mask_predict_equals_reference_loop(setup, num_steps):
   np.testing.assert_array_equal(_decode(model, params, inputs, "mask_predict", num_steps), ids)
 
 
+def _random_permutations(rng, batch, num_cells):
+  """The documented random order, in numpy: image b decides its cells by decreasing uniform draw
+  ``jax.random.uniform(split(rng)[0], (B, M))[b]`` (ties, of probability ~0, by position)."""
+  order_rng, _ = jax.random.split(rng)
+  draws = np.asarray(jax.random.uniform(order_rng, (batch, num_cells)), np.float64)
+  return np.stack([np.argsort(-row, kind="stable") for row in draws])
+
+
+def _permutation_loop(logits_fn, inputs, perm, num_steps):
+  """Temperature 0 in a fixed order per image: pass t predicts every masked cell by argmax and fixes the next
+  M / K cells of the image's permutation ``perm`` [B, M]; the others stay masked."""
+  batch, m = perm.shape
+  per_pass = m // num_steps
+  ids, masked = np.zeros((batch, m), np.int32), np.ones((batch, m), bool)
+  for t in range(num_steps):
+    guess = logits_fn(ids, masked, inputs["text_ids"], inputs["text_mask"]).argmax(-1)
+    for b in range(batch):
+      cells = perm[b, t * per_pass:(t + 1) * per_pass]
+      ids[b, cells], masked[b, cells] = guess[b, cells], False
+  return ids
+
+
+@pytest.mark.parametrize("num_steps", [4, 64])
+def test_random_order_at_temperature_zero_equals_permutation_loop(setup, sharp, num_steps):
+  """The sharp model, whose argmax depends on the decided cells, so that another order decodes other ids."""
+  config, _, _, inputs, _ = setup
+  model, params, logits_fn = sharp
+  perm = _random_permutations(jax.random.key(7), 2, config.num_cells)
+  assert sorted(perm[0]) == list(range(config.num_cells)) and (perm[0] != perm[1]).any()
+  expected = _permutation_loop(logits_fn, inputs, perm, num_steps)
+  assert (expected != _permutation_loop(logits_fn, inputs, perm[:, ::-1], num_steps)).any()  # order matters
+  fn = jax.jit(lambda p, r: image_tokens.parallel_decode(p, r, model=model, num_steps=num_steps, order="random",
+                                                         **inputs)[0])
+  np.testing.assert_array_equal(np.asarray(fn(params, jax.random.key(7))), expected)
+
+
 def test_random_order_and_sampling_are_seeded(setup):
   config, model, params, inputs, probs = setup
   fn = jax.jit(lambda p, r: image_tokens.parallel_decode(p, r, model=model, order="random", temperature=1.0,

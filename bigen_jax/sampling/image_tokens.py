@@ -11,7 +11,8 @@ says which:
                  a cell decided earlier is re-masked when its probability is among the lowest.
   easy_first     the least confident of the still-masked cells: decided cells are final.
   left_to_right  raster order (top-left to bottom-right): the last cells stay masked.
-  random         a random order per image, drawn once from ``rng``.
+  random         a random order per image, drawn once: image b's cells by decreasing
+                 ``jax.random.uniform(jax.random.split(rng)[0], (B, M))[b]``.
   maskgit        MaskGIT's ``mask_by_random_topk``: the least confident of the still-masked cells, confidence
                  = log-probability of the decided id + ``choice_temperature * (1 - (t + 1) / K) * gumbel``;
                  with ``temperature`` > 0 every pass samples, so a blank grid need not collapse to one token.
