@@ -39,9 +39,15 @@ def test_epochs_cover_once_and_differ(records_dir):
   for e in epochs:
     assert len(set(e)) == 32 and set(e) <= set(range(37))
   assert not np.array_equal(epochs[0], epochs[1])
-  captions = [np.concatenate([b["text_ids"][:, 2] for b in _take(_it(records_dir, seed=s), 4)])
-              for s in (0, 0, 1)]
-  np.testing.assert_array_equal(captions[0], captions[1])  # same seed: same order and captions
+  streams = [_take(_it(records_dir, seed=s), 4) for s in (0, 0, 1)]
+  order = [np.concatenate([b["index"] for b in st]) for st in streams]
+  captions = [np.concatenate([b["text_ids"][:, 2] for b in st]) for st in streams]
+  np.testing.assert_array_equal(order[0], order[1])  # same seed: same order and captions
+  np.testing.assert_array_equal(captions[0], captions[1])
+  assert not np.array_equal(order[0], order[2])  # another seed: another order ...
+  chosen = [dict(zip(o.tolist(), c.tolist())) for o, c in zip(order, captions)]
+  several = [i for i in chosen[0] if i in chosen[2] and i % 3]  # records with 2 or 3 captions in both epochs
+  assert len(several) > 10 and any(chosen[0][i] != chosen[2][i] for i in several)  # ... and other captions
 
 
 def test_caption_sampling_uses_all_captions(records_dir):
