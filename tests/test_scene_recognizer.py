@@ -1,5 +1,6 @@
-"""Scene recogniser: targets decode back to the scene, caption accuracy on true and false captions, a short
-training run, save/load; the slow test trains the default recogniser and checks its held-out accuracy."""
+"""Scene recogniser: targets decode back to the scene, caption accuracy on true and false captions, exact
+scores when the reading is the true scene, a short training run that reads held-out scenes well above chance,
+save/load; the slow test trains the default recogniser and checks its held-out accuracy."""
 
 import json
 
@@ -69,16 +70,32 @@ def test_claim_parts_split_by_type():
   assert kinds.count("background") == 1
 
 
+def test_known_answer_scores_with_the_true_scene_as_the_reading(examples):
+  """The recogniser's outputs replaced by the true scenes' target probabilities: every true caption and claim
+  holds (accuracy exactly 1, every caption scores 1), no hard negative holds (accuracy exactly 0)."""
+  graphs = [json.loads(e["scene_graph"]) for e in examples]
+  oracle = R.target_probabilities(S.stack_targets(graphs))
+  caps = [e["captions"][0] for e in examples]
+  out = S.semantic_accuracy(oracle, caps)
+  assert out["num_images"] == N_SCENES and out["accuracy"] == 1.0
+  assert all(out[f"{kind}_accuracy"] == 1.0 for kind in S.CLAIM_TYPES if out[f"num_{kind}_claims"]), out
+  negatives = [e["hard_negatives"][0]["negative"] for e in examples]
+  assert S.semantic_accuracy(oracle, negatives)["accuracy"] == 0.0
+  np.testing.assert_array_equal(S.caption_scores(oracle, caps), np.ones(N_SCENES, np.float32))
+  assert (S.caption_scores(oracle, negatives) < 1.0).all()
+
+
 @pytest.fixture(scope="module")
 def short_run():
-  return S.train_recognizer(steps=12, batch_size=4, num_train_scenes=16, eval_scenes=0, log_every=1)
+  """60 steps of 8 from 256 scenes (about 12 s): enough to find objects and read their colours."""
+  return S.train_recognizer(steps=60, batch_size=8, num_train_scenes=256, eval_scenes=0, log_every=1)
 
 
 def test_short_training_decreases_the_loss(short_run):
   _, report = short_run
   losses = [h["loss"] for h in report["history"]]
-  assert len(losses) == 12 and np.isfinite(losses).all()
-  assert np.mean(losses[-3:]) < np.mean(losses[:3])
+  assert len(losses) == 60 and np.isfinite(losses).all()
+  assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10])
 
 
 def test_save_load_round_trip_and_scoring_api(short_run, tmp_path, examples):
@@ -93,10 +110,25 @@ def test_save_load_round_trip_and_scoring_api(short_run, tmp_path, examples):
   caps = [e["captions"][0] for e in examples[:3]]
   graphs = S.recognize(loaded, images)
   assert len(graphs) == 3 and all("objects" in g and "relation_margin" in g for g in graphs)
-  out = S.image_semantic_accuracy(loaded, images, caps)
-  assert out["num_images"] == 3 and 0.0 <= out["accuracy"] <= 1.0
   score = S.caption_image_score(loaded, images, caps[:2] + ["not a caption"])
   assert score.shape == (3,) and ((score >= 0) & (score <= 1)).all() and score[2] == 0.0
+
+
+def test_short_training_reads_held_out_scenes_well_above_chance(short_run, examples):
+  """On validation scenes (a stream the recogniser never trains on), after 60 steps: objects found (recall and
+  precision >= 0.8) with their colour (>= 0.8 of matched objects; chance 1/8); colour claims of each image's
+  own caption hold (>= 0.8) far more often than those of another image's caption (<= 0.4); its own caption
+  outscores another image's for >= 70% of the images. Measured: 0.98 / 0.99 / 0.97; 1.0 vs 0.10; 83%."""
+  params, _ = short_run
+  heldout = S.evaluate_recognizer(params, num_scenes=32)
+  assert heldout["recall"] >= 0.8 and heldout["precision"] >= 0.8 and heldout["colour_accuracy"] >= 0.8, heldout
+  images = np.stack([e["image"] for e in examples])
+  own = [e["captions"][0] for e in examples]
+  other = own[1:] + own[:1]
+  assert S.image_semantic_accuracy(params, images, own)["colours_accuracy"] >= 0.8
+  assert S.image_semantic_accuracy(params, images, other)["colours_accuracy"] <= 0.4
+  wins = S.caption_image_score(params, images, own) > S.caption_image_score(params, images, other)
+  assert wins.mean() >= 0.7
 
 
 @pytest.mark.slow
