@@ -1,4 +1,11 @@
-"""torchvision ``inception_v3`` state dicts -> variables of ``bigen_jax.models.inception.InceptionV3``.
+"""Inception-v3 state dicts -> variables of ``bigen_jax.models.inception.InceptionV3``: pytorch-fid's FID
+Inception (``pt_inception-2015-12-05-6726825d.pth``, variant "fid") or torchvision's ``inception_v3``
+(variant "torchvision").
+
+The two hold the same tensors except the classifier: 1008 outputs for the FID Inception, 1000 for
+torchvision's. ``detect_variant`` reads it from ``fc.weight``; asking for the other variant raises
+``ConversionError`` (the blocks differ in their pools, so the weights would run in the wrong network and give
+wrong features without any other error).
 
 Names map one to one (``Mixed_5b.branch1x1.conv.weight`` -> params ``Mixed_5b/branch1x1/conv/kernel``):
 conv weights OIHW -> HWIO, ``bn.weight``/``bn.bias`` -> params ``scale``/``bias``, ``bn.running_mean``/
@@ -43,17 +50,42 @@ def torch_name(collection: str, path: tuple[str, ...]) -> str:
   return ".".join(path[:-1] + (_LEAVES[(collection, path[-1])],))
 
 
-def params_from_torch(state_dict: dict[str, Any]) -> dict[str, Any]:
-  """{"params", "batch_stats"} (numpy float32) from a torchvision ``inception_v3`` state dict (any
-  ``num_classes``, read from ``fc.weight``); see the module docstring for the naming and the errors."""
+def _strip(state_dict: dict[str, Any]) -> dict[str, tuple[str, Any]]:
+  """name without ``module.`` -> (original key, tensor), ignored keys dropped."""
   state = {}
   for key, value in state_dict.items():
     name = key[len("module."):] if key.startswith("module.") else key
     if not _IGNORED.match(name):
       state[name] = (key, value)
-  num_classes = int(state["fc.weight"][1].shape[0]) if "fc.weight" in state else 1000
-  expected = flax.traverse_util.flatten_dict(
-      inception.abstract_variables(inception.InceptionV3(num_classes=num_classes)))
+  return state
+
+
+def _describe(variant: str) -> str:
+  return {"fid": "pytorch-fid's FID Inception (pt_inception-2015-12-05, 1008 classes)",
+          "torchvision": "torchvision's inception_v3"}[variant]
+
+
+def detect_variant(state_dict: dict[str, Any]) -> str | None:
+  """"fid" when ``fc.weight`` has 1008 outputs, "torchvision" for any other width; None without ``fc.weight``
+  (the conversion then reports it missing)."""
+  state = _strip(state_dict)
+  if "fc.weight" not in state:
+    return None
+  return inception.variant_for(int(state["fc.weight"][1].shape[0]))
+
+
+def params_from_torch(state_dict: dict[str, Any], *, variant: str | None = None) -> dict[str, Any]:
+  """{"params", "batch_stats"} (numpy float32) from an FID Inception or torchvision ``inception_v3`` state
+  dict (any ``num_classes``, read from ``fc.weight``). ``variant``: the network the caller means to run them
+  in ("fid" or "torchvision"), checked against ``detect_variant``; None accepts either. See the module
+  docstring for the naming and the errors."""
+  if variant is not None and variant not in inception.VARIANTS:
+    raise ValueError(f"unknown Inception variant {variant!r}: expected one of {inception.VARIANTS}")
+  state = _strip(state_dict)
+  detected = detect_variant(state_dict)
+  num_classes = int(state["fc.weight"][1].shape[0]) if "fc.weight" in state else 0
+  model = inception.InceptionV3(variant=detected or variant or "torchvision", num_classes=num_classes)
+  expected = flax.traverse_util.flatten_dict(inception.abstract_variables(model))
   flat, used, missing, wrong = {}, set(), [], []
   for (collection, *path), spec in expected.items():
     name = torch_name(collection, tuple(path))
@@ -68,6 +100,10 @@ def params_from_torch(state_dict: dict[str, Any]) -> dict[str, Any]:
     flat[(collection, *path)] = value
   unknown = sorted(state[k][0] for k in state if k not in used)
   convert_io.raise_if_foreign("inception_v3", [key for key, _ in state.values()], len(used))
+  if variant is not None and detected is not None and detected != variant:
+    raise ConversionError(f"a state dict of {_describe(detected)} (fc.weight has {num_classes} outputs), not of "
+                          f"{_describe(variant)}: the two pool differently, so it would compute wrong features; "
+                          f"convert it as variant {detected!r} (tools/convert_inception.py --variant={detected})")
   convert_io.raise_if_mismatched("inception_v3", [
       ("unknown keys (no counterpart in InceptionV3)", unknown),
       ("keys missing from the state dict", sorted(missing)), ("shape mismatches", wrong)])

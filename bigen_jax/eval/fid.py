@@ -1,9 +1,11 @@
 """Fréchet Inception Distance: Gaussian statistics of features and the Fréchet distance between them.
 
 FID = ||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) over pooled Inception-v3 features (2048-d) of two image
-sets, in float64. ``(S1 S2)^(1/2)`` uses ``scipy.linalg.sqrtm`` when scipy is installed (as the standard FID
-code does, with the same fallbacks: an ``eps`` ridge when the product is singular, the real part when the
-imaginary part is numerical noise), else the trace via eigenvalues of ``S1^(1/2) S2 S1^(1/2)``.
+sets, in float64. Published FID uses pytorch-fid's FID Inception (``inception.InceptionV3(variant="fid")``);
+the distance under torchvision's Inception is another number, named ``fid_torchvision`` (``METRIC_NAMES``).
+``(S1 S2)^(1/2)`` uses ``scipy.linalg.sqrtm`` when scipy is installed (as the standard FID code does, with the
+same fallbacks: an ``eps`` ridge when the product is singular, the real part when the imaginary part is
+numerical noise), else the trace via eigenvalues of ``S1^(1/2) S2 S1^(1/2)``.
 """
 
 import functools
@@ -15,6 +17,9 @@ import numpy as np
 from bigen_jax.models import inception
 
 FeaturesFn = Callable[[np.ndarray], Any]
+# The metric name of each Inception variant's distance: only the FID Inception's is comparable with published
+# FID; torchvision's network (other pools, other weights) gives another number.
+METRIC_NAMES = {"fid": "fid", "torchvision": "fid_torchvision"}
 
 
 def statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -142,10 +147,15 @@ def inception_features_fn(variables: Any, *, size: int = inception.FID_SIZE,
                           transform_input: bool = False) -> Callable[[np.ndarray], jax.Array]:
   """A jitted uint8 images [B, H, W, 3] -> pooled Inception-v3 features [B, 2048] (float32): resized to
   ``size`` and scaled to [-1, 1] by ``inception.resize_input``; ``variables`` from
-  ``bigen_jax.convert.inception.params_from_torch``. ``transform_input`` as ``InceptionV3``'s (True for
-  torchvision's ImageNet weights)."""
-  num_classes = variables["params"]["fc"]["bias"].shape[0]
-  model = inception.InceptionV3(num_classes=num_classes, transform_input=transform_input)
+  ``bigen_jax.convert.inception.params_from_torch``, run in the variant their fc width says
+  (``inception.variant_of``: the FID Inception for pytorch-fid's weights). ``transform_input`` as
+  ``InceptionV3``'s, for torchvision's ImageNet weights only: the FID Inception takes [-1, 1] as it is."""
+  variant = inception.variant_of(variables)
+  if transform_input and variant == "fid":
+    raise ValueError("transform_input is for torchvision's ImageNet weights; the FID Inception (1008 classes) "
+                     "takes inputs in [-1, 1] as they are")
+  model = inception.InceptionV3(variant=variant, num_classes=variables["params"]["fc"]["bias"].shape[0],
+                                transform_input=transform_input)
   variables = jax.device_put(variables)  # once, as arguments: not baked into the program as constants
 
   @jax.jit
