@@ -17,10 +17,9 @@ unverified, with a warning.
 
 import hashlib
 import json
-import os
 import signal
 import threading
-from typing import Any
+from typing import Any, Callable
 
 from absl import logging
 from etils import epath
@@ -30,6 +29,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from bigen_jax import errors
+from bigen_jax import fileio
 
 RECORD_NAME = "sha256.json"
 
@@ -97,7 +97,7 @@ class Checkpointer:
   def __init__(self, directory: str, *, save_every: int, keep: int = 3, async_save: bool = True,
                fallback: bool = True, create: bool = True):
     """``create`` False: a reader (evaluation) that never creates, moves or writes anything."""
-    self.directory = os.path.abspath(directory)  # orbax restores only from absolute paths
+    self.directory = fileio.absolute(directory)  # orbax restores only from absolute paths; a URL stays one
     self.fallback, self.async_save, self.writable = fallback, async_save, create
     options = ocp.CheckpointManagerOptions(save_interval_steps=save_every, max_to_keep=keep,
                                            enable_async_checkpointing=async_save, create=create)
@@ -105,7 +105,7 @@ class Checkpointer:
     self._recorder = None
 
   def step_dir(self, step: int) -> str:
-    return os.path.join(self.directory, str(step))
+    return fileio.join(self.directory, str(step))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -130,13 +130,10 @@ class Checkpointer:
     """Writes the integrity record of ``step`` once orbax has committed it (process 0)."""
     if wait:
       self.manager.wait_until_finished()
-    if jax.process_index() != 0 or not os.path.isdir(self.step_dir(step)):
+    if jax.process_index() != 0 or not epath.Path(self.step_dir(step)).is_dir():
       return
     record = {"step": step, "files": file_digests(self.step_dir(step))}
-    path = os.path.join(self.step_dir(step), RECORD_NAME)
-    with open(path + ".tmp", "w") as f:
-      json.dump(record, f, indent=1)
-    os.replace(path + ".tmp", path)
+    fileio.write_atomic(fileio.join(self.step_dir(step), RECORD_NAME), json.dumps(record, indent=1))
 
   def _join_recorder(self) -> None:
     if self._recorder is not None:
@@ -156,12 +153,38 @@ class Checkpointer:
     return next((s for s in reversed(self.all_steps()) if self.problem(s) is None), None)
 
   def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict[str, int], int]:
-    """Restores ``step`` (default: the newest good step) into the shapes/shardings of ``abstract_state``.
+    """Restores ``step`` (default: the newest good step) into the shapes/shardings of ``abstract_state``;
+    returns (state, data-iterator state, step).
 
     An explicit ``step`` never falls back. Without one, a step that fails verification or reading is reported
     and, with ``fallback``, the next newest is tried (a writable checkpointer moves the bad step aside first, so
     training can write that step afresh); ``CheckpointError`` when none is left.
     """
+    def read(candidate):
+      restored = self.manager.restore(candidate, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+      return restored["state"], dict(restored["data"])
+
+    (state, data_state), step = self._first_good(step, read)
+    return state, data_state, step
+
+  def restore_params(self, abstract_params: Any, step: int | None = None) -> tuple[Any, int]:
+    """Restores only ``state.params`` of ``step`` (as ``restore`` chooses it) into the shapes/shardings of
+    ``abstract_params``: evaluation never reads the optimiser moments (twice the parameters' size)."""
+    target = {"params": abstract_params}
+    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+
+    def read(candidate):
+      # A PyTree checkpointer of its own: the manager's "state" handler is the standard one, which has no partial
+      # restore, and a manager keeps the handler type of its first use.
+      with ocp.PyTreeCheckpointer() as reader:
+        return reader.restore(epath.Path(self.step_dir(candidate)) / "state", args=ocp.args.PyTreeRestore(
+            target, restore_args=restore_args, partial_restore=True))["params"]
+
+    return self._first_good(step, read)
+
+  def _first_good(self, step: int | None, read: Callable[[int], Any]) -> tuple[Any, int]:
+    """``(read(s), s)`` for the newest good step ``s`` (or ``step``); see ``restore``."""
     self._join_recorder()
     candidates = self.all_steps() if step is None else [step]
     if not candidates:
@@ -175,10 +198,9 @@ class Checkpointer:
         why = None
       if why is None:
         try:
-          restored = self.manager.restore(candidate, args=ocp.args.Composite(
-              state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+          restored = read(candidate)
           logging.info("checkpoint: restored step %d from %s", candidate, self.directory)
-          return restored["state"], dict(restored["data"]), candidate
+          return restored, candidate
         except Exception as e:  # pylint: disable=broad-exception-caught
           why = f"cannot be read ({_one_line(e)})"
       else:
@@ -198,12 +220,12 @@ class Checkpointer:
   def _reject(self, step: int) -> None:
     """Moves a bad step out of the manager's sight (kept for inspection), so the run can write it afresh."""
     if jax.process_index() == 0:
-      target = os.path.join(self.directory + "_rejected", str(step))
+      rejected = epath.Path(self.directory + "_rejected")
       suffix = 0
-      while os.path.exists(target + (f".{suffix}" if suffix else "")):
+      while (rejected / f"{step}{f'.{suffix}' if suffix else ''}").exists():
         suffix += 1
-      os.makedirs(os.path.dirname(target), exist_ok=True)
-      os.replace(self.step_dir(step), target + (f".{suffix}" if suffix else ""))
+      rejected.mkdir(parents=True, exist_ok=True)
+      epath.Path(self.step_dir(step)).rename(rejected / f"{step}{f'.{suffix}' if suffix else ''}")
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"checkpoint_reject_{step}")
     self.manager.reload()

@@ -30,9 +30,11 @@ import json
 import os
 from typing import Any, Iterable, Mapping
 
+from etils import epath
 import numpy as np
 
 from bigen_jax import errors
+from bigen_jax import fileio
 
 SCHEMA_VERSION = 1
 GRID = 8
@@ -139,34 +141,36 @@ def decode_example(serialized: bytes, feature_dim: int, max_len: int) -> dict[st
 
 def sha256_file(path: str) -> str:
   h = hashlib.sha256()
-  with open(path, "rb") as f:
+  with epath.Path(path).open("rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):
       h.update(block)
   return h.hexdigest()
 
 
 def write_shard(path: str, serialized: Iterable[bytes]) -> dict[str, Any]:
-  """Writes records to ``path`` atomically (temporary file, fsync, rename). Returns the shard's manifest entry."""
+  """Writes records to ``path`` atomically (temporary file, fsync, rename; a URL: one object written on close).
+  Returns the shard's manifest entry."""
   tf = _tf()
-  tmp = path + ".tmp"
+  tmp = path if fileio.is_url(path) else path + ".tmp"
   count = 0
   with tf.io.TFRecordWriter(tmp) as w:
     for s in serialized:
       w.write(s)
       count += 1
-  with open(tmp, "rb") as f:
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-  return {"file": os.path.basename(path), "num_examples": count,
-          "num_bytes": os.path.getsize(path), "sha256": sha256_file(path)}
+  if tmp != path:
+    with open(tmp, "rb") as f:
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  return {"file": epath.Path(path).name, "num_examples": count,
+          "num_bytes": epath.Path(path).stat().length, "sha256": sha256_file(path)}
 
 
 def verify_shard(directory: str, entry: Mapping[str, Any], *, checksum: bool = True) -> None:
   """Raises ``DataError`` naming the file if a shard is missing, truncated or corrupt."""
-  path = os.path.join(directory, entry["file"])
-  if not os.path.exists(path):
+  path = fileio.join(directory, entry["file"])
+  if not epath.Path(path).exists():
     raise DataError(f"shard {path} listed in {MANIFEST_NAME} is missing")
-  size = os.path.getsize(path)
+  size = epath.Path(path).stat().length
   if size != entry["num_bytes"]:
     raise DataError(f"shard {path} has {size} bytes, manifest says {entry['num_bytes']} (truncated?)")
   if checksum and sha256_file(path) != entry["sha256"]:
@@ -174,22 +178,16 @@ def verify_shard(directory: str, entry: Mapping[str, Any], *, checksum: bool = T
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  fileio.write_json_atomic(path, obj)
 
 
 def read_manifest(directory: str) -> dict[str, Any]:
   """Reads and validates ``directory/manifest.json``; errors name the file and the field."""
-  path = os.path.join(directory, MANIFEST_NAME)
-  if not os.path.exists(path):
+  path = fileio.join(directory, MANIFEST_NAME)
+  if not epath.Path(path).exists():
     raise DataError(f"no {MANIFEST_NAME} in {directory}: run tools/extract_features.py first")
   try:
-    with open(path) as f:
-      manifest = json.load(f)
+    manifest = fileio.read_json(path)
   except json.JSONDecodeError as e:
     raise DataError(f"{path} is not valid JSON: {e}") from e
   missing = [k for k in REQUIRED_MANIFEST_KEYS if k not in manifest]
@@ -206,7 +204,7 @@ def split_shards(directory: str, split: str, *, manifest: Mapping[str, Any] | No
                  verify: bool = True, checksum: bool = False) -> list[dict[str, Any]]:
   """The manifest entries of a finished split's shards, each with ``path`` added; errors name the file."""
   manifest = manifest or read_manifest(directory)
-  path = os.path.join(directory, MANIFEST_NAME)
+  path = fileio.join(directory, MANIFEST_NAME)
   entry = manifest["splits"].get(split)
   if entry is None:
     raise DataError(f"{path} has no split {split!r} (has {sorted(manifest['splits'])})")
@@ -216,7 +214,7 @@ def split_shards(directory: str, split: str, *, manifest: Mapping[str, Any] | No
   for shard in entry["shards"]:
     if verify:
       verify_shard(directory, shard, checksum=checksum)
-    shards.append({**shard, "path": os.path.join(directory, shard["file"])})
+    shards.append({**shard, "path": fileio.join(directory, shard["file"])})
   return shards
 
 

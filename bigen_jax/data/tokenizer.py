@@ -7,6 +7,7 @@ A vocabulary that fails to load never falls back silently: its size and special 
 import os
 from typing import Iterable, Sequence
 
+from etils import epath
 import numpy as np
 
 from bigen_jax.data.records import DataError
@@ -22,10 +23,12 @@ def _offline():
 
 
 def _read_vocab(vocab_path: str) -> list[str]:
-  if not os.path.isfile(vocab_path):
+  """The tokens of ``vocab_path``, one a line (local or a URL: epath)."""
+  path = epath.Path(vocab_path)
+  if not path.exists() or path.is_dir():
     raise DataError(f"tokenizer vocabulary {vocab_path} does not exist")
-  with open(vocab_path, encoding="utf-8") as f:
-    tokens = [line.rstrip("\n") for line in f]
+  lines = path.read_text(encoding="utf-8").split("\n")
+  tokens = [line.rstrip() for line in (lines[:-1] if lines[-1] == "" else lines)]
   missing = [t for t in SPECIAL_TOKENS if t not in tokens]
   if missing:
     raise DataError(f"tokenizer vocabulary {vocab_path} lacks special token(s) {missing}")
@@ -43,7 +46,8 @@ class CaptionTokenizer:
       raise DataError(f"tokenizer vocabulary {vocab_path} has {len(tokens)} tokens, "
                       f"expected {expected_vocab_size}")
     self.vocab_path = vocab_path
-    self._tok = BertTokenizer(vocab=vocab_path, do_lower_case=True)
+    # The tokens, not the path: the file may be a URL, which the Rust tokenizer cannot open.
+    self._tok = BertTokenizer(vocab={token: i for i, token in enumerate(tokens)}, do_lower_case=True)
     if len(self._tok) != len(tokens):
       raise DataError(f"tokenizer built from {vocab_path} has {len(self._tok)} tokens but the file has "
                       f"{len(tokens)} lines (duplicate or malformed entries?)")

@@ -13,14 +13,16 @@ Re-running skips what is already written for the same settings; every file is wr
 """
 
 import hashlib
-import json
+import io
 import os
 import time
 from typing import Any, Mapping, Sequence
 
 from absl import logging
+from etils import epath
 import numpy as np
 
+from bigen_jax import fileio
 from bigen_jax.data import records
 
 CODEBOOK_NAME = "codebook.npy"
@@ -41,9 +43,14 @@ def records_fingerprint(manifest: Mapping[str, Any]) -> str:
 
 
 def save_npy(path: str, array: np.ndarray) -> None:
-  tmp = path + ".tmp.npy"
-  np.save(tmp, array)
-  os.replace(tmp, path)
+  buffer = io.BytesIO()
+  np.save(buffer, array)
+  fileio.write_atomic(path, buffer.getvalue())
+
+
+def load_npy(path: str) -> np.ndarray:
+  with epath.Path(path).open("rb") as f:
+    return np.load(io.BytesIO(f.read()))
 
 
 def sample_cells(records_dir: str, *, sample_size: int, seed: int, split: str = "train") -> np.ndarray:
@@ -113,18 +120,17 @@ def build_vocab(records_dir: str, vocab_dir: str, *, k: int, iterations: int = 2
   manifest = records.read_manifest(records_dir)
   splits = list(splits or manifest["splits"])
   settings = {"k": k, "iterations": iterations, "sample_size": sample_size, "seed": seed,
-              "dim": manifest["feature_dim"], "records": os.path.abspath(records_dir),
+              "dim": manifest["feature_dim"], "records": fileio.absolute(records_dir),
               "records_fingerprint": records_fingerprint(manifest), "backbone": manifest["backbone"]}
-  os.makedirs(vocab_dir, exist_ok=True)
-  meta_path = os.path.join(vocab_dir, META_NAME)
-  if os.path.exists(meta_path):
-    with open(meta_path) as f:
-      old = json.load(f)
+  epath.Path(vocab_dir).mkdir(parents=True, exist_ok=True)
+  meta_path = fileio.join(vocab_dir, META_NAME)
+  if epath.Path(meta_path).exists():
+    old = fileio.read_json(meta_path)
     if all(old.get(key) == value for key, value in settings.items()) and set(splits) <= set(old["splits"]):
       logging.info("vocabulary in %s is up to date", vocab_dir)
       return old
-    os.remove(meta_path)
-  codebook_path = os.path.join(vocab_dir, CODEBOOK_NAME)
+    epath.Path(meta_path).unlink()
+  codebook_path = fileio.join(vocab_dir, CODEBOOK_NAME)
   t = time.time()
   samples = sample_cells(records_dir, sample_size=sample_size, seed=seed)
   codebook = train_codebook(samples, k=k, iterations=iterations, seed=seed)
@@ -134,7 +140,7 @@ def build_vocab(records_dir: str, vocab_dir: str, *, k: int, iterations: int = 2
   meta = {**settings, "sample_size_used": int(len(samples)), "splits": {}}
   for split in splits:
     ids, stats = assign_split(records_dir, split, codebook)
-    save_npy(os.path.join(vocab_dir, cluster_ids_name(split)), ids)
+    save_npy(fileio.join(vocab_dir, cluster_ids_name(split)), ids)
     meta["splits"][split] = stats
     print(f"[vocab] {split}: {stats['num_examples']} images, mse {stats['mse']:.4f}, relative quantisation "
           f"error {stats['relative_error']:.4f}, {stats['used_clusters']}/{k} clusters used", flush=True)
@@ -147,12 +153,11 @@ class Vocab:
 
   def __init__(self, vocab_dir: str, *, records_dir: str | None = None):
     self.dir = vocab_dir
-    meta_path = os.path.join(vocab_dir, META_NAME)
-    if not os.path.exists(meta_path):
+    meta_path = fileio.join(vocab_dir, META_NAME)
+    if not epath.Path(meta_path).exists():
       raise records.DataError(f"no {META_NAME} in {vocab_dir}: run tools/build_vocab.py first")
-    with open(meta_path) as f:
-      self.meta = json.load(f)
-    self.codebook = np.load(os.path.join(vocab_dir, CODEBOOK_NAME))
+    self.meta = fileio.read_json(meta_path)
+    self.codebook = load_npy(fileio.join(vocab_dir, CODEBOOK_NAME))
     if self.codebook.shape != (self.meta["k"], self.meta["dim"]):
       raise records.DataError(f"{vocab_dir}/{CODEBOOK_NAME} has shape {self.codebook.shape}, {meta_path} "
                               f"says k={self.meta['k']}, dim={self.meta['dim']}")
@@ -170,7 +175,7 @@ class Vocab:
     """int32 [n, 64] cluster ids of ``split`` (row = record index)."""
     if split not in self.meta["splits"]:
       raise records.DataError(f"{self.dir}/{META_NAME} has no cluster ids for split {split!r}")
-    ids = np.load(os.path.join(self.dir, cluster_ids_name(split)))
+    ids = load_npy(fileio.join(self.dir, cluster_ids_name(split)))
     if ids.shape != (self.meta["splits"][split]["num_examples"], records.NUM_CELLS):
       raise records.DataError(f"{self.dir}/{cluster_ids_name(split)} has shape {ids.shape}, "
                               f"expected [{self.meta['splits'][split]['num_examples']}, 64]")
