@@ -55,6 +55,7 @@ VARIANTS = {
     "demo_constant_lr": ("configs/demo.py, constant lr after warm-up", {"optimizer.schedule": "constant"}),
     "demo_full_masks": ("configs/demo.py with every T2I cell masked (only the caption tells what to draw)",
                         {"tasks.t2i.mask_schedule": "count", "tasks.t2i.min_masked": 64}),
+    "demo_init_0.088": ("configs/demo.py with weights drawn N(0, 1/sqrt(128))", {"model.init_std": 0.088}),
 }
 KEYS = ("validation_loss/i2t/loss", "validation_loss/i2t/gap", "validation_loss/t2i/loss", "validation_loss/t2i/gap",
         "captioning/CIDEr-D", "captioning/semantic/accuracy", "captioning/distinct_captions",
