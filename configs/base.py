@@ -62,9 +62,12 @@ def get_config(model: str = "paper") -> ml_collections.ConfigDict:
   # generation: the main decoder (sampling/image_tokens.py: order, num_steps, temperature, schedule,
   # choice_temperature, guidance), and ``variants``, name -> overrides of those fields, each decoded and scored
   # beside it (generation/<name>/...), e.g. {"sampling": {"order": "maskgit", "temperature": 1.0}}.
+  # inception_weights (tools/convert_inception.py): FID Inception weights report fid, torchvision's
+  # fid_torchvision, with torchvision's ImageNet input normalisation if inception_transform_input.
   config.eval.generation = ml_collections.ConfigDict(dict(
       order="mask_predict", num_steps=4, temperature=0.0, schedule="linear", choice_temperature=0.0,
       guidance=0.0, variants={}, num_examples=0, batch_size=64, recognizer_dir="", inception_weights="",
+      inception_transform_input=True,
       r_precision_negatives=99, grid_images=8,
       scene_decoder_heads=""))  # captioned scenes: draw tokens with sampling/scene_decoder.py (<detector>.heads.npz)
   config.peak_flops_per_device = 0.0  # for the MFU estimate; 0: not reported (e.g. 989e12 for H100 bf16)

@@ -3,6 +3,12 @@
 Corpus metrics (CIDEr-D's document frequencies, FID's statistics) need every example at once, so each
 process reads the same first ``num_examples`` records of the split; decoding runs sharded over the mesh
 (``to_global``) and its outputs come back whole to every process (``gather``).
+
+Real images (stored at any size and aspect ratio, e.g. COCO's short side 256) all go through one
+preprocessing, ``square_image``: decoded by ``bigen_jax.data.images.decode_image``, then the *whole* image
+resized to a fixed square with PIL's bicubic filter (antialiased when shrinking). The aspect ratio is not
+kept and nothing is cropped, as in pytorch-fid's resize to 299x299 and as the 8x8 grid of the features, whose
+cells cover the whole image: a drawing of an image's tokens shows the whole image, squeezed into a square.
 """
 
 from typing import Any
@@ -10,6 +16,7 @@ from typing import Any
 import jax
 from jax.experimental import multihost_utils
 import numpy as np
+from PIL import Image
 
 from bigen_jax.data import images as images_lib
 from bigen_jax.data import input_pipeline
@@ -18,12 +25,21 @@ from bigen_jax.data import records
 FIELDS = ("index", "image_id", "text_ids", "text_mask", "dense", "boxes", "cluster_ids", "caption_ids")
 
 
-def load(config, *, split: str, num_examples: int = 0, with_images: bool = False) -> dict[str, Any]:
+def square_image(image: np.ndarray, size: int) -> np.ndarray:
+  """uint8 [H, W, 3] -> uint8 [size, size, 3]: the whole image resized with PIL's bicubic filter (antialiased
+  when shrinking; aspect ratio not kept, nothing cropped; see the module docstring). Unchanged if already so."""
+  if image.shape[:2] == (size, size):
+    return image
+  return np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))
+
+
+def load(config, *, split: str, num_examples: int = 0, image_size: int = 0) -> dict[str, Any]:
   """The first ``num_examples`` (0: all) records of ``split``: numpy arrays of ``FIELDS`` plus
-  ``references`` (list of lists of caption strings) and, with images, ``images`` uint8 [N, H, W, 3]."""
+  ``references`` (list of lists of caption strings) and, with ``image_size`` > 0, ``images`` uint8
+  [N, image_size, image_size, 3]: every stored image through ``decode_image`` and ``square_image``."""
   it = input_pipeline.create_iterator(
       records_dir=config.data.records_dir, split=split, global_batch_size=64, seed=config.seed,
-      vocab_dir=config.data.vocab_dir, train=False, with_images=with_images, process_index=0,
+      vocab_dir=config.data.vocab_dir, train=False, with_images=image_size > 0, process_index=0,
       process_count=1, shuffle_buffer=1)
   parts = []
   for batch in it:
@@ -36,9 +52,10 @@ def load(config, *, split: str, num_examples: int = 0, with_images: bool = False
   data = {k: np.concatenate([p[k] for p in parts])[:num_examples or None] for k in parts[0]}
   out = {k: data[k] for k in FIELDS if k in data}
   out["references"] = [[c.decode("utf-8") for c in row if c] for row in data["captions"]]
-  if with_images:
-    out["images"] = np.stack([images_lib.decode_image(b, name=f"the image of record {i} of split {split!r}")
-                              for i, b in zip(data["index"], data["image"])])
+  if image_size > 0:
+    out["images"] = np.stack([
+        square_image(images_lib.decode_image(b, name=f"the image of record {i} of split {split!r}"), image_size)
+        for i, b in zip(data["index"], data["image"])])
   return out
 
 

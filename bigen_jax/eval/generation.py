@@ -10,19 +10,28 @@ Metrics:
 
   cell_accuracy            decoded ids equal the image's true ids (a strict, token-level number)
   fid_recognizer           FID between drawn and real images in the scene recogniser's feature space
-  fid_inception            FID with InceptionV3, when ``inception_weights`` (tools/convert_inception.py) is set
+  fid                      FID with pytorch-fid's FID Inception, when ``inception_weights``
+                           (tools/convert_inception.py) holds its weights: the number papers report
+  fid_torchvision          the same distance with torchvision's Inception-v3 weights instead (other pools,
+                           other weights: not comparable with published FID); ``inception_transform_input``
+                           applies torchvision's ImageNet normalisation, as torchvision does for them
   semantic/...             the recogniser reads each drawn image: do the caption's claims hold?
   r_precision_easy/_hard   the caption against 99 random captions / one-word swaps, ranked by the recogniser
   (CLIPScore joins when the JAX CLIP arrives; the scorer is the only thing that changes.)
 
+Real images are compared at the size of the drawings (128x128: 8 cells of 16 px in the preview; the scene
+decoder's renders): every stored image, whatever its size and aspect ratio, is resized whole to that square
+(``eval_set.square_image``, PIL bicubic), so real and drawn images meet at one resolution in the recogniser,
+in Inception (which resizes both to 299x299, bilinear, as pytorch-fid does) and in the grid.
+
 The scene-world numbers need captioned-scenes records; on other data only cell accuracy and FID (Inception)
 are reported. Config ``config.eval.generation``: the decoder (order, num_steps, temperature, schedule,
 choice_temperature, guidance: ``image_tokens.parallel_decode``), num_examples, batch_size, recognizer_dir,
-inception_weights, grid_images, and ``variants``: name -> overrides of the decoder fields, e.g.
-``{"sampling": {"order": "maskgit", "temperature": 1.0, "choice_temperature": 4.5, "schedule": "cosine"}}``.
-Each variant is decoded from the same captions and reports the headline metrics (``VARIANT_METRICS``) under
-``generation/<name>/...``, so one table compares argmax, sampling and guidance. Writes
-``workdir/eval/generation_<step>.png`` (one generated column per decoder).
+inception_weights, inception_transform_input, grid_images, and ``variants``: name -> overrides of the decoder
+fields, e.g. ``{"sampling": {"order": "maskgit", "temperature": 1.0, "choice_temperature": 4.5, "schedule":
+"cosine"}}``. Each variant is decoded from the same captions and reports the headline metrics
+(``VARIANT_METRICS``) under ``generation/<name>/...``, so one table compares argmax, sampling and guidance.
+Writes ``workdir/eval/generation_<step>.png`` (one generated column per decoder).
 """
 
 import os
@@ -39,6 +48,7 @@ from bigen_jax.eval import eval_set
 from bigen_jax.eval import fid
 from bigen_jax.eval import r_precision
 from bigen_jax.eval import scene_recognizer
+from bigen_jax.models import inception
 from bigen_jax.models import masks
 from bigen_jax.sampling import image_tokens
 from bigen_jax.sampling import preview
@@ -46,8 +56,8 @@ from bigen_jax.sampling import scene_decoder
 
 NAME = "generation"
 DECODER_FIELDS = ("order", "num_steps", "temperature", "schedule", "choice_temperature", "guidance")
-VARIANT_METRICS = ("cell_accuracy", "fid_recognizer", "fid_inception", "semantic/accuracy", "r_precision_easy",
-                   "r_precision_hard")
+VARIANT_METRICS = ("cell_accuracy", "fid_recognizer", "fid", "fid_torchvision", "semantic/accuracy",
+                   "r_precision_easy", "r_precision_hard")
 RESERVED_NAMES = ("", "reference", "preview_reference", "semantic")  # prefixes the main decoder's metrics use
 
 
@@ -92,14 +102,15 @@ class Evaluator:
     self.ctx, self.cfg = ctx, ctx.config.eval.generation
     config = ctx.config
     split = config.data.eval_split
-    self.data = eval_set.load(config, split=split, num_examples=self.cfg.num_examples, with_images=True)
-    self.captions = [refs[0] for refs in self.data["references"]]  # the caption each image is drawn from
     self.table = preview.load_or_build_patch_table(ctx.vocab, config.data.records_dir)
     self.scene_attrs = None
     if self.cfg.get("scene_decoder_heads"):
       heads = scene_decoder.load_heads(self.cfg.scene_decoder_heads)
       layer = records.read_manifest(config.data.records_dir)["backbone_config"].get("layer", "fc6")
       self.scene_attrs = scene_decoder.cluster_attributes(ctx.vocab.codebook, heads, layer=layer)
+    self.image_size = int(self.draw(np.zeros((1, records.NUM_CELLS), np.int32)).shape[1])  # the drawings' side
+    self.data = eval_set.load(config, split=split, num_examples=self.cfg.num_examples, image_size=self.image_size)
+    self.captions = [refs[0] for refs in self.data["references"]]  # the caption each image is drawn from
     self.settings = decoder_settings(self.cfg)
     self.decoders = {}  # one compiled decoder per distinct setting, shared by variants that repeat one
     for settings in self.settings.values():
@@ -112,10 +123,14 @@ class Evaluator:
     if self.scene_graphs is not None:
       directory = self.cfg.recognizer_dir or os.path.join(ctx.workdir or ".", "scene_recognizer")
       self.recognizer, _ = scene_recognizer.load_or_train(directory)
-    self.inception = None
+    self.inception, self.inception_metric = None, None
     if self.cfg.inception_weights:
       from bigen_jax.convert import io as convert_io  # pylint: disable=g-import-not-at-top
-      self.inception = fid.inception_features_fn(convert_io.load_params(self.cfg.inception_weights))
+      variables = convert_io.load_params(self.cfg.inception_weights)
+      variant = inception.variant_of(variables)
+      transform = variant == "torchvision" and self.cfg.get("inception_transform_input", True)
+      self.inception = fid.inception_features_fn(variables, transform_input=transform)
+      self.inception_metric = fid.METRIC_NAMES[variant]
     self.real_features = self._features(self.data["images"])
     self.true_drawings = self.draw(self.data["cluster_ids"])
     self.reference = self.score_images(self.true_drawings)
@@ -131,18 +146,19 @@ class Evaluator:
     return preview.render_preview(cluster_ids, self.table)
 
   def _features(self, images: np.ndarray) -> dict[str, np.ndarray]:
+    """FID metric name -> features [N, D] of ``images`` in its feature space."""
     out = {}
     if self.recognizer is not None:
-      out["recognizer"] = scene_recognizer.features(self.recognizer, images)
+      out["fid_recognizer"] = scene_recognizer.features(self.recognizer, images)
     if self.inception is not None:
-      out["inception"] = fid.compute_features(images, self.inception)
+      out[self.inception_metric] = fid.compute_features(images, self.inception)
     return out
 
   def score_images(self, images: np.ndarray) -> dict[str, float]:
     """Every image metric of drawn ``images`` [N, H, W, 3] (image i drawn from ``self.captions[i]``)."""
     out = {}
     for name, feats in self._features(images).items():
-      out[f"fid_{name}"] = fid.fid_from_features(feats, self.real_features[name])
+      out[name] = fid.fid_from_features(feats, self.real_features[name])
     if self.recognizer is not None:
       probs = scene_recognizer.predict(self.recognizer, images)
       semantic = scene_recognizer.semantic_accuracy(probs, self.captions)

@@ -1,0 +1,160 @@
+"""The generation evaluator on stored images of any size and aspect ratio (COCO-like): one preprocessing
+(``eval_set.square_image``: the whole image, bicubic, to the drawings' square), FID under the name of the
+Inception variant its weights are (``fid`` / ``fid_torchvision``), with ``inception_transform_input`` for
+torchvision's weights only."""
+
+import io
+import os
+
+import flax.linen as nn
+import jax
+import numpy as np
+from PIL import Image
+import pytest
+
+from bigen_jax import train
+from bigen_jax.convert import io as convert_io
+from bigen_jax.data import images as images_lib
+from bigen_jax.data import records
+from bigen_jax.data import tokenizer
+from bigen_jax.data import vocab
+from bigen_jax.eval import eval_set
+from bigen_jax.eval import fid
+from bigen_jax.eval import generation
+from bigen_jax.models import inception
+from bigen_jax.models import lxmert
+from configs import demo
+
+SPLITS = {"train": 16, "validation": 6}
+SHAPES = ((48, 80), (96, 40), (64, 64))  # (height, width) of record i: SHAPES[i % 3]
+
+
+def _stripes(height, width):
+  """uint8 [H, W, 3]: the left quarter red, the middle half green, the right quarter blue."""
+  image = np.zeros((height, width, 3), np.uint8)
+  image[:, :width // 4, 0] = 255
+  image[:, width // 4:width - width // 4, 1] = 255
+  image[:, width - width // 4:, 2] = 255
+  return image
+
+
+def test_square_image_keeps_the_whole_image():
+  """A wide image squeezed, not cropped: each stripe keeps its share of the width (a centre crop would cut
+  the red and blue quarters to an eighth of the square each); the filter is PIL's bicubic; a square of the
+  target size is returned unchanged."""
+  image = _stripes(40, 120)
+  out = eval_set.square_image(image, 32)
+  assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+  colour = out[16].argmax(-1)
+  np.testing.assert_array_equal(colour[:7], 0)
+  np.testing.assert_array_equal(colour[9:23], 1)
+  np.testing.assert_array_equal(colour[25:], 2)
+  np.testing.assert_array_equal(out, np.asarray(Image.fromarray(image).resize((32, 32), Image.BICUBIC)))
+  square = _stripes(32, 32)
+  assert eval_set.square_image(square, 32) is square
+
+
+def _write_records(out_dir, rng):
+  """Records (8-d blob features, one caption each) with PNG images of the sizes in ``SHAPES``."""
+  manifest = {"version": records.SCHEMA_VERSION, "backbone": "fixture", "feature_dim": 8, "grid": records.GRID,
+              "max_len": 6, "max_captions": 1, "store_images": True, "splits": {}}
+  centres = rng.normal(size=(4, 8)).astype(np.float32) * 10
+  for split, n in SPLITS.items():
+    serialized = []
+    for i in range(n):
+      dense = centres[rng.integers(4, size=records.NUM_CELLS)] + rng.normal(size=(records.NUM_CELLS, 8)) * 0.1
+      buf = io.BytesIO()
+      Image.fromarray(rng.integers(0, 256, SHAPES[i % 3] + (3,), dtype=np.uint8)).save(buf, format="PNG")
+      serialized.append(records.encode_example(
+          index=i, image_id=1000 + i, key=f"{split}/{i}", dense=dense.astype(np.float32),
+          boxes=records.grid_boxes(), caption_ids=np.array([[2, 10 + i % 5, 3, 0, 0, 0]], np.int64),
+          captions=[f"caption {i}"], image=buf.getvalue()))
+    path = os.path.join(out_dir, records.shard_name(split, 0, 1))
+    os.makedirs(out_dir, exist_ok=True)
+    manifest["splits"][split] = {"num_examples": n, "shards": [records.write_shard(path, serialized)],
+                                 "complete": True}
+  records.write_json_atomic(os.path.join(out_dir, records.MANIFEST_NAME), manifest)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  """(config, workdir, params of the tiny demo model, FID Inception weights .npz, torchvision ones .npz)."""
+  root = str(tmp_path_factory.mktemp("generation_images"))
+  records_dir, vocab_dir = os.path.join(root, "records"), os.path.join(root, "vocab")
+  _write_records(records_dir, np.random.default_rng(0))
+  vocab.build_vocab(records_dir, vocab_dir, k=4, iterations=3, sample_size=500, seed=0)
+  vocab_txt = os.path.join(root, "vocab.txt")
+  with open(vocab_txt, "w") as f:
+    f.write("\n".join(list(tokenizer.SPECIAL_TOKENS) + [f"w{i}" for i in range(50)]) + "\n")
+  config = demo.get_config("tiny")
+  config.data.update(dict(records_dir=records_dir, vocab_dir=vocab_dir, tokenizer=vocab_txt))
+  config.eval.generation.update(dict(batch_size=8, grid_images=2))
+  workdir = os.path.join(root, "run")
+  ctx = train.build_context(config, workdir)
+  params = jax.device_get(nn.unbox(lxmert.init_params(ctx.model, ctx.config.model, jax.random.key(0))))
+  weights = {}
+  for variant, width in inception.NUM_CLASSES.items():  # only the classifier's width says the variant
+    weights[variant] = os.path.join(root, f"{variant}_inception.npz")
+    convert_io.save_params({"params": {"fc": {"bias": np.zeros(width, np.float32)}}}, weights[variant])
+  return config, workdir, params, weights
+
+
+@pytest.fixture
+def inception_calls(monkeypatch):
+  """``fid.inception_features_fn`` replaced by a cheap feature function (per-channel mean and the overall
+  standard deviation: 4-d, so 6 images have a full-rank covariance; the network itself is tested in
+  test_inception.py), recording (variant, transform_input, shapes of the image batches) of each call."""
+  calls = []
+
+  def fake(variables, **kwargs):
+    call = (inception.variant_of(variables), kwargs.get("transform_input", False), [])
+    calls.append(call)
+
+    def features(images):
+      assert images.dtype == np.uint8
+      call[2].append(images.shape)
+      x = images.astype(np.float64)
+      return np.concatenate([x.mean((1, 2)), x.std((1, 2, 3))[:, None]], axis=1)
+    return features
+  monkeypatch.setattr(fid, "inception_features_fn", fake)
+  return calls
+
+
+def _evaluator(setup, **overrides):
+  config, workdir, _, _ = setup
+  config = config.copy_and_resolve_references()
+  config.eval.generation.update(overrides)
+  ctx = train.build_context(config, workdir)
+  with jax.set_mesh(ctx.mesh), nn.logical_axis_rules(ctx.rules):
+    return ctx, generation.Evaluator(ctx)
+
+
+@pytest.mark.filterwarnings("ignore:Matrix is singular")  # the untrained model draws one picture for every caption
+def test_non_square_images_are_squared_and_scored_with_fid(setup, inception_calls):
+  config, _, params, weights = setup
+  ctx, gen = _evaluator(setup, inception_weights=weights["fid"])
+  n = SPLITS["validation"]
+  assert [c[:2] for c in inception_calls] == [("fid", False)]
+  assert gen.image_size == 128 and gen.data["images"].shape == (n, 128, 128, 3)
+  stored = {}
+  for batch in records.read_split(config.data.records_dir, "validation", batch_size=n, fields=("index", "image")):
+    stored.update(zip(batch["index"].tolist(), batch["image"]))
+  for i, image in zip(gen.data["index"], gen.data["images"]):
+    decoded = images_lib.decode_image(stored[int(i)])
+    assert decoded.shape[:2] == SHAPES[int(i) % 3]
+    np.testing.assert_array_equal(image, eval_set.square_image(decoded, 128))
+  with jax.set_mesh(ctx.mesh), nn.logical_axis_rules(ctx.rules):
+    results = gen.run(params, step=0)
+  for key in ("generation/fid", "generation/reference/fid", "generation/cell_accuracy"):
+    assert np.isfinite(results[key]), key
+  assert results["generation/reference/fid"] > 0 and not any("torchvision" in k for k in results)
+  assert set(inception_calls[0][2]) == {(50, 128, 128, 3)}  # real, reference and generated images, squared
+  assert len(inception_calls[0][2]) == 3
+
+
+@pytest.mark.parametrize("transform_input", [True, False])
+def test_torchvision_weights_report_fid_torchvision(setup, inception_calls, transform_input):
+  _, _, _, weights = setup
+  _, gen = _evaluator(setup, inception_weights=weights["torchvision"], inception_transform_input=transform_input)
+  assert [c[:2] for c in inception_calls] == [("torchvision", transform_input)]
+  assert set(gen.reference) == {"fid_torchvision"} and np.isfinite(gen.reference["fid_torchvision"])
