@@ -1,14 +1,18 @@
 r"""Evaluates a training run's checkpoint with evaluators of the registry; writes JSON and a markdown table.
 
-  python -m bigen_jax.evaluate --config configs/demo.py --workdir demo_out/train
-  python -m bigen_jax.evaluate --config configs/coco.py --workdir runs/coco --step 50000 \
+  python -m bigen_jax.evaluate --workdir demo_out/train
+  python -m bigen_jax.evaluate --workdir gs://bucket/runs/coco --step 50000 \
       --evaluators captioning,generation --config.eval.captioning.decoder=beam
+  python -m bigen_jax.evaluate --config configs/coco.py --workdir runs/coco
 
+Without ``--config`` the run's saved config (``workdir/config.json``) is read; ``--config.<field>`` overrides apply
+on top of it. Only the params are restored (not the optimiser state), and ``init_from`` is never read.
 Results go to ``workdir/eval/results_<step>.json`` and ``.md``; evaluators add their own files there
 (captions JSON, PNG grids).
 """
 
 import os
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # its start-up notice would precede one-line errors
@@ -23,7 +27,8 @@ from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 from bigen_jax import cli  # pylint: disable=g-import-not-at-top
 from bigen_jax import errors  # pylint: disable=g-import-not-at-top
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "The run's training configuration.", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file("config", None, "The run's training configuration (default: the one "
+                                          "saved in --workdir).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run's directory (checkpoints/ inside).", required=True)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _EVALUATORS = flags.DEFINE_list("evaluators", None, "Evaluator names (default: config.eval.evaluators).")
@@ -42,13 +47,14 @@ def checkpoint_steps(workdir: str, step: int | None = None) -> list[int]:
 
   Raises ``UserError`` when the workdir does not exist, holds no checkpoint, or lacks ``step``.
   """
-  directory = os.path.join(workdir, "checkpoints")
-  if not os.path.exists(workdir):
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  directory = epath.Path(workdir) / "checkpoints"
+  if not epath.Path(workdir).exists():
     raise errors.UserError(f"--workdir={workdir} does not exist")
-  if not os.path.isdir(workdir):
+  if not epath.Path(workdir).is_dir():
     raise errors.UserError(f"--workdir={workdir} is not a directory")
-  names = os.listdir(directory) if os.path.isdir(directory) else []
-  steps = sorted(int(n) for n in names if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
+  paths = list(directory.iterdir()) if directory.is_dir() else []
+  steps = sorted(int(p.name) for p in paths if p.name.isdigit() and p.is_dir())
   if not steps:
     raise errors.UserError(f"no checkpoints in {directory}: is --workdir={workdir} a training run's directory?")
   if step is not None and step not in steps:
@@ -56,38 +62,53 @@ def checkpoint_steps(workdir: str, step: int | None = None) -> list[int]:
   return steps
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str, *, step: int | None = None,
+def evaluate(config: ml_collections.ConfigDict | None, workdir: str, *, step: int | None = None,
              evaluators: list[str] | None = None) -> tuple[dict[str, float], int]:
-  """Restores ``step`` (default latest) of the run in ``workdir`` and runs ``evaluators``; returns
-  (results, step) and writes them under ``workdir/eval``.
+  """Restores the params of ``step`` (default latest) of the run in ``workdir`` and runs ``evaluators``; returns
+  (results, step) and writes them under ``workdir/eval``. ``config`` None: the run's saved config.
 
   A missing workdir, checkpoint or step raises ``UserError`` before anything is loaded or created.
   """
-  from bigen_jax import checkpoint, optim, train  # pylint: disable=g-import-not-at-top
-  from bigen_jax.data import records  # pylint: disable=g-import-not-at-top
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  from bigen_jax import checkpoint, fileio, run_config, train  # pylint: disable=g-import-not-at-top
   from bigen_jax.eval import registry  # pylint: disable=g-import-not-at-top
   checkpoint_steps(workdir, step)
-  ctx = train.build_context(config, workdir)
-  tx, _ = optim.make_optimizer(ctx.config.optimizer, ctx.config.total_steps)
-  abstract, _, _ = train.create_state(ctx, tx, ctx.vocab.codebook)
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1, async_save=False,
+  ctx = train.build_context(run_config.load(workdir) if config is None else config, workdir)
+  abstract_params, _ = train.param_layout(ctx)
+  ckpt = checkpoint.Checkpointer(fileio.join(workdir, "checkpoints"), save_every=1, async_save=False,
                                  create=False)
   try:
-    state, _, step = ckpt.restore(abstract, step)
+    params, step = ckpt.restore_params(abstract_params, step)
   finally:
     ckpt.close()
   names = list(evaluators or ctx.config.eval.evaluators)
   results = {}
   with jax.set_mesh(ctx.mesh), nn.logical_axis_rules(ctx.rules):
     for name in names:
-      results.update(registry.create(name, ctx).run(state.params, step=step))
+      results.update(registry.create(name, ctx).run(params, step=step))
   if jax.process_index() == 0:
-    out = os.path.join(workdir, "eval")
-    os.makedirs(out, exist_ok=True)
-    records.write_json_atomic(os.path.join(out, f"results_{step}.json"), results)
-    with open(os.path.join(out, f"results_{step}.md"), "w") as f:
-      f.write(markdown_table(results, step))
+    out = fileio.join(workdir, "eval")
+    epath.Path(out).mkdir(parents=True, exist_ok=True)
+    fileio.write_json_atomic(fileio.join(out, f"results_{step}.json"), results)
+    fileio.write_atomic(fileio.join(out, f"results_{step}.md"), markdown_table(results, step))
   return results, step
+
+
+def with_saved_config(argv: list[str]) -> list[str]:
+  """``argv`` with ``--config=<bigen_jax/run_config.py>:<workdir>`` added when it has no ``--config``: the
+  run's saved config, which ``--config.<field>`` overrides then change."""
+  args = argv[1:argv.index("--")] if "--" in argv else argv[1:]
+  if any(a in ("--config", "-config") or a.startswith(("--config=", "-config=")) for a in args):
+    return argv
+  workdir = None
+  for i, arg in enumerate(args):
+    name, eq, value = arg.lstrip("-").partition("=")
+    if arg.startswith("-") and name == "workdir":
+      workdir = value if eq else (args[i + 1] if i + 1 < len(args) else None)
+  if not workdir:
+    return argv
+  saved = os.path.join(os.path.dirname(os.path.abspath(__file__)), "run_config.py")
+  return [argv[0], f"--config={saved}:{workdir}"] + argv[1:]
 
 
 def main(argv):
@@ -100,5 +121,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config"])
+  sys.argv = with_saved_config(sys.argv)
   cli.run(main)

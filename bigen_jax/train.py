@@ -6,13 +6,13 @@ evaluators -> loop. Every process runs the same code; each feeds its share of th
 
 import dataclasses
 import json
-import os
 import time
 from typing import Any, Callable
 
 from absl import logging
 from clu import metric_writers
 from clu import periodic_actions
+from etils import epath
 import flax
 import flax.linen as nn
 import jax
@@ -24,8 +24,10 @@ import optax
 from bigen_jax import checkpoint
 from bigen_jax import config_checks
 from bigen_jax import errors
+from bigen_jax import fileio
 from bigen_jax import optim
 from bigen_jax import parallel
+from bigen_jax import run_config
 from bigen_jax import tasks as tasks_lib
 from bigen_jax.data import input_pipeline
 from bigen_jax.data import records
@@ -268,21 +270,25 @@ def model_flops_per_example(config: ml_collections.ConfigDict, cycle: list[str])
 
 
 class _History:
-  """Appends logged metrics to ``workdir/metrics.jsonl`` (read by the demo's loss-curve plot)."""
+  """Logged metrics in ``workdir/metrics.jsonl``, one JSON line per log (read by the demo's loss-curve plot).
+
+  The whole file is rewritten atomically at each log: object stores (gs://) cannot append, and a reader never
+  sees a partial line.
+  """
 
   def __init__(self, workdir: str, start_step: int):
-    self.path = os.path.join(workdir, HISTORY_NAME)
-    if jax.process_index() == 0 and os.path.exists(self.path):
-      with open(self.path) as f:  # drop lines a killed run wrote after its last checkpoint
-        kept = [line for line in f if json.loads(line)["step"] <= start_step]
-      with open(self.path + ".tmp", "w") as f:
-        f.writelines(kept)
-      os.replace(self.path + ".tmp", self.path)
+    self.path = fileio.join(workdir, HISTORY_NAME)
+    self.lines = []
+    if jax.process_index() == 0 and epath.Path(self.path).exists():
+      # Drops the lines a killed run wrote after its last checkpoint.
+      self.lines = [line for line in epath.Path(self.path).read_text().splitlines()
+                    if line and json.loads(line)["step"] <= start_step]
+      fileio.write_atomic(self.path, "".join(line + "\n" for line in self.lines))
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     if jax.process_index() == 0:
-      with open(self.path, "a") as f:
-        f.write(json.dumps({"step": step, **scalars}) + "\n")
+      self.lines.append(json.dumps({"step": step, **scalars}))
+      fileio.write_atomic(self.path, "".join(line + "\n" for line in self.lines))
 
 
 def _summarise(pending: list[tuple[int, str, dict]], ckpt: checkpoint.Checkpointer) -> dict[str, float]:
@@ -308,7 +314,7 @@ def build_context(config: ml_collections.ConfigDict, workdir: str) -> Context:
   share."""
   config_checks.check_config(config)
   config, tok, vocab = resolve_config(config)
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   devices = jax.devices()[:config.mesh.num_devices] if config.mesh.get("num_devices") else None
   mesh = parallel.make_mesh(config, devices)
   logging.info("mesh %s over %d devices, %d processes", dict(mesh.shape), jax.device_count(),
@@ -329,9 +335,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   # The state is placed by ``out_shardings``; activations are constrained only inside the mesh context below.
   abstract, shardings, init = create_state(ctx, tx, ctx.vocab.codebook)
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=config.checkpoint.every,
+  ckpt = checkpoint.Checkpointer(fileio.join(workdir, "checkpoints"), save_every=config.checkpoint.every,
                                  keep=config.checkpoint.keep, async_save=config.checkpoint.async_save,
                                  fallback=config.checkpoint.get("fallback", True))
+  if ckpt.latest_step() is not None:
+    run_config.check_resume(config, workdir)
+  run_config.save(config, workdir)
   data = input_pipeline.create_iterator(
       records_dir=config.data.records_dir, split=config.data.train_split, global_batch_size=config.batch_size,
       seed=config.seed, vocab_dir=config.data.vocab_dir, shuffle_buffer=config.data.shuffle_buffer,
@@ -350,6 +359,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     evaluators = [eval_registry.create(name, ctx) for name in config.eval.evaluators] if config.eval.every else []
 
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    writer.write_hparams(run_config.hparams(config))
     report = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer,
                                              every_steps=config.log_every)
     history, stop = _History(workdir, start), checkpoint.StopSignal()

@@ -16,6 +16,9 @@ def get_config(model: str = "paper") -> ml_collections.ConfigDict:
   config.seed = 0
   config.total_steps = 100_000  # the schedule's length
   config.stop_at_step = 0  # > 0: checkpoint and stop there (a job slice of a longer run); 0: total_steps
+  # A resume whose config changes what is trained (bigen_jax/run_config.py) stops with the changed fields; True
+  # resumes anyway.
+  config.allow_config_change = False
   config.batch_size = 256
 
   config.data = ml_collections.ConfigDict(dict(

@@ -244,7 +244,9 @@ def test_init_from_converted_params(tmp_path, data):
   path = str(tmp_path / "init.npz")
   convert_io.save_params(params, path)
   config.init_from = path
-  config.optimizer.lr = 0.0  # one step that changes nothing: the state holds the loaded params
+  # One step at the warm-up's first learning rate, 0 (a configured lr must be positive): it changes nothing, so the
+  # state holds the loaded params.
+  config.optimizer.schedule = "warmup_cosine"
   config.optimizer.weight_decay = 0.0
   state = train.train_and_evaluate(config, str(tmp_path / "run"))
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), params)

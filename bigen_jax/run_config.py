@@ -1,0 +1,120 @@
+"""The run's config, saved as ``workdir/config.json``: evaluation reads it, and a resume checks against it.
+
+A resumed run may change only what does not change what is trained (``MAY_CHANGE``: logging, evaluation,
+checkpoint cadence, the devices and processes, since training is sharding-invariant); any other change is a
+``ConfigError`` listing the fields, unless ``--config.allow_config_change=True``.
+
+How one process was launched is not part of the run: the saved config starts a single process
+(``LAUNCH``); a multi-process evaluation passes its ``--config.distributed.*`` flags as training did.
+
+This file is also a config file: ``--config=bigen_jax/run_config.py:<workdir>`` loads a run's saved config
+(``bigen_jax.evaluate`` does so when ``--config`` is not given).
+"""
+
+import json
+from typing import Any
+
+from etils import epath
+import jax
+import ml_collections
+
+from bigen_jax import errors
+from bigen_jax import fileio
+
+CONFIG_NAME = "config.json"
+# Dotted prefixes of the fields a resume may change without complaint.
+MAY_CHANGE = ("stop_at_step", "log_every", "eval", "checkpoint.every", "checkpoint.keep", "checkpoint.async_save",
+              "checkpoint.fallback", "peak_flops_per_device", "distributed", "mesh", "axis_rules",
+              "data.verify_checksums", "allow_config_change")
+# Saved in place of this process's launch settings (process 0's id and coordinator would make an evaluation wait
+# for processes that never come).
+LAUNCH = {"num_processes": 1, "process_id": 0, "coordinator_address": "", "auto": False}
+
+
+def _plain(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """``config`` as JSON values (tuples become lists), so that a saved and a new config compare equal."""
+  return json.loads(config.to_json_best_effort(sort_keys=True))
+
+
+def _tuples(value: Any) -> Any:
+  """JSON lists back to the tuples the config files use (axis rules, evaluator names)."""
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return tuple(_tuples(v) for v in value)
+  return value
+
+
+def flatten(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """``{"model.hidden_size": 32, ...}``: every leaf of ``config`` under its dotted name (JSON values)."""
+  out = {}
+
+  def visit(prefix: str, node: Any) -> None:
+    if isinstance(node, dict) and node:
+      for key, value in node.items():
+        visit(f"{prefix}{key}.", value)
+    else:
+      out[prefix[:-1]] = node
+
+  visit("", _plain(config))
+  return out
+
+
+def hparams(config: ml_collections.ConfigDict) -> dict[str, bool | int | float | str]:
+  """``flatten(config)`` with values TensorBoard's hparams accept (others as their JSON text)."""
+  return {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v) for k, v in flatten(config).items()}
+
+
+def save(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Writes ``workdir/config.json`` atomically (process 0), with the ``LAUNCH`` settings."""
+  if jax.process_index() == 0:
+    plain = _plain(config)
+    if isinstance(plain.get("distributed"), dict):
+      plain["distributed"].update({k: v for k, v in LAUNCH.items() if k in plain["distributed"]})
+    fileio.write_atomic(fileio.join(workdir, CONFIG_NAME), json.dumps(plain, indent=2, sort_keys=True))
+
+
+def saved_path(workdir: str) -> str:
+  return fileio.join(workdir, CONFIG_NAME)
+
+
+def load(workdir: str) -> ml_collections.ConfigDict:
+  """The config saved in ``workdir``; ``ConfigError`` naming the file when there is none or it is unreadable."""
+  path = saved_path(workdir)
+  if not epath.Path(path).exists():
+    raise errors.ConfigError(f"{path} does not exist: pass the run's --config (the run predates saved configs, "
+                             "or --workdir is not a training run's directory)")
+  try:
+    return ml_collections.ConfigDict(_tuples(fileio.read_json(path)))
+  except ValueError as e:
+    raise errors.ConfigError(f"{path} is not a config saved by bigen_jax.train: {e}") from e
+
+
+def changed_fields(saved: ml_collections.ConfigDict, new: ml_collections.ConfigDict) -> list[str]:
+  """``"name: old -> new"`` for every field that differs and matters to a resume (not in ``MAY_CHANGE``)."""
+  old, now = flatten(saved), flatten(new)
+  out = []
+  for name in sorted(set(old) | set(now)):
+    if any(name == p or name.startswith(p + ".") for p in MAY_CHANGE):
+      continue
+    if old.get(name, "<absent>") != now.get(name, "<absent>"):
+      out.append(f"{name}: {json.dumps(old.get(name, '<absent>'))} -> {json.dumps(now.get(name, '<absent>'))}")
+  return out
+
+
+def check_resume(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Raises ``ConfigError`` when resuming the run in ``workdir`` with ``config`` changes what is trained (see the
+  module docstring). A run without a saved config (older code) is resumed as it is."""
+  if config.get("allow_config_change", False) or not epath.Path(saved_path(workdir)).exists():
+    return
+  changed = changed_fields(load(workdir), config)
+  if changed:
+    raise errors.ConfigError(
+        f"resuming --workdir={workdir} with a config that changes what is trained ({'; '.join(changed)}); the run's "
+        f"config is {saved_path(workdir)}: pass the same values, or --config.allow_config_change=True to go on "
+        "anyway")
+
+
+def get_config(workdir: str) -> ml_collections.ConfigDict:
+  """Config-file entry point: ``--config=bigen_jax/run_config.py:<workdir>``."""
+  return load(workdir)
