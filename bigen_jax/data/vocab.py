@@ -14,7 +14,6 @@ Re-running skips what is already written for the same settings; every file is wr
 
 import hashlib
 import io
-import os
 import time
 from typing import Any, Mapping, Sequence
 
