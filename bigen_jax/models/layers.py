@@ -31,35 +31,6 @@ class LayerSpec:
   param_dtype: Any = jnp.float32
 
 
-class Dense(nn.Module):
-  """``x @ kernel + bias`` over the trailing ``num_in`` axes of x, kernel [*in, *out] created at its full
-  shape with its logical names (flax's DenseGeneral creates multi-axis kernels flat and reshapes them,
-  which breaks logical sharding constraints under a mesh)."""
-  features: tuple[int, ...]
-  num_in: int
-  names: tuple[str, ...]
-  spec: LayerSpec
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    s = self.spec
-    in_shape = x.shape[x.ndim - self.num_in:]
-    kernel = self.param("kernel", nn.with_logical_partitioning(_normal_full(s.init_std), self.names),
-                        (*in_shape, *self.features), s.param_dtype)
-    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.names[self.num_in:]),
-                      self.features, s.param_dtype)
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=s.dtype)
-    contract = (tuple(range(x.ndim - self.num_in, x.ndim)), tuple(range(self.num_in)))
-    return jax.lax.dot_general(x, kernel, (contract, ((), ()))) + bias
-
-
-def _normal_full(std: float):
-  """N(0, std) over the whole kernel shape."""
-  def init(key, shape, dtype):
-    return std * jax.random.normal(key, shape, dtype)
-  return init
-
-
 def dense(spec: LayerSpec, features: int, names: tuple[str, str], *, name: str) -> nn.Dense:
   """Dense layer with N(0, init_std) kernel [in, out] and zero bias, both with logical axis ``names``."""
   return nn.Dense(

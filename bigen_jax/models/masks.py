@@ -19,12 +19,10 @@ Array = jax.Array
 
 @flax.struct.dataclass
 class I2TInputs:
-  """text_ids [B, L] (with [MASK] at l, [PAD] after); text_mask [B, L] int32 (key mask: real tokens at
-  positions <= l); attention bool [B, L, L] (query i may attend key j); targets [B] (token at l);
-  positions [B]."""
+  """text_ids [B, L] (with [MASK] at l, [PAD] after); text_mask [B, L] int32 (the key mask of every query:
+  real tokens at positions <= l); targets [B] (token at l); positions [B]."""
   text_ids: Array
   text_mask: Array
-  attention: Array
   targets: Array
   positions: Array
 
@@ -43,9 +41,7 @@ def i2t_inputs(*, text_ids: Array, positions: Array, mask_id: int, pad_id: int,
   visible = real & (index <= l)
   ids = jnp.where(index == l, mask_id, jnp.where(index < l, text_ids, pad_id)).astype(text_ids.dtype)
   targets = jnp.take_along_axis(text_ids, l, axis=1)[:, 0]
-  attention = jnp.broadcast_to(visible[:, None, :], visible.shape + visible.shape[-1:])
-  return I2TInputs(text_ids=ids, text_mask=visible.astype(jnp.int32), attention=attention, targets=targets,
-                   positions=positions)
+  return I2TInputs(text_ids=ids, text_mask=visible.astype(jnp.int32), targets=targets, positions=positions)
 
 
 def sample_i2t_positions(rng: Array, *, text_mask: Array) -> Array:
