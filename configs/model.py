@@ -6,8 +6,9 @@ r"""Model configurations of the unified LXMERT transformer.
   get_config("tiny")       a few-thousand-parameter model for tests (float32)
   get_config("small")      2/2/2 layers, 256 hidden: benchmarks and quick runs
 
-Use from a command line as ``--config configs/model.py:paper --config.scan_layers=False``. The mesh and the
-logical-axis rules table (``bigen_jax.parallel``) live here so one config describes both model and layout.
+Use from a command line as ``--config configs/model.py:paper --config.scan_layers=False``. ``AXIS_RULES`` maps
+the model's logical axis names to mesh axes (``bigen_jax.parallel``); the training config (``configs/base.py``)
+holds it with the mesh as ``config.axis_rules`` and ``config.mesh``.
 """
 
 import ml_collections
@@ -64,8 +65,6 @@ def _paper() -> ml_collections.ConfigDict:
       remat=False,
       scan_layers=True,
       two_model=False,
-      mesh=dict(data=-1, fsdp=1, tensor=1),
-      axis_rules=AXIS_RULES,
   ))
 
 
@@ -84,5 +83,5 @@ def get_config(arg: str = "paper") -> ml_collections.ConfigDict:
                        num_clusters=12, hidden_size=32, num_heads=4, mlp_dim=64, num_language_layers=2,
                        num_vision_layers=2, num_cross_layers=2, dtype="float32", scan_layers=False))
   else:
-    raise ValueError(f"unknown model config {arg!r}: expected paper, two_model, small or tiny")
+    raise ValueError(f"configs/model.py: unknown variant {arg!r}: expected 'paper', 'two_model', 'small' or 'tiny'")
   return config

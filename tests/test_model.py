@@ -19,6 +19,7 @@ from bigen_jax.models import flops
 from bigen_jax.models import heads
 from bigen_jax.models import lxmert
 from bigen_jax.models import masks
+from configs import base
 
 ONE_LAYER = dict(num_language_layers=1, num_vision_layers=1, num_cross_layers=1)
 
@@ -30,6 +31,13 @@ def model_config(name, **overrides):
   spec.loader.exec_module(module)
   config = module.get_config(name)
   config.update(overrides)
+  return config
+
+
+def layout_config(**mesh):
+  """The training config's mesh (``configs/base.py``, axis sizes ``mesh``) and logical-axis rules."""
+  config = base.get_config("tiny")
+  config.mesh.update(mesh)
   return config
 
 
@@ -156,7 +164,7 @@ def test_logical_axis_names_on_every_param():
   for scan in (False, True):
     config = model_config("tiny", scan_layers=scan)
     boxed = lxmert.abstract_params(lxmert.build_model(config), config)
-    known = {name for name, _ in parallel.axis_rules(config)}
+    known = {name for name, _ in parallel.axis_rules(layout_config())}
     for leaf in jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned)):
       assert isinstance(leaf, nn.Partitioned), leaf
       assert len(leaf.names) == leaf.value.ndim and set(leaf.names) <= known, leaf.names
@@ -164,8 +172,8 @@ def test_logical_axis_names_on_every_param():
 
 def test_sharded_forward_matches_single_device(one_layer):
   config, model, params, apply = one_layer
-  config = model_config("tiny", mesh=dict(data=2, fsdp=2, tensor=2), **ONE_LAYER)
-  mesh, rules = parallel.make_mesh(config), parallel.axis_rules(config)
+  layout = layout_config(data=2, fsdp=2, tensor=2)
+  mesh, rules = parallel.make_mesh(layout), parallel.axis_rules(layout)
   shardings = parallel.logical_shardings(lxmert.abstract_params(model, config), mesh, rules)
   sharded = jax.device_put(params, shardings)
   kernel = sharded["cross"]["layers_0"]["lang_ffn"]["intermediate"]["kernel"]
@@ -179,10 +187,10 @@ def test_sharded_forward_matches_single_device(one_layer):
 
 
 def test_make_mesh_infers_size():
-  config = model_config("tiny", mesh=dict(data=-1, fsdp=2, tensor=1))
-  assert dict(parallel.make_mesh(config).shape) == {"data": 4, "fsdp": 2, "tensor": 1}
+  mesh = parallel.make_mesh(layout_config(data=-1, fsdp=2, tensor=1))
+  assert dict(mesh.shape) == {"data": 4, "fsdp": 2, "tensor": 1}
   with pytest.raises(ValueError, match="devices"):
-    parallel.mesh_shape(model_config("tiny", mesh=dict(data=3, fsdp=1, tensor=1)), 8)
+    parallel.mesh_shape(layout_config(data=3, fsdp=1, tensor=1), 8)
 
 
 def test_cluster_ids_equal_dense_centroids(one_layer):
@@ -221,16 +229,17 @@ def test_i2t_layout_hides_later_words(one_layer):
                             text_mask=inputs["text_mask"])
   run = jit(lambda ids, text_mask, attention: model.apply(
       {"params": params}, **dict(inputs, text_ids=ids, text_mask=text_mask), text_attention=attention))
-  base = run(layout.text_ids, layout.text_mask, layout.attention)
+  attention = np.broadcast_to(np.asarray(layout.text_mask, bool)[:, None, :], (2, config.max_len, config.max_len))
+  base = run(layout.text_ids, layout.text_mask, attention)
   later = np.arange(config.max_len)[None] > l[:, None]
   # Later words changed, and given as real tokens in text_mask: the [B, L, L] layout alone must hide them.
-  changed = run(np.where(later, 7, layout.text_ids), inputs["text_mask"], layout.attention)
+  changed = run(np.where(later, 7, layout.text_ids), inputs["text_mask"], attention)
   for b in range(2):
     _close(base.language[b, : l[b] + 1], changed.language[b, : l[b] + 1])
   _close(base.vision, changed.vision)
   _close(base.pooled, changed.pooled)
   # The key mask alone gives the same layout.
-  _close(run(layout.text_ids, layout.text_mask, np.ones_like(layout.attention)), base)
+  _close(run(layout.text_ids, layout.text_mask, np.ones_like(attention)), base)
 
 
 def test_image_head_from_codebook(one_layer):
