@@ -24,7 +24,9 @@ def get_config(model: str = "paper") -> ml_collections.ConfigDict:
   config.data = ml_collections.ConfigDict(dict(
       records_dir="", vocab_dir="", tokenizer="", train_split="train", eval_split="validation",
       shuffle_buffer=10_000, verify_checksums=False,
-      sharding="global"))  # "global": batches independent of the process count; "files": for large pods
+      # "global": every process reads every record, batches independent of the process count; "files": each
+      # process reads its 1/P of the records (large pods). shuffle_buffer: serialized records per process.
+      sharding="global"))
 
   config.model = model_config.get_config(model)
   for field in ("vocab_size", "max_len", "visual_feat_dim", "num_clusters"):

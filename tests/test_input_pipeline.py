@@ -1,6 +1,8 @@
 """Input pipeline: batches, determinism, exact resume, per-process shards, eval padding, errors."""
 
-import itertools
+import json
+import os
+import threading
 
 import numpy as np
 import pytest
@@ -113,7 +115,75 @@ def test_processes_disjoint_and_cover(records_dir, sharding, count):
   assert len({t.batches_per_epoch for t in trains}) == 1
   epoch = [np.concatenate([b["index"] for b in _take(t, t.batches_per_epoch)]) for t in trains]
   assert len(set(np.concatenate(epoch))) == sum(len(e) for e in epoch)  # disjoint within an epoch
-  assert trains[0].mode == {"global": "global", "files": "files" if count <= 4 else "records"}[sharding]
+  if sharding == "files":  # contiguous ranges of the epoch's stream, one record apart at most
+    shares = [t.share for t in trains]
+    assert shares[0][0] == 0 and shares[-1][1] == 37 and all(a[1] == b[0] for a, b in zip(shares, shares[1:]))
+    assert max(hi - lo for lo, hi in shares) - min(hi - lo for lo, hi in shares) <= 1
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 5])
+def test_global_and_files_sharding_agree(records_dir, count):
+  """What the module docstring promises of the two modes, over six epochs: the same number of full batches
+  per process and epoch, no example twice in an epoch, (N // G) * G examples per epoch; with one process the
+  same batches. (Seed 1, three processes: epoch 3 once gave one process a 7-record file for a 10-record share.)"""
+  kw = dict(global_batch_size=2 * count, process_count=count, seed=1)
+  streams = {}
+  for sharding in ("global", "files"):
+    its = [_it(records_dir, process_index=p, sharding=sharding, **kw) for p in range(count)]
+    assert {it.batches_per_epoch for it in its} == {37 // (2 * count)}
+    streams[sharding] = [_take(it, 6 * it.batches_per_epoch) for it in its]
+    for epoch in range(6):
+      part = slice(epoch * its[0].batches_per_epoch, (epoch + 1) * its[0].batches_per_epoch)
+      seen = np.concatenate([b["index"] for stream in streams[sharding] for b in stream[part]])
+      assert len(seen) == len(set(seen)) == (37 // (2 * count)) * 2 * count, (sharding, epoch)
+      for stream in streams[sharding]:
+        for b in stream[part]:
+          np.testing.assert_array_equal(b["text_ids"][:, 1], 100 + b["index"])  # real rows, no padding
+  if count == 1:
+    for want, got in zip(streams["global"][0], streams["files"][0]):
+      for key in want:
+        np.testing.assert_array_equal(want[key], got[key])
+
+
+def test_next_epoch_fills_in_the_background(records_dir, monkeypatch):
+  """Epoch 0 is opened where it is consumed; every later epoch is opened, and its shuffle buffer filled, by the
+  background thread before the previous epoch ends. The batches are those of a resumed iterator."""
+  opened = []
+  build = input_pipeline.BatchIterator._dataset
+
+  def spy(self, epoch, skip_batches, share=None):
+    if share is None:
+      opened.append((epoch, skip_batches, threading.current_thread().name.startswith("input_next_epoch")))
+    return build(self, epoch, skip_batches, share)
+
+  monkeypatch.setattr(input_pipeline.BatchIterator, "_dataset", spy)
+  it = _it(records_dir, shuffle_buffer=8)  # the fill starts one batch (8 records) before an epoch's end
+  batches = _take(it, 12)
+  assert opened[:3] == [(0, 0, False), (1, 0, True), (2, 0, True)]  # epoch 3's fill may still be starting
+  resumed = _it(records_dir, shuffle_buffer=8)
+  resumed.set_state({"epoch": 2, "batch_in_epoch": 0})
+  for want, got in zip(batches[8:], _take(resumed, 4)):
+    np.testing.assert_array_equal(want["index"], got["index"])
+  manifest = records.read_manifest(records_dir)
+  shards = manifest["splits"]["train"]["shards"]
+  assert it.shuffle_buffer_bytes == 8 * sum(s["num_bytes"] for s in shards) // 37
+
+
+@pytest.mark.parametrize("sharding", ["global", "files"])
+def test_a_stream_that_runs_dry_raises(records_dir, sharding):
+  """A manifest that promises more records than its shards hold: training raises instead of yielding padding
+  or short epochs, and evaluation says its share came up short."""
+  path = os.path.join(records_dir, records.MANIFEST_NAME)
+  with open(path) as f:
+    manifest = json.load(f)
+  manifest["splits"]["train"]["shards"][1]["num_examples"] += 8
+  manifest["splits"]["train"]["num_examples"] += 8
+  records.write_json_atomic(path, manifest)
+  kw = dict(process_count=2, global_batch_size=8, sharding=sharding)
+  with pytest.raises(records.DataError, match="ran dry at batch .* of epoch 0"):
+    _take(_it(records_dir, process_index=1, **kw), 5)
+  with pytest.raises(records.DataError, match="examples, .* expected"):
+    list(_it(records_dir, process_index=1, train=False, **kw))
 
 
 @pytest.mark.parametrize("count", [2, 4])
@@ -166,6 +236,10 @@ def test_errors(records_dir):
     _it(records_dir, global_batch_size=9, process_count=2)
   with pytest.raises(records.DataError, match="fewer than one batch"):
     _it(records_dir, global_batch_size=64)
+  with pytest.raises(records.DataError, match="fewer than one batch"):  # no process may get an empty share
+    _it(records_dir, global_batch_size=40, process_count=8, sharding="files")
+  with pytest.raises(ValueError, match="data.sharding='hosts'"):
+    _it(records_dir, sharding="hosts")
   with pytest.raises(records.DataError, match="no split 'test'"):
     _it(records_dir, split="test")
   with pytest.raises(ValueError, match="outside an epoch"):

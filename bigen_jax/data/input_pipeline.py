@@ -1,19 +1,43 @@
 """tf.data input pipeline: TFRecord grid features -> per-process numpy batches, deterministic and resumable.
 
 Training (``train=True``) runs in explicit epochs. Epoch ``e`` permutes the shard files with ``(seed, e)``,
-shuffles the *serialized* records with a seed of ``(seed, e)`` and picks one caption per image with a
-stateless seed of ``(seed, e, index)``. Processes share the work in one of two ways (``sharding``):
-  "global" (default)  every process reads the one global stream and parses only its rows of each global
-                      batch: the global batches, hence the losses, do not depend on the number of processes.
-  "files"             processes read disjoint shard files (or every P-th record when there are fewer files
-                      than processes) and shuffle with ``(seed, e, process)``: no process reads all the
-                      data, for large pods; the global batches then depend on the process count.
-Every process yields the same number of batches per epoch (computed from the manifest), so multi-host
-steps stay in lock-step. The resume position is two integers, ``{"epoch", "batch_in_epoch"}``: restoring rebuilds the
-epoch and skips the consumed serialized records before parsing, so resuming is exact and cheap.
+shuffles the *serialized* records of its stream with a seed of ``(seed, e)`` and picks one caption per image
+with a stateless seed of ``(seed, e, index)``. Processes share the work in one of two ways (``sharding``):
+  "global" (default)  every process reads the epoch's whole stream and parses only its rows of each global
+                      batch: the global batches, hence the losses, do not depend on the number of processes;
+                      every process reads every record.
+  "files"             the epoch's stream (its files, in the epoch's order, one after the other) is cut into
+                      ``P`` contiguous ranges of ``N // P`` or ``N // P + 1`` records; process ``p`` reads only
+                      the files overlapping range ``p`` (skipping the head of its first file, stopping inside
+                      its last) and shuffles them with ``(seed, e, p)``. A process reads about ``N / P`` records
+                      plus at most two part-files per epoch: for large pods. Fewer files than processes work too
+                      (several processes then read parts of one file).
+What the two modes share, for any number of processes ``P`` and global batch ``G`` (tested in
+``tests/test_input_pipeline.py::test_global_and_files_sharding_agree``):
+  - every process yields ``N // G`` batches per epoch, the same number in both modes (floor(floor(N/P) / (G/P))
+    = floor(N/G)), so multi-host steps stay in lock-step;
+  - within an epoch no example is yielded twice across all processes, and ``(N // G) * G`` examples are
+    (fewer than one global batch left out, a different part each epoch);
+  - with one process the two modes yield the same batches, in the same order, with the same captions.
+They differ in the global batch: in "files" mode its rows come from ``P`` separately shuffled ranges, so it
+depends on ``P`` (a resume must keep the process count; "global" resumes on any).
 
-Evaluation (``train=False``) reads every record once, in file order, with all captions; the last batches
-are padded, with ``valid`` = False on padding rows, so every process yields the same number of batches.
+Shuffling: the order of epoch ``e`` is a buffer shuffle (``shuffle_buffer`` records) of that epoch's own
+stream with that epoch's seed. This is what makes every position resumable from two integers,
+``{"epoch", "batch_in_epoch"}``: restoring rebuilds the epoch and skips the consumed serialized records before
+parsing. (``shuffle().repeat()`` would carry one random stream through all epochs, so an epoch's order would
+depend on every earlier one.) The buffer of epoch ``e + 1`` fills in the background while the last batches of
+epoch ``e`` are consumed, so only the first epoch after a start or a resume waits for a fill. Memory: the
+buffer holds serialized records, ``shuffle_buffer`` x the mean record size of the split (the manifest's bytes
+/ examples; e.g. about 0.3 MB for COCO: 64 x 1024 float16 cells, 128 KB, and a stored 256-px PNG; 3 GB for
+10,000 records), twice that at epoch ends while the next epoch's buffer fills (``shuffle_buffer_bytes``,
+logged once). A stream that ends before its epoch's batches (a shard shorter than the manifest says) raises
+``records.DataError``.
+
+Evaluation (``train=False``) reads the first ``num_examples`` (0: all) records in file order with all
+captions ("files": process ``p`` its contiguous range of them; "global": each process its rows of each global
+batch); the last batches are padded, with ``valid`` = False on padding rows, so every process yields the
+same number of batches.
 
 Batch (per process, B = global batch / process count):
   text_ids     int32 [B, L]      one caption (train: sampled; eval: the first)
@@ -27,13 +51,18 @@ Batch (per process, B = global batch / process count):
   with_images: image bytes [B] (encoded PNG/JPEG as stored by the extractor)
 """
 
+from concurrent import futures
+import itertools
 import json
+import math
 from typing import Any, Mapping
 
+from absl import logging
 from clu.data import dataset_iterator
 import jax
 import numpy as np
 
+from bigen_jax import errors
 from bigen_jax.data import records
 from bigen_jax.data import vocab as vocab_lib
 
@@ -46,28 +75,21 @@ def _tf():
 SHARDING_MODES = ("global", "files")
 
 
-def process_shares(shard_counts: list[int], process_count: int, sharding: str) -> tuple[str, list[list[int]]]:
-  """Which files each process reads, and how it keeps its part: ("global", all files each) — every process
-  reads the one global stream and keeps its rows of each global batch; ("files", disjoint file sets) when
-  every process can get a file; ("records", all files, every P-th record) otherwise."""
-  if sharding not in SHARDING_MODES:
-    raise ValueError(f"input sharding {sharding!r}: expected one of {SHARDING_MODES}")
-  everything = [list(range(len(shard_counts)))] * process_count
-  if sharding == "global":
-    return "global", everything
-  if len(shard_counts) >= process_count:
-    return "files", [list(range(p, len(shard_counts), process_count)) for p in range(process_count)]
-  return "records", everything
+def process_range(num: int, process_count: int, process_index: int) -> tuple[int, int]:
+  """``[lo, hi)``: process ``process_index``'s contiguous part of ``num`` records (sizes differ by at most 1)."""
+  return process_index * num // process_count, (process_index + 1) * num // process_count
 
 
-def examples_per_process(shard_counts: list[int], mode: str, shares: list[list[int]]) -> list[int]:
-  """Examples each process sees per epoch (global mode: the whole split, sliced batch by batch)."""
-  if mode == "files":
-    return [sum(shard_counts[i] for i in share) for share in shares]
-  n, count = sum(shard_counts), len(shares)
-  if mode == "global":
-    return [n] * count
-  return [len(range(p, n, count)) for p in range(count)]
+def file_slices(counts: list[int], lo: int, hi: int) -> list[tuple[int, int, int]]:
+  """``(file, skip, take)`` for each file of the concatenation of files of ``counts`` records that overlaps
+  records ``[lo, hi)``: skip the first ``skip`` records of the file, then read ``take``."""
+  out, start = [], 0
+  for i, count in enumerate(counts):
+    skip, stop = max(lo - start, 0), min(hi - start, count)
+    if stop > skip:
+      out.append((i, skip, stop - skip))
+    start += count
+  return out
 
 
 class BatchIterator(dataset_iterator.DatasetIterator):
@@ -77,36 +99,55 @@ class BatchIterator(dataset_iterator.DatasetIterator):
                vocab_dir: str | None = None, train: bool = True, with_images: bool = False,
                process_index: int | None = None, process_count: int | None = None,
                shuffle_buffer: int = 10_000, pad_id: int = 0, verify_checksums: bool = False,
-               num_parallel_calls: int = 4, prefetch: int = 2, sharding: str = "global"):
+               num_parallel_calls: int = 4, prefetch: int = 2, sharding: str = "global", num_examples: int = 0):
+    """``num_examples`` (evaluation only): read the first ``num_examples`` records of the split (0: all)."""
     self.process_index = jax.process_index() if process_index is None else process_index
     self.process_count = jax.process_count() if process_count is None else process_count
     if global_batch_size % self.process_count:
-      raise ValueError(f"--config.batch_size={global_batch_size} is not divisible by the "
-                       f"{self.process_count} processes")
+      raise errors.ConfigError(f"--config.batch_size={global_batch_size} is not divisible by the "
+                               f"{self.process_count} processes")
+    if sharding not in SHARDING_MODES:
+      raise errors.ConfigError(f"--config.data.sharding={sharding!r}: expected one of {SHARDING_MODES}")
+    if train and num_examples:
+      raise ValueError("num_examples is for evaluation (train=False); training reads whole epochs")
     self.batch_size = global_batch_size // self.process_count
     self.manifest = records.read_manifest(records_dir)
     self.shards = records.split_shards(records_dir, split, manifest=self.manifest, checksum=verify_checksums)
-    self.split, self.seed, self.train, self.with_images = split, seed, train, with_images
-    self.shuffle_buffer, self.pad_id = shuffle_buffer, pad_id
+    self.records_dir, self.split, self.seed, self.train = records_dir, split, seed, train
+    self.with_images, self.shuffle_buffer, self.pad_id = with_images, shuffle_buffer, pad_id
     self.num_parallel_calls, self.prefetch = num_parallel_calls, prefetch
     self.cluster_ids = None
     if vocab_dir is not None:
       self.cluster_ids = vocab_lib.load_vocab(vocab_dir, records_dir=records_dir).cluster_ids(split)
-    counts = [s["num_examples"] for s in self.shards]
-    self.sharding = sharding
-    self.mode, shares = process_shares(counts, self.process_count, sharding)
-    per_process = examples_per_process(counts, self.mode, shares)
-    per_batch = global_batch_size if self.mode == "global" else self.batch_size
+    total = sum(s["num_examples"] for s in self.shards)
+    self.num_records = min(num_examples, total) if num_examples else total
+    self.mode = sharding
+    if sharding == "global":
+      self.share, per_batch = (0, self.num_records), global_batch_size
+    else:
+      self.share, per_batch = process_range(self.num_records, self.process_count, self.process_index), self.batch_size
     if train:
-      self.batches_per_epoch = min(per_process) // per_batch
+      self.batches_per_epoch = self.num_records // global_batch_size
       if self.batches_per_epoch == 0:
         raise records.DataError(
-            f"split {split!r} of {records_dir} gives process shares of {per_process} examples, fewer than "
-            f"one batch of {self.batch_size}: lower the batch size or extract more data")
+            f"split {split!r} of {records_dir} has {self.num_records} examples, fewer than one batch of "
+            f"{global_batch_size} ({self.process_count} processes x {self.batch_size}): lower the batch size or "
+            "extract more data")
     else:
-      self.batches_per_epoch = -(-max(per_process) // per_batch)
+      largest = -(-self.num_records // self.process_count) if sharding == "files" else self.num_records
+      self.batches_per_epoch = -(-largest // per_batch)
+    self.records_per_batch = per_batch  # serialized records this process reads per batch
+    num_bytes = sum(s.get("num_bytes", 0) for s in self.shards)
+    self.shuffle_buffer_bytes = (shuffle_buffer * num_bytes // max(total, 1)) if train else 0
+    if train:
+      logging.info("input %s/%s: shuffle buffer of %d records x %.1f KB (serialized; the manifest's mean) = "
+                   "%.1f MB per process, up to twice that at epoch ends while the next epoch's buffer fills",
+                   records_dir, split, shuffle_buffer, num_bytes / max(total, 1) / 1e3,
+                   self.shuffle_buffer_bytes / 1e6)
     self._parse = records.make_parse_fn(self.manifest["feature_dim"], self.manifest["max_len"])
     self._epoch, self._batch_in_epoch, self._it = 0, 0, None
+    self._valid_rows = 0  # evaluation: real rows yielded so far, checked against the share when it ends
+    self._next_epoch, self._executor = None, None  # (epoch, future of (iterator, first batch)) filling ahead
 
   # --- state -----------------------------------------------------------------------------------------
   def get_state(self) -> dict[str, int]:
@@ -121,6 +162,7 @@ class BatchIterator(dataset_iterator.DatasetIterator):
       raise ValueError(f"iterator state {dict(state)} is outside an epoch of {self.batches_per_epoch} batches")
     state = self._normalised(epoch, batch_in_epoch)
     self._epoch, self._batch_in_epoch, self._it = state["epoch"], state["batch_in_epoch"], None
+    self._valid_rows, self._next_epoch = 0, None
 
   def _normalised(self, epoch: int, batch_in_epoch: int) -> dict[str, int]:
     if self.train and batch_in_epoch >= self.batches_per_epoch:
@@ -139,12 +181,9 @@ class BatchIterator(dataset_iterator.DatasetIterator):
 
   @property
   def element_spec(self):
-    spec = self._epoch_dataset(0, 0).element_spec
+    spec = self._dataset(0, 0, share=(0, 1)).element_spec
     return {k: dataset_iterator.ArraySpec(v.dtype.as_numpy_dtype, (self.batch_size, *v.shape[1:]))
             for k, v in spec.items()}
-
-  def _peek(self) -> dict[str, np.ndarray]:
-    return next(self._epoch_dataset(0, 0).take(1).as_numpy_iterator())
 
   # --- iteration -------------------------------------------------------------------------------------
   def __next__(self) -> dict[str, np.ndarray]:
@@ -153,38 +192,93 @@ class BatchIterator(dataset_iterator.DatasetIterator):
     if not self.train and self._batch_in_epoch >= self.batches_per_epoch:
       raise StopIteration
     if self._it is None:
-      self._it = self._epoch_dataset(self._epoch, self._batch_in_epoch).as_numpy_iterator()
+      self._it = self._open_current()
     batch = next(self._it, None)
+    if batch is None and self.train:
+      raise records.DataError(
+          f"split {self.split!r} of {self.records_dir} ran dry at batch {self._batch_in_epoch} of epoch "
+          f"{self._epoch} (process {self.process_index} of {self.process_count}, expected "
+          f"{self.batches_per_epoch} batches of {self.batch_size}): a shard holds fewer records than "
+          f"{records.MANIFEST_NAME} says; re-run tools/extract_features.py on the split")
     if batch is None:
       batch = self._padding_batch()
     elif not self.train and len(batch["index"]) < self.batch_size:
       batch = self._pad(batch)
     self._batch_in_epoch += 1
+    if not self.train:
+      self._check_eval_share(batch)
+    elif self._next_epoch is None and self.batches_per_epoch - self._batch_in_epoch <= self._lookahead():
+      self._fill_next_epoch()
     return batch
 
   def get_next(self) -> dict[str, np.ndarray]:
     return next(self)
 
-  def _files(self, epoch: int) -> list[str]:
+  def _lookahead(self) -> int:
+    """Batches before an epoch's end at which the next epoch's buffer starts filling: the drain phase of this
+    epoch's buffer (its stream is read to the end)."""
+    return math.ceil(self.shuffle_buffer / self.records_per_batch)
+
+  def _fill_next_epoch(self) -> None:
+    """Opens the next epoch in a background thread and reads its first batch (filling its shuffle buffer)."""
+    if self._executor is None:
+      self._executor = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="input_next_epoch")
+    epoch = self._epoch + 1
+
+    def first_batch():
+      it = self._dataset(epoch, 0).as_numpy_iterator()
+      return it, next(it, None)
+
+    self._next_epoch = epoch, self._executor.submit(first_batch)
+
+  def _open_current(self):
+    """The numpy iterator of the current position: the one filled ahead when it is this epoch's start."""
+    ahead, self._next_epoch = self._next_epoch, None
+    if ahead is not None and ahead[0] == self._epoch and self._batch_in_epoch == 0:
+      it, first = ahead[1].result()
+      return it if first is None else itertools.chain([first], it)
+    return self._dataset(self._epoch, self._batch_in_epoch).as_numpy_iterator()
+
+  def _check_eval_share(self, batch: dict[str, np.ndarray]) -> None:
+    """Evaluation: at the end, the real rows yielded must be this process's whole share."""
+    self._valid_rows += int(batch["valid"].sum())
+    if self._batch_in_epoch < self.batches_per_epoch:
+      return
+    lo, hi = self.share
+    want = hi - lo
+    if self.mode == "global":  # this process's rows of each global batch of the first num_records
+      want = sum(len(range(max(start + self.process_index * self.batch_size, 0),
+                           min(start + (self.process_index + 1) * self.batch_size, hi)))
+                 for start in range(0, hi, self.records_per_batch))
+    if self._valid_rows != want:
+      raise records.DataError(
+          f"split {self.split!r} of {self.records_dir} gave process {self.process_index} {self._valid_rows} "
+          f"examples, {want} expected: a shard holds fewer records than {records.MANIFEST_NAME} says")
+
+  def _files(self, epoch: int) -> list[dict[str, Any]]:
+    """The split's shard entries in epoch ``epoch``'s order (evaluation: file order)."""
     order = np.arange(len(self.shards))
     if self.train:
       order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
-    _, shares = process_shares([self.shards[i]["num_examples"] for i in order], self.process_count,
-                               self.sharding)
-    return [self.shards[order[i]]["path"] for i in shares[self.process_index]]
+    return [self.shards[i] for i in order]
 
-  def _epoch_dataset(self, epoch: int, skip_batches: int):
+  def _dataset(self, epoch: int, skip_batches: int, share: tuple[int, int] | None = None):
+    """The tf.data batches of ``epoch`` from batch ``skip_batches`` on; ``share``: other records than this
+    process's (``element_spec``, padding)."""
     tf = _tf()
     files = self._files(epoch)
-    ds = tf.data.Dataset.from_tensor_slices(files).interleave(
-        tf.data.TFRecordDataset, cycle_length=min(4, len(files)), block_length=16,
-        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    if self.mode == "records":
-      ds = ds.shard(self.process_count, self.process_index)
-    global_mode = self.mode == "global"
-    per_batch = self.batch_size * (self.process_count if global_mode else 1)
+    lo, hi = share or self.share
+    parts = file_slices([f["num_examples"] for f in files], lo, hi)
+    paths = tf.constant([files[i]["path"] for i, _, _ in parts], tf.string, shape=[len(parts)])
+    skips, takes = [tf.constant([p[k] for p in parts], tf.int64, shape=[len(parts)]) for k in (1, 2)]
+    ds = tf.data.Dataset.from_tensor_slices((paths, skips, takes)).interleave(
+        lambda path, skip, take: tf.data.TFRecordDataset(path).skip(skip).take(take),
+        cycle_length=max(1, min(4, len(parts))), block_length=16, num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True)
+    global_mode = self.mode == "global" and share is None
+    per_batch = self.records_per_batch if share is None else self.batch_size
     if self.train:
-      process = 0 if global_mode else self.process_index
+      process = 0 if self.mode == "global" else self.process_index
       shuffle_seed = int(np.random.default_rng([self.seed, epoch, process]).integers(2**31))
       ds = ds.shuffle(self.shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
       ds = ds.take(self.batches_per_epoch * per_batch)
@@ -254,8 +348,9 @@ class BatchIterator(dataset_iterator.DatasetIterator):
     return out
 
   def _padding_batch(self) -> dict[str, np.ndarray]:
-    """An all-padding eval batch for a process whose share ran out before the others'."""
-    template = self._peek()
+    """An all-padding eval batch for a process whose share ran out before the others' (shaped like a batch
+    of the split's first record, so that a process with an empty share pads too)."""
+    template = next(self._dataset(0, 0, share=(0, 1)).as_numpy_iterator())
     return self._pad({k: v[:0] for k, v in template.items()})
 
 
