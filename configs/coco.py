@@ -12,7 +12,9 @@ from configs import base
 
 
 def get_config(arg: str = "paper"):
-  config = base.get_config("two_model" if arg == "two_model" else "paper")
+  if arg not in ("paper", "two_model"):
+    raise ValueError(f"configs/coco.py: unknown variant {arg!r}: expected 'paper' or 'two_model'")
+  config = base.get_config(arg)
   config.data.records_dir = "data/coco_frcnn"
   config.data.vocab_dir = "data/coco_frcnn/vocab10k"
   config.data.tokenizer = "data/bert-base-uncased-vocab.txt"
