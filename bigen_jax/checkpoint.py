@@ -240,16 +240,24 @@ class Checkpointer:
 
 
 class StopSignal:
-  """Set by SIGTERM (preemption, ``kill``); ``should_stop()`` agrees across processes.
+  """SIGTERM (preemption, ``kill``) as a stop at a step boundary: ``should_stop(step)`` after every step says
+  whether to checkpoint and stop there, the same answer on every process.
 
-  The handler only sets a flag: the training loop saves a checkpoint at the next step boundary and
-  exits. With several processes the flag is OR-reduced so every process stops at the same step.
+  One process: a Python handler sets a flag, read at the next step. Several processes (``jax.distributed``):
+  JAX's preemption sync service (``jax_enable_preemption_service``, on by default) installs its own SIGTERM
+  handler when ``jax.distributed`` starts; a notice on any process reaches every process through the
+  coordination service, which sets the sync point to the step after the furthest process's latest step, and
+  ``multihost_utils.reached_preemption_sync_point(step)`` (what orbax's ``CheckpointManager.reached_preemption``
+  calls) is True at that step on every process. It costs no collective per step: the protocol runs in JAX's
+  background threads, one or two steps pass before the stop. No Python handler is installed then (it would
+  replace JAX's). With the service disabled, the local flags are all-gathered at every call.
   """
 
   def __init__(self, signals=(signal.SIGTERM,)):
     self._event = threading.Event()
     self._previous = {}
-    if threading.current_thread() is threading.main_thread():
+    self.synced = jax.process_count() > 1 and bool(jax.config.jax_enable_preemption_service)
+    if not self.synced and threading.current_thread() is threading.main_thread():
       for sig in signals:
         self._previous[sig] = signal.signal(sig, self._handle)
 
@@ -258,7 +266,10 @@ class StopSignal:
     logging.warning("received signal %d: will checkpoint and stop at the next step", signum)
     self._event.set()
 
-  def should_stop(self) -> bool:
+  def should_stop(self, step: int) -> bool:
+    """Whether to checkpoint and stop after ``step`` (call after every step, with increasing steps)."""
+    if self.synced:
+      return multihost_utils.reached_preemption_sync_point(step)
     local = self._event.is_set()
     if jax.process_count() == 1:
       return local

@@ -36,6 +36,12 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int | None = No
   for name, task in config.tasks.items():
     _require(task.weight >= 0, f"tasks.{name}.weight", task.weight, "must be >= 0")
   _require(config.optimizer.lr > 0, "optimizer.lr", config.optimizer.lr, "must be positive")
+  profile = config.get("profile")
+  if profile:
+    _require(profile.num_steps >= 0, "profile.num_steps", profile.num_steps, "must be >= 0 (0: no trace)")
+    if profile.num_steps:
+      _require(profile.start_step >= 1, "profile.start_step", profile.start_step,
+               "must be >= 1: the trace starts after that many steps")
 
   wanted = int(config.mesh.get("num_devices") or 0)
   _require(0 <= wanted <= available, "mesh.num_devices", wanted,

@@ -25,7 +25,7 @@ CONFIG_NAME = "config.json"
 # Dotted prefixes of the fields a resume may change without complaint.
 MAY_CHANGE = ("stop_at_step", "log_every", "eval", "checkpoint.every", "checkpoint.keep", "checkpoint.async_save",
               "checkpoint.fallback", "peak_flops_per_device", "distributed", "mesh", "axis_rules",
-              "data.verify_checksums", "allow_config_change")
+              "data.verify_checksums", "allow_config_change", "profile")
 # Saved in place of this process's launch settings (process 0's id and coordinator would make an evaluation wait
 # for processes that never come).
 LAUNCH = {"num_processes": 1, "process_id": 0, "coordinator_address": "", "auto": False}

@@ -309,6 +309,24 @@ def _summarise(pending: list[tuple[int, str, dict]], ckpt: checkpoint.Checkpoint
   return {k: sums[k] / counts[k] for k in sums}
 
 
+def _profiler(config: ml_collections.ConfigDict, workdir: str) -> periodic_actions.Profile | None:
+  """A ``jax.profiler`` trace of the ``config.profile.num_steps`` steps after step ``config.profile.start_step``
+  into ``workdir/plugins/profile/<time>/`` (TensorBoard's profile tab), one file per host; None when off."""
+  cfg = config.get("profile")
+  if not cfg or not cfg.num_steps:
+    return None
+  return periodic_actions.Profile(logdir=workdir, num_profile_steps=cfg.num_steps, profile_duration_ms=0,
+                                  first_profile=cfg.start_step, every_steps=None, every_secs=None)
+
+
+def _stop_trace() -> None:
+  """Ends a trace the loop left running (the run stopped inside the profiled steps)."""
+  try:
+    jax.profiler.stop_trace()
+  except RuntimeError:  # no trace running
+    pass
+
+
 def build_context(config: ml_collections.ConfigDict, workdir: str) -> Context:
   """Checks ``config``, resolves it against the data and lays out the mesh: what training and evaluation
   share."""
@@ -363,6 +381,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     report = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer,
                                              every_steps=config.log_every)
     history, stop = _History(workdir, start), checkpoint.StopSignal()
+    profile = _profiler(config, workdir)
     step_flops = model_flops_per_example(config, cycle) * config.batch_size
     pending, summary, t_log, step = [], {}, time.time(), start
     last = min(config.stop_at_step or config.total_steps, config.total_steps)
@@ -374,6 +393,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         pending.append((step, task, metrics))
         step += 1
         report(step)
+        if profile is not None:
+          profile(step)
         save_now = ckpt.manager.should_save(step) or step == last
         if step % config.log_every == 0 or save_now:
           summary = _summarise(pending, ckpt)
@@ -395,13 +416,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             results.update(evaluator.run(state.params, step=step))
           writer.write_scalars(step, results)
           history.write(step, results)
-        if (jax.process_count() == 1 or step % config.log_every == 0) and stop.should_stop():
+        if stop.should_stop(step):
           _summarise(pending, ckpt)
           if ckpt.latest_step() != step:
             ckpt.save(step, state, data.get_state(), force=True)
           logging.warning("stopped by signal at step %d; checkpoint written", step)
           break
     finally:
+      if profile is not None:
+        _stop_trace()
       ckpt.close()
       writer.flush()
       stop.restore_handlers()

@@ -75,6 +75,9 @@ def get_config(model: str = "paper") -> ml_collections.ConfigDict:
       inception_transform_input=True,
       r_precision_negatives=99, grid_images=8,
       scene_decoder_heads=""))  # captioned scenes: draw tokens with sampling/scene_decoder.py (<detector>.heads.npz)
+  # A jax.profiler trace of the num_steps steps after step start_step (>= 1: the first step compiles) into
+  # WORKDIR/plugins/profile (TensorBoard's profile tab); num_steps 0: off.
+  config.profile = ml_collections.ConfigDict(dict(start_step=10, num_steps=0))
   config.peak_flops_per_device = 0.0  # for the MFU estimate; 0: not reported (e.g. 989e12 for H100 bf16)
   config.distributed = ml_collections.ConfigDict(dict(
       num_processes=1, process_id=0, coordinator_address="", cpu_collectives="", auto=False))

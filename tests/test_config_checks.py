@@ -34,6 +34,8 @@ def _config(**kw):
     ({"eval.every": 2, "eval.evaluators": ("captioning",), "eval.captioning.batch_size": 5}, 2,
      r"--config.eval.captioning.batch_size=5"),
     ({"tasks.t2i.weight": -1}, 1, r"--config.tasks.t2i.weight=-1"),
+    ({"profile.num_steps": -1}, 1, r"--config.profile.num_steps=-1"),
+    ({"profile.num_steps": 2, "profile.start_step": 0}, 1, r"--config.profile.start_step=0: must be >= 1"),
 ])
 def test_bad_configs_name_their_flag(flags, devices, message):
   with pytest.raises(errors.ConfigError, match=message):

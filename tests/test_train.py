@@ -3,6 +3,7 @@ checkpoint on SIGTERM, two processes == one process."""
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -102,6 +103,17 @@ def test_train_end_to_end(tmp_path, data):
   assert any("validation_loss/t2i/accuracy" in r for r in rows)
   assert "steps_per_sec" in rows[0] and rows[0]["lr"] == 0.0  # warm-up starts at 0
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "6"))
+  assert not os.path.exists(os.path.join(workdir, "plugins"))  # no profile unless asked
+
+
+def test_profile_writes_a_trace(tmp_path, data):
+  """config.profile: one jax.profiler trace of steps 2..3 into the workdir, where TensorBoard looks."""
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(_config(data, **{"total_steps": 4, "profile.start_step": 1, "profile.num_steps": 2}),
+                           workdir)
+  runs = os.listdir(os.path.join(workdir, "plugins", "profile"))
+  assert len(runs) == 1
+  assert any(f.endswith(".xplane.pb") for f in os.listdir(os.path.join(workdir, "plugins", "profile", runs[0])))
 
 
 def test_joint_schedule_sums_the_tasks(tmp_path, data):
@@ -188,6 +200,40 @@ def test_two_processes_give_the_losses_of_one(tmp_path, data):
   a, b = _losses(single), _losses(workdir)
   assert a.keys() == b.keys()
   np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], rtol=0, atol=1e-5)
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path, data):
+  """SIGTERM to process 1 only: through JAX's preemption sync both processes checkpoint the same step and exit 0,
+  long before the end and with no metrics logged (log_every > total_steps: nothing else syncs the hosts)."""
+  workdir = str(tmp_path / "multi")
+  port = _free_port()
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1 "
+             "--xla_backend_optimization_level=0")
+  settings = {"mesh.num_devices": 0, "distributed.num_processes": 2, "distributed.cpu_collectives": "gloo",
+              "distributed.coordinator_address": f"127.0.0.1:{port}", "total_steps": 3000, "log_every": 5000,
+              "checkpoint.every": 5, "checkpoint.keep": 1}
+  procs = [subprocess.Popen(_command(data, workdir, **settings, **{"distributed.process_id": i}), cwd=ROOT,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for i in range(2)]
+  try:
+    deadline = time.time() + 300
+    while not os.path.isdir(os.path.join(workdir, "checkpoints", "5")):
+      assert time.time() < deadline and all(p.poll() is None for p in procs), procs[0].stderr.read().decode()[-3000:]
+      time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)
+    logs = []
+    for p in procs:
+      _, err = p.communicate(timeout=300)
+      logs.append(err.decode())
+      assert p.returncode == 0, logs[-1][-3000:]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  stops = [re.findall(r"stopped by signal at step (\d+)", log) for log in logs]
+  assert stops[0] == stops[1] and len(stops[0]) == 1, stops
+  stopped = int(stops[0][0])
+  assert 5 < stopped < 3000
+  assert stopped in [int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()]
 
 
 def test_non_finite_loss_names_the_newest_verified_checkpoint(tmp_path):
