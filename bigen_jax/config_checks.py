@@ -63,5 +63,7 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int | None = No
       divisible("eval.batch_size", config.eval.batch_size)
     for evaluator, flag in _EVAL_BATCHES.items():
       if evaluator in config.eval.evaluators:
-        divisible(flag, config.eval[evaluator].batch_size)
+        batch = config.eval[evaluator].batch_size
+        _require(isinstance(batch, int) and batch > 0, flag, batch,
+                 "must be a positive integer (images per data-parallel device)")
   return shape

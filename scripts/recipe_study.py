@@ -55,6 +55,11 @@ VARIANTS = {
     "demo_constant_lr": ("configs/demo.py, constant lr after warm-up", {"optimizer.schedule": "constant"}),
     "demo_full_masks": ("configs/demo.py with every T2I cell masked (only the caption tells what to draw)",
                         {"tasks.t2i.mask_schedule": "count", "tasks.t2i.min_masked": 64}),
+    "demo_i2t_discrete": ("configs/demo.py with I2T reading the cluster tokens T2I learns to fill in (the "
+                          "paper's discrete-only input, for I2T only)", {"tasks.i2t.visual_input": "discrete"}),
+    "demo_lr2e-3": ("configs/demo.py at lr 2e-3", {"optimizer.lr": 2e-3}),
+    "demo_width64": ("configs/demo.py at half the width (64, 2 heads, FFN 256): more steps in the same time",
+                     {"model.hidden_size": 64, "model.num_heads": 2, "model.mlp_dim": 256}),
     "demo_init_0.088": ("configs/demo.py with weights drawn N(0, 1/sqrt(128))", {"model.init_std": 0.088}),
 }
 KEYS = ("validation_loss/i2t/loss", "validation_loss/i2t/gap", "validation_loss/t2i/loss", "validation_loss/t2i/gap",

@@ -61,6 +61,7 @@ def fake_gcs(tmp_path, monkeypatch):
       return super()._join([p.split("://", 1)[-1] for p in path])
 
   monkeypatch.setenv("EPATH_USE_TF", "false")
+  monkeypatch.setattr(epath.gpath, "_is_tf_installed", lambda: False)  # cached: an earlier gs:// use chose tf
   registry = importlib.import_module("fsspec.registry")._registry  # fsspec.register_implementation, undone after
   for name in FakeGCSFileSystem.protocol:
     monkeypatch.setitem(registry, name, FakeGCSFileSystem)

@@ -31,8 +31,8 @@ def _config(**kw):
     ({"mesh.data": 3}, 2, r"--config.mesh .*needs 3 devices, have 2"),
     ({"mesh.num_devices": 4}, 2, r"--config.mesh.num_devices=4: there are 2 devices"),
     ({"eval.every": 2, "eval.batch_size": 3}, 2, r"--config.eval.batch_size=3"),
-    ({"eval.every": 2, "eval.evaluators": ("captioning",), "eval.captioning.batch_size": 5}, 2,
-     r"--config.eval.captioning.batch_size=5"),
+    ({"eval.every": 2, "eval.evaluators": ("captioning",), "eval.captioning.batch_size": 0}, 2,
+     r"--config.eval.captioning.batch_size=0: must be a positive integer \(images per data-parallel device"),
     ({"tasks.t2i.weight": -1}, 1, r"--config.tasks.t2i.weight=-1"),
     ({"profile.num_steps": -1}, 1, r"--config.profile.num_steps=-1"),
     ({"profile.num_steps": 2, "profile.start_step": 0}, 1, r"--config.profile.start_step=0: must be >= 1"),
@@ -46,6 +46,9 @@ def test_good_configs_pass():
   assert config_checks.check_config(_config(), num_devices=1, process_count=1) == (1, 1, 1)
   assert config_checks.check_config(_config(**{"mesh.fsdp": 2, "mesh.tensor": 2}), num_devices=8,
                                     process_count=2) == (2, 2, 2)
+  per_device = {"eval.every": 2, "eval.evaluators": ("captioning", "generation"), "eval.captioning.batch_size": 5,
+                "eval.generation.batch_size": 3}  # per device: any positive size runs on any mesh
+  assert config_checks.check_config(_config(**per_device), num_devices=2, process_count=1) == (2, 1, 1)
   with pytest.raises(errors.ConfigError, match="of the 3 processes"):
     config_checks.check_config(_config(batch_size=8), num_devices=1, process_count=3)
 

@@ -3,6 +3,10 @@ the plain decoders give on the whole eval set at once, and results land as JSON 
 
 import json
 import os
+import shutil
+import socket
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -91,3 +95,32 @@ def test_evaluators_shard_over_eight_devices(run):
       outputs.append((cap.captions(params), gen.generate(params)))
   assert outputs[0][0] == outputs[1][0]
   np.testing.assert_array_equal(outputs[0][1], outputs[1][1])
+
+
+def test_two_processes_evaluate_like_one(run, tmp_path):
+  """``python -m bigen_jax.evaluate`` as two processes (one CPU device each, 7 + 6 eval records: the shorter
+  share padded): each decodes its share, process 0 scores the gathered whole, and the results and captions are
+  those of one process."""
+  config, workdir, _ = run
+  single, _ = evaluate.evaluate(config, workdir, evaluators=["captioning", "generation"])
+  with open(os.path.join(workdir, "eval", "captions_2.json")) as f:
+    single_captions = json.load(f)
+  multi = str(tmp_path / "multi")
+  shutil.copytree(workdir, multi)
+  shutil.rmtree(os.path.join(multi, "eval"))
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "bigen_jax.evaluate", "--workdir", multi, "--evaluators", "captioning,generation",
+       "--config.mesh.num_devices=0", "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
+       "--config.distributed.cpu_collectives=gloo", f"--config.distributed.coordinator_address=127.0.0.1:{port}"],
+      cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for i in range(2)]
+  for p in procs:
+    assert p.wait(timeout=600) == 0, p.stderr.read().decode()[-3000:]
+  with open(os.path.join(multi, "eval", "results_2.json")) as f:
+    assert json.load(f) == pytest.approx(single, abs=1e-6)
+  with open(os.path.join(multi, "eval", "captions_2.json")) as f:
+    assert json.load(f) == single_captions

@@ -3,15 +3,17 @@ references with the COCO caption metrics, and, on the captioned-scenes world, ch
 the ground-truth scene graphs.
 
 Config ``config.eval.captioning``: decoder ("greedy" or "beam"), beam_size, num_examples (0: the whole
-split), batch_size (divisible by the data-parallel devices), spice (False skips it). Writes
-``workdir/eval/captions_<step>.json`` ({image_id: {"caption", "references"}}).
+split), batch_size (per device: the global batch is that x the data-parallel devices), spice (False skips it).
+Each process reads and decodes its share of the eval set (``eval_set``); process 0 gathers the captions, runs
+the Java scorers and writes ``workdir/eval/captions_<step>.json`` ({image_id: {"caption", "references"}}, any
+filesystem ``etils.epath`` reaches); every process returns its results.
 """
 
-import os
-
+from etils import epath
 import jax
 
 from bigen_jax import errors
+from bigen_jax import fileio
 from bigen_jax.data import records
 from bigen_jax.data import scenes_tfds
 from bigen_jax.eval import caption_metrics
@@ -24,7 +26,7 @@ NAME = "captioning"
 
 
 def decode_fn(ctx, cfg):
-  """A jitted ``(params, batch) -> caption ids [B, L]`` with the configured decoder."""
+  """A jitted ``(params, batch) -> caption ids [B, L]`` with the configured decoder, sharded like the batch."""
   config, tok = ctx.config, ctx.tokenizer
   tokens = captions_lib.Tokens.from_tokenizer(tok, banned=(tok.unk_id,))
   visual_kind = config.tasks.i2t.visual_input
@@ -38,7 +40,7 @@ def decode_fn(ctx, cfg):
       return captions_lib.beam_search_captions(params, beam_size=cfg.beam_size, **kw)[0][:, 0]
     raise errors.ConfigError(f"--config.eval.captioning.decoder={cfg.decoder!r}: expected 'greedy' or 'beam'")
 
-  return jax.jit(decode)
+  return jax.jit(decode, out_shardings=ctx.batch_sharding())
 
 
 class Evaluator:
@@ -46,32 +48,39 @@ class Evaluator:
 
   def __init__(self, ctx):
     self.ctx, self.cfg = ctx, ctx.config.eval.captioning
-    split = ctx.config.data.eval_split
-    self.data = eval_set.load(ctx.config, split=split, num_examples=self.cfg.num_examples)
-    source = records.read_manifest(ctx.config.data.records_dir).get("source", {})
-    self.scene_graphs = scenes_tfds.scene_graphs(source, split, self.data["index"])
+    self.split = ctx.config.data.eval_split
+    self.data = eval_set.load(ctx.config, split=self.split, num_examples=self.cfg.num_examples)
+    self.source = records.read_manifest(ctx.config.data.records_dir).get("source", {})
+    self.batch_size = eval_set.global_batch_size(ctx, self.cfg.batch_size)
     self.decode = decode_fn(ctx, self.cfg)
 
   def captions(self, params) -> list[str]:
-    """Decoded captions of the eval set, in its order."""
+    """Decoded captions of this process's share of the eval set, in its order."""
     ids = eval_set.map_batches(self.ctx, lambda batch, _: self.decode(params, batch), self.data,
-                               ("dense", "boxes", "cluster_ids"), self.cfg.batch_size)
+                               ("dense", "boxes", "cluster_ids"), self.batch_size)
     return self.ctx.tokenizer.decode(ids)
 
   def run(self, params, *, step: int) -> dict[str, float]:
-    texts = self.captions(params)
-    refs = self.data["references"]
-    ids = [int(i) for i in self.data["image_id"]]
+    rows = eval_set.gather_json([[int(i), int(image_id), text, refs] for i, image_id, text, refs in zip(
+        self.data["index"], self.data["image_id"], self.captions(params), self.data["references"])])
+    out = self.score(rows, step) if jax.process_index() == 0 else None
+    return eval_set.broadcast_json(out)
+
+  def score(self, rows: list[list], step: int) -> dict[str, float]:
+    """Metrics of the whole eval set's ``[index, image_id, caption, references]`` rows (process 0: the Java
+    scorers run here only); writes the captions file."""
+    indices, ids, texts, refs = zip(*rows)
     scores = caption_metrics.caption_metrics({i: r for i, r in zip(ids, refs)},
                                              {i: [t] for i, t in zip(ids, texts)}, spice=self.cfg.spice)
     out = {f"{NAME}/{k}": float(v) for k, v in scores.items()}
     out[f"{NAME}/distinct_captions"] = len(set(texts)) / max(len(texts), 1)
-    if self.scene_graphs is not None:
-      semantic = scene_recognizer.caption_semantic_accuracy(texts, self.scene_graphs)
+    scene_graphs = scenes_tfds.scene_graphs(self.source, self.split, indices)
+    if scene_graphs is not None:
+      semantic = scene_recognizer.caption_semantic_accuracy(texts, scene_graphs)
       out.update({f"{NAME}/semantic/{k}": float(v) for k, v in semantic.items()})
-    if self.ctx.workdir and jax.process_index() == 0:
-      path = os.path.join(self.ctx.workdir, "eval", f"captions_{step}.json")
-      os.makedirs(os.path.dirname(path), exist_ok=True)
-      records.write_json_atomic(path, {i: {"caption": t, "references": r} for i, t, r in zip(ids, texts, refs)})
+    if self.ctx.workdir:
+      directory = fileio.join(self.ctx.workdir, "eval")
+      epath.Path(directory).mkdir(parents=True, exist_ok=True)
+      fileio.write_json_atomic(fileio.join(directory, f"captions_{step}.json"),
+                               {i: {"caption": t, "references": r} for i, t, r in zip(ids, texts, refs)})
     return out
-

@@ -32,14 +32,23 @@ fields, e.g. ``{"sampling": {"order": "maskgit", "temperature": 1.0, "choice_tem
 "cosine"}}``. Each variant is decoded from the same captions and reports the headline metrics
 (``VARIANT_METRICS``) under ``generation/<name>/...``, so one table compares argmax, sampling and guidance.
 Writes ``workdir/eval/generation_<step>.png`` (one generated column per decoder).
+
+Scale: ``batch_size`` is per device. Each process reads its share of the eval set and decodes, draws and reads
+(recogniser, Inception) its own images; the per-image outputs are gathered and process 0 computes FID, semantic
+accuracy and R-precision, whose results every process receives (``eval_set``); process 0 writes the grid of its
+first images.
 """
 
+import io
 import os
 
+from etils import epath
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 from bigen_jax import errors
+from bigen_jax import fileio
 from bigen_jax import viz
 from bigen_jax.data import records
 from bigen_jax.data import scenes
@@ -92,7 +101,7 @@ def decode_fn(ctx, settings):
         boxes=batch["boxes"], codebook=ctx.frozen["codebook"], **settings, **null)
     return ids
 
-  return jax.jit(decode)
+  return jax.jit(decode, out_shardings=ctx.batch_sharding())
 
 
 class Evaluator:
@@ -110,7 +119,9 @@ class Evaluator:
       self.scene_attrs = scene_decoder.cluster_attributes(ctx.vocab.codebook, heads, layer=layer)
     self.image_size = int(self.draw(np.zeros((1, records.NUM_CELLS), np.int32)).shape[1])  # the drawings' side
     self.data = eval_set.load(config, split=split, num_examples=self.cfg.num_examples, image_size=self.image_size)
-    self.captions = [refs[0] for refs in self.data["references"]]  # the caption each image is drawn from
+    self.captions = [refs[0] for refs in self.data["references"]]  # the caption each local image is drawn from
+    self.all_captions = eval_set.gather_json(self.captions)  # the whole eval set's (process 0 scores them)
+    self.batch_size = eval_set.global_batch_size(ctx, self.cfg.batch_size)
     self.settings = decoder_settings(self.cfg)
     self.decoders = {}  # one compiled decoder per distinct setting, shared by variants that repeat one
     for settings in self.settings.values():
@@ -118,11 +129,11 @@ class Evaluator:
       if key not in self.decoders:
         self.decoders[key] = decode_fn(ctx, settings)
     source = records.read_manifest(config.data.records_dir).get("source", {})
-    self.scene_graphs = scenes_tfds.scene_graphs(source, split, self.data["index"])
-    self.recognizer = None
-    if self.scene_graphs is not None:
-      directory = self.cfg.recognizer_dir or os.path.join(ctx.workdir or ".", "scene_recognizer")
-      self.recognizer, _ = scene_recognizer.load_or_train(directory)
+    self.scene_graphs, self.recognizer = None, None
+    if scenes_tfds.scene_graphs(source, split, []) is not None:
+      index = eval_set.gather({"index": self.data["index"]}, self.data["counts"])["index"]
+      self.scene_graphs = scenes_tfds.scene_graphs(source, split, index)
+      self.recognizer = self._recognizer()
     self.inception, self.inception_metric = None, None
     if self.cfg.inception_weights:
       from bigen_jax.convert import io as convert_io  # pylint: disable=g-import-not-at-top
@@ -131,12 +142,23 @@ class Evaluator:
       transform = variant == "torchvision" and self.cfg.get("inception_transform_input", True)
       self.inception = fid.inception_features_fn(variables, transform_input=transform)
       self.inception_metric = fid.METRIC_NAMES[variant]
-    self.real_features = self._features(self.data["images"])
+    self.real_features = eval_set.gather(self._features(self.data["images"]), self.data["counts"])
     self.true_drawings = self.draw(self.data["cluster_ids"])
     self.reference = self.score_images(self.true_drawings)
     self.preview_reference = None
     if self.scene_attrs is not None:  # the patch preview stays as a baseline row
       self.preview_reference = self.score_images(preview.render_preview(self.data["cluster_ids"], self.table))
+
+  def _recognizer(self):
+    """The scene recogniser, trained (once, cached) by process 0 before the others load it."""
+    directory = self.cfg.recognizer_dir or os.path.join(self.ctx.workdir or ".", "scene_recognizer")
+    if jax.process_index() == 0:
+      recognizer, _ = scene_recognizer.load_or_train(directory)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("generation_scene_recognizer")
+    if jax.process_index() > 0:
+      recognizer, _ = scene_recognizer.load_or_train(directory)
+    return recognizer
 
   def draw(self, cluster_ids: np.ndarray) -> np.ndarray:
     """Cluster ids [N, M] -> pictures [N, H, W, 3]: the scene decoder when ``scene_decoder_heads`` is set
@@ -146,42 +168,56 @@ class Evaluator:
     return preview.render_preview(cluster_ids, self.table)
 
   def _features(self, images: np.ndarray) -> dict[str, np.ndarray]:
-    """FID metric name -> features [N, D] of ``images`` in its feature space."""
+    """FID metric name -> features [N, D] (float32) of ``images`` in its feature space."""
     out = {}
     if self.recognizer is not None:
       out["fid_recognizer"] = scene_recognizer.features(self.recognizer, images)
     if self.inception is not None:
       out[self.inception_metric] = fid.compute_features(images, self.inception)
-    return out
+    return {k: np.asarray(v, np.float32) for k, v in out.items()}
 
-  def score_images(self, images: np.ndarray) -> dict[str, float]:
-    """Every image metric of drawn ``images`` [N, H, W, 3] (image i drawn from ``self.captions[i]``)."""
-    out = {}
-    for name, feats in self._features(images).items():
-      out[name] = fid.fid_from_features(feats, self.real_features[name])
+  def score_images(self, images: np.ndarray, extra: dict[str, np.ndarray] | None = None) -> dict[str, float]:
+    """Every image metric of this process's drawn ``images`` [n, H, W, 3] (image i drawn from
+    ``self.captions[i]``) over the whole eval set, on every process; ``extra``: per-image values [n] whose
+    means join the metrics under their names."""
+    outputs = {f"features/{k}": v for k, v in self._features(images).items()}
+    outputs.update({f"mean/{k}": np.asarray(v, np.float32) for k, v in (extra or {}).items()})
     if self.recognizer is not None:
       probs = scene_recognizer.predict(self.recognizer, images)
-      semantic = scene_recognizer.semantic_accuracy(probs, self.captions)
+      outputs.update({f"probs/{k}": np.asarray(v, np.float32) for k, v in probs.items()})
+    gathered = eval_set.gather(outputs, self.data["counts"])
+    return eval_set.broadcast_json(self._metrics(gathered) if jax.process_index() == 0 else None)
+
+  def _metrics(self, gathered: dict[str, np.ndarray]) -> dict[str, float]:
+    """The metrics of the whole eval set's gathered per-image outputs (``score_images``; process 0)."""
+    out = {k.split("/", 1)[1]: float(np.mean(v)) for k, v in gathered.items() if k.startswith("mean/")}
+    for key, feats in gathered.items():
+      if key.startswith("features/"):
+        name = key.split("/", 1)[1]
+        out[name] = fid.fid_from_features(feats, self.real_features[name])
+    if self.recognizer is not None:
+      probs = {k.split("/", 1)[1]: v for k, v in gathered.items() if k.startswith("probs/")}
+      semantic = scene_recognizer.semantic_accuracy(probs, self.all_captions)
       out.update({f"semantic/{k}": float(v) for k, v in semantic.items()})
       score_fn = lambda index, texts: scene_recognizer.caption_scores(  # noqa: E731
           {k: v[index] for k, v in probs.items()}, texts)
-      index = np.arange(len(images))
-      if len(set(self.captions)) > self.cfg.r_precision_negatives:
-        easy = r_precision.easy(index, self.captions, score_fn, num_negatives=self.cfg.r_precision_negatives,
+      index = np.arange(len(self.all_captions))
+      if len(set(self.all_captions)) > self.cfg.r_precision_negatives:
+        easy = r_precision.easy(index, self.all_captions, score_fn, num_negatives=self.cfg.r_precision_negatives,
                                 seed=self.ctx.config.seed)
         out.update(easy.metrics("r_precision_easy"))
-      hard = r_precision.hard(index, self.captions, score_fn, negatives_fn=scenes.hard_negatives,
+      hard = r_precision.hard(index, self.all_captions, score_fn, negatives_fn=scenes.hard_negatives,
                               contexts=self.scene_graphs, seed=self.ctx.config.seed)
       out.update(hard.metrics("r_precision_hard"))
     return out
 
   def generate(self, params, variant: str = "") -> np.ndarray:
-    """Cluster ids [N, M] decoded from ``self.captions`` (the first caption of each eval image) by the main
-    decoder or a ``variant``."""
+    """Cluster ids [n, M] decoded from ``self.captions`` (the first caption of each of this process's eval
+    images) by the main decoder or a ``variant``."""
     decode = self.decoders[_key(self.settings[variant])]
     rng = jax.random.key(self.ctx.config.seed)
     return eval_set.map_batches(self.ctx, lambda batch, i: decode(params, batch, jax.random.fold_in(rng, i)),
-                                self.data, ("text_ids", "text_mask", "boxes"), self.cfg.batch_size)
+                                self.data, ("text_ids", "text_mask", "boxes"), self.batch_size)
 
   def run(self, params, *, step: int) -> dict[str, float]:
     decoded = {}  # settings -> (images, metrics): a variant equal to another is decoded and scored once
@@ -189,8 +225,8 @@ class Evaluator:
       if _key(settings) not in decoded:
         ids = self.generate(params, variant)
         images = self.draw(ids)
-        accuracy = float((ids == self.data["cluster_ids"]).mean())
-        decoded[_key(settings)] = images, {"cell_accuracy": accuracy, **self.score_images(images)}
+        correct = (ids == self.data["cluster_ids"]).mean(axis=1)
+        decoded[_key(settings)] = images, self.score_images(images, {"cell_accuracy": correct})
     images, out = decoded[_key(self.settings[""])]
     out = {**out, **{f"reference/{k}": v for k, v in self.reference.items()}}
     if self.preview_reference is not None:
@@ -203,17 +239,22 @@ class Evaluator:
     return {f"{NAME}/{k}": float(v) for k, v in out.items()}
 
   def save_grid(self, images: np.ndarray, step: int, *, variants: dict[str, np.ndarray] | None = None) -> str:
-    """PNG: caption | real image | drawing of its true tokens | drawing of the generated tokens [N, H, W, 3]
-    | one drawing per ``variants`` (name -> images [N, H, W, 3])."""
+    """PNG of this process's first images (process 0: the eval set's first): caption | real image | drawing of
+    its true tokens | drawing of the generated tokens [n, H, W, 3] | one drawing per ``variants`` (name ->
+    images [n, H, W, 3]). Returns its path (``workdir/eval``, through ``etils.epath``)."""
     variants = variants or {}
     k = min(self.cfg.grid_images, len(images))
     rows = [[self.data["images"][i], self.true_drawings[i], images[i], *(v[i] for v in variants.values())]
             for i in range(k)]
     labels = " | ".join(("real", "true tokens", "generated", *variants))
     sheet = viz.captioned_grid(rows, [f"{c}  ({labels})" for c in self.captions[:k]], tile=160, wrap=40)
-    path = os.path.join(self.ctx.workdir, "eval", f"generation_{step}.png")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    return viz.save_png(sheet, path)
+    directory = fileio.join(self.ctx.workdir, "eval")
+    epath.Path(directory).mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    sheet.save(buf, format="PNG")
+    path = fileio.join(directory, f"generation_{step}.png")
+    fileio.write_atomic(path, buf.getvalue())
+    return path
 
 
 def _key(settings: dict) -> tuple:
