@@ -79,7 +79,7 @@ def variant_config(name: str, out: str, steps: int):
   config.data.tokenizer = os.path.join(out, "tokenizer", "vocab.txt")
   config.eval.generation.recognizer_dir = os.path.join(out, "scene_recognizer")
   detectors = sorted(glob.glob(os.path.join(out, "scenes_detector", "*.pt.heads.npz")))
-  if detectors:  # the demo's scenes detector draws generated tokens (sampling/scene_decoder.py)
+  if detectors:  # the demo's scenes detector draws generated tokens (worlds/scenes/scene_decoder.py)
     config.eval.generation.scene_decoder_heads = detectors[-1]
   config.eval.every = 0
   if steps:

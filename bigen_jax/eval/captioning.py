@@ -1,6 +1,6 @@
 """Image -> caption evaluation (METHOD.md §8): decode captions of the eval split, score them against the
-references with the COCO caption metrics, and, on the captioned-scenes world, check what they claim against
-the ground-truth scene graphs.
+references with the COCO caption metrics, and, when the records' source has a plug-in (``sources``; e.g. the
+captioned-scenes world), check what they claim against the truth of their images.
 
 Config ``config.eval.captioning``: decoder ("greedy" or "beam"), beam_size, num_examples (0: the whole
 split), batch_size (per device: the global batch is that x the data-parallel devices), spice (False skips it).
@@ -15,10 +15,9 @@ import jax
 from bigen_jax import errors
 from bigen_jax import fileio
 from bigen_jax.data import records
-from bigen_jax.data import scenes_tfds
 from bigen_jax.eval import caption_metrics
 from bigen_jax.eval import eval_set
-from bigen_jax.eval import scene_recognizer
+from bigen_jax.eval import sources
 from bigen_jax.sampling import captions as captions_lib
 from bigen_jax.tasks import common
 
@@ -44,13 +43,14 @@ def decode_fn(ctx, cfg):
 
 
 class Evaluator:
-  """``captioning/{BLEU-1..4,METEOR,ROUGE-L,CIDEr-D[,SPICE]}`` and, on scenes, ``captioning/semantic/...``."""
+  """``captioning/{BLEU-1..4,METEOR,ROUGE-L,CIDEr-D[,SPICE]}`` and, with a source plug-in,
+  ``captioning/semantic/...``."""
 
   def __init__(self, ctx):
     self.ctx, self.cfg = ctx, ctx.config.eval.captioning
     self.split = ctx.config.data.eval_split
     self.data = eval_set.load(ctx.config, split=self.split, num_examples=self.cfg.num_examples)
-    self.source = records.read_manifest(ctx.config.data.records_dir).get("source", {})
+    self.plugin = sources.plugin(records.read_manifest(ctx.config.data.records_dir).get("source", {}))
     self.batch_size = eval_set.global_batch_size(ctx, self.cfg.batch_size)
     self.decode = decode_fn(ctx, self.cfg)
 
@@ -74,9 +74,8 @@ class Evaluator:
                                              {i: [t] for i, t in zip(ids, texts)}, spice=self.cfg.spice)
     out = {f"{NAME}/{k}": float(v) for k, v in scores.items()}
     out[f"{NAME}/distinct_captions"] = len(set(texts)) / max(len(texts), 1)
-    scene_graphs = scenes_tfds.scene_graphs(self.source, self.split, indices)
-    if scene_graphs is not None:
-      semantic = scene_recognizer.caption_semantic_accuracy(texts, scene_graphs)
+    if self.plugin is not None:
+      semantic = self.plugin.caption_metrics(texts, split=self.split, indices=indices)
       out.update({f"{NAME}/semantic/{k}": float(v) for k, v in semantic.items()})
     if self.ctx.workdir:
       directory = fileio.join(self.ctx.workdir, "eval")

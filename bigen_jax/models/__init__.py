@@ -1,3 +1,2 @@
 """Models: ``lxmert`` (the unified transformer), ``layers`` (its blocks), ``heads``, ``masks`` (task input
-layouts), ``flops`` (analytic FLOP counts), ``inception`` (InceptionV3 for FID), ``scene_recognizer``
-(reads captioned-scenes images back into scene graphs)."""
+layouts), ``flops`` (analytic FLOP counts), ``inception`` (InceptionV3 for FID)."""
