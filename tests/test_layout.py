@@ -1,6 +1,6 @@
 """The layout's import rules, read from the source: the library never imports a world (except the feature
-tool's backbone table, which names the world's detector), and only the TFDS builder of a world imports
-TensorFlow."""
+tool's backbone table, which names the world's detector), decoders never import the training tasks, and only
+the TFDS builder of a world imports TensorFlow."""
 
 import ast
 import os
@@ -39,6 +39,12 @@ def test_the_library_does_not_import_worlds():
   offenders = {path: sorted(m for m in imports if m.startswith("bigen_jax.worlds"))
                for path, imports in _modules().items() if not path.startswith("worlds")}
   assert {p: m for p, m in offenders.items() if m and p not in allowed} == {}
+
+
+def test_sampling_does_not_import_tasks():
+  offenders = {path: sorted(m for m in imports if m.startswith("bigen_jax.tasks"))
+               for path, imports in _modules("sampling").items()}
+  assert {p: m for p, m in offenders.items() if m} == {}
 
 
 def test_only_the_world_builder_imports_tensorflow():

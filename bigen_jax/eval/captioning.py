@@ -18,8 +18,8 @@ from bigen_jax.data import records
 from bigen_jax.eval import caption_metrics
 from bigen_jax.eval import eval_set
 from bigen_jax.eval import sources
+from bigen_jax.models import apply
 from bigen_jax.sampling import captions as captions_lib
-from bigen_jax.tasks import common
 
 NAME = "captioning"
 
@@ -31,7 +31,7 @@ def decode_fn(ctx, cfg):
   visual_kind = config.tasks.i2t.visual_input
 
   def decode(params, batch):
-    kw = dict(model=ctx.model, visual=common.visual_input(batch, visual_kind, ctx.frozen), boxes=batch["boxes"],
+    kw = dict(model=ctx.model, visual=apply.visual_input(batch, visual_kind, ctx.frozen), boxes=batch["boxes"],
               max_len=config.model.max_len, tokens=tokens)
     if cfg.decoder == "greedy":
       return captions_lib.greedy_captions(params, **kw)

@@ -58,9 +58,9 @@ from bigen_jax.eval import fid
 from bigen_jax.eval import r_precision
 from bigen_jax.eval import sources
 from bigen_jax.models import inception
-from bigen_jax.models import masks
 from bigen_jax.sampling import image_tokens
 from bigen_jax.sampling import preview
+from bigen_jax.tasks import layouts
 
 NAME = "generation"
 DECODER_FIELDS = ("order", "num_steps", "temperature", "schedule", "choice_temperature", "guidance")
@@ -92,7 +92,7 @@ def decode_fn(ctx, settings):
   def decode(params, batch, rng):
     null = {}
     if settings["guidance"]:
-      null_ids, null_mask = masks.null_captions(batch["text_ids"], cls_id=tok.cls_id, sep_id=tok.sep_id,
+      null_ids, null_mask = layouts.null_captions(batch["text_ids"], cls_id=tok.cls_id, sep_id=tok.sep_id,
                                                 pad_id=tok.pad_id)
       null = {"null_text_ids": null_ids, "null_text_mask": null_mask}
     ids, _ = image_tokens.parallel_decode(

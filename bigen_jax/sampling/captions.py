@@ -12,7 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from bigen_jax.tasks import common
+from bigen_jax.models import apply
 
 Array = jax.Array
 
@@ -50,7 +50,7 @@ def next_word_log_probs(params: Any, ids: Array, l: Array, *, model, visual: dic
   def head(module, out):
     return module.predict_text(jax.lax.dynamic_index_in_dim(out.language, l, axis=1, keepdims=False))
 
-  logits = common.apply_model(model, params, task="i2t", rng=None, head=head, text_ids=inputs,
+  logits = apply.apply_model(model, params, task="i2t", rng=None, head=head, text_ids=inputs,
                               text_mask=key_mask, boxes=boxes, **visual).astype(jnp.float32)
   never = jnp.asarray((tokens.cls_id, tokens.mask_id, tokens.pad_id) + tuple(tokens.banned), jnp.int32)
   logits = logits.at[:, never].set(-jnp.inf)

@@ -5,7 +5,8 @@
 ``cfg`` is the task's config block (``config.tasks.<name>``, special token ids added by the trainer);
 ``frozen`` holds inputs that never receive gradients (the visual codebook, later the generator and CLIP).
 The trainer looks tasks up here by name; a new task (SCST, CLIP loss, pretraining objectives) is a new
-module plus one line below, and the training loop does not change.
+module plus one line below, and the training loop does not change. The tasks share their input layouts
+(``layouts``) and losses (``losses``); they call the model through ``bigen_jax.models.apply``.
 """
 
 from bigen_jax import errors

@@ -7,8 +7,9 @@ the [MASK] attend bidirectionally; cross-entropy with label smoothing (0.2 in th
 import jax
 import jax.numpy as jnp
 
-from bigen_jax.models import masks
-from bigen_jax.tasks import common
+from bigen_jax.models import apply
+from bigen_jax.tasks import layouts
+from bigen_jax.tasks import losses
 
 
 def loss_fn(params, batch, rng, *, model, cfg, frozen, deterministic=False):
@@ -17,18 +18,18 @@ def loss_fn(params, batch, rng, *, model, cfg, frozen, deterministic=False):
   cfg: mask_id, pad_id, label_smoothing, visual_input ("dense" in the paper). Returns (loss, metrics).
   """
   position_rng, dropout_rng = jax.random.split(rng)
-  positions = masks.sample_i2t_positions(position_rng, text_mask=batch["text_mask"])
-  layout = masks.i2t_inputs(text_ids=batch["text_ids"], positions=positions, mask_id=cfg.mask_id,
+  positions = layouts.sample_i2t_positions(position_rng, text_mask=batch["text_mask"])
+  layout = layouts.i2t_inputs(text_ids=batch["text_ids"], positions=positions, mask_id=cfg.mask_id,
                             pad_id=cfg.pad_id, text_mask=batch["text_mask"])
 
   def head(module, out):
     hidden = jnp.take_along_axis(out.language, positions[:, None, None], axis=1)[:, 0]
     return module.predict_text(hidden)
 
-  logits = common.apply_model(
+  logits = apply.apply_model(
       model, params, task="i2t", rng=None if deterministic else dropout_rng,
       head=head, text_ids=layout.text_ids,
       text_mask=layout.text_mask, boxes=batch["boxes"],
-      **common.visual_input(batch, cfg.visual_input, frozen))
-  return common.cross_entropy(logits, layout.targets, jnp.ones_like(layout.targets),
+      **apply.visual_input(batch, cfg.visual_input, frozen))
+  return losses.cross_entropy(logits, layout.targets, jnp.ones_like(layout.targets),
                               label_smoothing=cfg.label_smoothing)
