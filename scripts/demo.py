@@ -174,13 +174,13 @@ def demo_config(out, steps, detector=""):
 
 def train_stage1(out, steps, detector):
   """Trains configs/demo.py on the demo data (resumes from demo_out/train); returns (state, config)."""
-  from bigen_jax import train  # pylint: disable=g-import-not-at-top
+  from bigen_jax import experiment, metrics, train  # pylint: disable=g-import-not-at-top
   config = demo_config(out, steps, detector)
   workdir = os.path.join(out, "train")
   state = train.train_and_evaluate(config, workdir)
-  with open(os.path.join(workdir, train.HISTORY_NAME)) as f:
+  with open(os.path.join(workdir, metrics.HISTORY_NAME)) as f:
     rows = [json.loads(line) for line in f]
-  return state, train.resolve_config(config)[0], rows
+  return state, experiment.resolve_config(config)[0], rows
 
 
 def caption_sheet(state, config, tok, path, n=12):

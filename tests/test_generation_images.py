@@ -15,8 +15,8 @@ from PIL import Image
 import pytest
 
 from bigen_jax import errors
+from bigen_jax import experiment
 from bigen_jax import fileio
-from bigen_jax import train
 from bigen_jax.convert import io as convert_io
 from bigen_jax.data import images as images_lib
 from bigen_jax.data import records
@@ -95,7 +95,7 @@ def setup(tmp_path_factory):
   config.data.update(dict(records_dir=records_dir, vocab_dir=vocab_dir, tokenizer=vocab_txt))
   config.eval.generation.update(dict(batch_size=8, grid_images=2))
   workdir = os.path.join(root, "run")
-  ctx = train.build_context(config, workdir)
+  ctx = experiment.build_context(config, workdir)
   params = jax.device_get(nn.unbox(lxmert.init_params(ctx.model, ctx.config.model, jax.random.key(0))))
   weights = {}
   for variant, width in inception.NUM_CLASSES.items():  # only the classifier's width says the variant
@@ -129,7 +129,7 @@ def _evaluator(setup, **overrides):
   config, workdir, _, _ = setup
   config = config.copy_and_resolve_references()
   config.eval.generation.update(overrides)
-  ctx = train.build_context(config, workdir)
+  ctx = experiment.build_context(config, workdir)
   with jax.set_mesh(ctx.mesh), nn.logical_axis_rules(ctx.rules):
     return ctx, generation.Evaluator(ctx)
 
@@ -178,7 +178,7 @@ def test_scenes_records_load_the_recogniser_and_never_train_it(setup, tmp_path):
   manifest["source"] = {"name": "scenes", "config": "tiny"}
   fileio.write_json_atomic(os.path.join(config.data.records_dir, records.MANIFEST_NAME), manifest)
   config.eval.generation.recognizer_dir = directory = str(tmp_path / "recognizer")
-  ctx = train.build_context(config, workdir)
+  ctx = experiment.build_context(config, workdir)
   with jax.set_mesh(ctx.mesh), nn.logical_axis_rules(ctx.rules):
     with pytest.raises(errors.UserError, match=f"no scene recogniser in {directory}.*train_scene_recognizer"):
       generation.Evaluator(ctx)
