@@ -220,14 +220,13 @@ def caption_sheet(state, config, tok, path, n=12):
 
 
 def write_summary(out, summary):
-  from bigen_jax.data import records  # pylint: disable=g-import-not-at-top
-  records.write_json_atomic(os.path.join(out, "summary.json"), summary)
+  from bigen_jax import fileio  # pylint: disable=g-import-not-at-top
+  fileio.write_json_atomic(os.path.join(out, "summary.json"), summary)
   lines = ["| what | value |", "|---|---|"]
   for key, value in summary.items():
     lines.append(f"| {key} | {value} |")
   text = "\n".join(lines) + "\n"
-  with open(os.path.join(out, "summary.md"), "w") as f:
-    f.write(text)
+  fileio.write_atomic(os.path.join(out, "summary.md"), text)
   print(text)
 
 

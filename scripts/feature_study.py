@@ -37,6 +37,7 @@ _DECODERS = flags.DEFINE_list("decoders", ["preview", "scene"], "Token decoders 
 
 def main(argv):
   del argv
+  from bigen_jax import fileio  # pylint: disable=g-import-not-at-top
   from bigen_jax.data import records, tokenizer, vocab  # pylint: disable=g-import-not-at-top
   from bigen_jax.features import backbones, extract  # pylint: disable=g-import-not-at-top
   from bigen_jax.sampling import preview  # pylint: disable=g-import-not-at-top
@@ -103,7 +104,7 @@ def main(argv):
              "seconds": round(time.time() - t, 1)}
       rows.append(row)
       print(json.dumps(row), flush=True)
-  records.write_json_atomic(os.path.join(study, f"features_{name}.json"), rows)
+  fileio.write_json_atomic(os.path.join(study, f"features_{name}.json"), rows)
   keys = ["k", "decoder", "relative_error_train", f"relative_error_{_SPLIT.value}", "clusters_used",
           "reference_semantic_accuracy"]
   lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]

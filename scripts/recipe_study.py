@@ -94,8 +94,8 @@ def variant_config(name: str, out: str, steps: int):
 
 
 def write_table(path: str, rows: list[dict]) -> None:
-  from bigen_jax.data import records  # pylint: disable=g-import-not-at-top
-  records.write_json_atomic(path + ".json", rows)
+  from bigen_jax import fileio  # pylint: disable=g-import-not-at-top
+  fileio.write_json_atomic(path + ".json", rows)
   short = [k.replace("validation_loss/", "val ").replace("captioning/", "I2T ").replace("generation/", "T2I ")
            for k in KEYS]
   lines = ["| variant | what | steps | minutes | " + " | ".join(short) + " |", "|---" * (len(KEYS) + 4) + "|"]
@@ -132,8 +132,8 @@ def main(argv):
     results, step = evaluate.evaluate(config, workdir, evaluators=["validation_loss", "captioning", "generation"])
     row = {"variant": name, "what": VARIANTS[name][0], "steps": int(state.step), "minutes": (time.time() - t) / 60,
            **{k: float(v) for k, v in results.items()}}
-    from bigen_jax.data import records  # pylint: disable=g-import-not-at-top
-    records.write_json_atomic(done, row)
+    from bigen_jax import fileio  # pylint: disable=g-import-not-at-top
+    fileio.write_json_atomic(done, row)
     rows.append(row)
     write_table(table, rows)
   write_table(table, rows)

@@ -78,7 +78,7 @@ def _write_records(out_dir, rng):
     os.makedirs(out_dir, exist_ok=True)
     manifest["splits"][split] = {"num_examples": n, "shards": [records.write_shard(path, serialized)],
                                  "complete": True}
-  records.write_json_atomic(os.path.join(out_dir, records.MANIFEST_NAME), manifest)
+  fileio.write_json_atomic(os.path.join(out_dir, records.MANIFEST_NAME), manifest)
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
+from bigen_jax import fileio
 from bigen_jax.data import records
 
 # Top-level manifest fields that must agree between runs writing into the same directory.
@@ -113,7 +114,7 @@ class _Manifest:
     else:
       manifest = {**self.header, "splits": {}}
     manifest["splits"][split] = dict(entry)
-    records.write_json_atomic(self.path, manifest)
+    fileio.write_json_atomic(self.path, manifest)
 
 
 def _count(source: Iterable[Any], num_examples: int | None) -> int:

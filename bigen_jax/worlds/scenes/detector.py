@@ -33,6 +33,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from bigen_jax import fileio
 from bigen_jax.data import records
 from bigen_jax.features import backbones
 from bigen_jax.worlds.scenes import render
@@ -235,9 +236,8 @@ def train_detector(checkpoint: str | None = None, *, steps: int = 1000, seed: in
 
 def _save_atomic(obj: Any, path: str) -> None:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  torch.save(obj, tmp)
-  os.replace(tmp, path)
+  with fileio.open_atomic(path) as f:
+    torch.save(obj, f)
 
 
 def save_detector(path: str, net: SceneDetectorNet, report: Mapping[str, Any]) -> None:
@@ -251,11 +251,10 @@ def save_detector(path: str, net: SceneDetectorNet, report: Mapping[str, Any]) -
 def save_heads(path: str, net: SceneDetectorNet) -> None:
   """The heads on fc6 (weight [O, D], bias [O]), their names and widths and the targets' scales, as .npz."""
   names = [n for n, _ in CLASS_HEADS] + [n for n, _ in REGRESSION_HEADS]
-  tmp = f"{path}.tmp{os.getpid()}.npz"
-  np.savez(tmp, weight=net.heads.weight.detach().numpy(), bias=net.heads.bias.detach().numpy(),
-           names=np.array(names), widths=np.array(net.widths), cell=np.float32(CELL),
-           centre_range=np.float32(CENTRE_RANGE))
-  os.replace(tmp, path)
+  with fileio.open_atomic(path) as f:
+    np.savez(f, weight=net.heads.weight.detach().numpy(), bias=net.heads.bias.detach().numpy(),
+             names=np.array(names), widths=np.array(net.widths), cell=np.float32(CELL),
+             centre_range=np.float32(CENTRE_RANGE))
 
 
 def load_detector(path: str) -> tuple[SceneDetectorNet, dict[str, Any]]:

@@ -23,6 +23,8 @@ import numpy as np
 import optax
 
 from bigen_jax import errors
+from bigen_jax import fileio
+from bigen_jax.data import batching
 from bigen_jax.eval import fid
 from bigen_jax.worlds.scenes import grammar as G
 from bigen_jax.worlds.scenes import recognizer_model as R
@@ -103,14 +105,11 @@ def train_recognizer(*, steps: int = 600, seed: int = 0, batch_size: int = 32, l
 
 
 def save_recognizer(path: str, params: Any, report: Mapping[str, Any] | None = None) -> None:
-  """Writes params (and the report, as JSON) to one msgpack file, atomically (tmp file, then rename)."""
+  """Writes params (and the report, as JSON) to one msgpack file, atomically (``fileio.write_atomic``)."""
   blob = flax.serialization.msgpack_serialize(
       {"params": flax.serialization.to_state_dict(jax.device_get(params)), "report": json.dumps(report or {})})
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(blob)
-  os.replace(tmp, path)
+  fileio.write_atomic(path, blob)
 
 
 def load_recognizer(path: str) -> tuple[Any, dict[str, Any]]:
@@ -173,10 +172,9 @@ def predict(params: Any, images: np.ndarray, *, batch_size: int = 64) -> dict[st
   chunks = []
   for start in range(0, n, batch_size):
     chunk = images[start:start + batch_size]
-    pad = batch_size - len(chunk) if n > batch_size else 0  # fixed shapes: one compile for every batch
-    chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], np.uint8)]) if pad else chunk
-    out = jax.device_get(_predict_batch(params, chunk))
-    chunks.append({k: v[:len(v) - pad] for k, v in out.items()})
+    rows = batch_size if n > batch_size else n  # fixed shapes: one compile for every batch
+    out = jax.device_get(_predict_batch(params, batching.pad_rows(chunk, rows)))
+    chunks.append({k: v[:len(chunk)] for k, v in out.items()})
   return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
 
 
