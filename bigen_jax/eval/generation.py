@@ -29,12 +29,15 @@ in Inception (which resizes both to 299x299, bilinear, as pytorch-fid does) and 
 The world's numbers need records whose source has a plug-in with a reader (``sources``: captioned scenes of a
 named dataset, whose recogniser is loaded from ``recognizer_dir``, default ``<workdir>/scene_recognizer``, and
 never trained here: ``tools/train_scene_recognizer.py``); on other data only cell accuracy and FID (Inception)
-are reported. Config ``config.eval.generation``: the decoder (order, num_steps, temperature, schedule,
-choice_temperature, guidance: ``image_tokens.parallel_decode``), num_examples, batch_size, recognizer_dir,
-inception_weights, inception_transform_input, grid_images, and ``variants``: name -> overrides of the decoder
-fields, e.g. ``{"sampling": {"order": "maskgit", "temperature": 1.0, "choice_temperature": 4.5, "schedule":
-"cosine"}}``. Each variant is decoded from the same captions and reports the headline metrics
-(``VARIANT_METRICS``) under ``generation/<name>/...``, so one table compares argmax, sampling and guidance.
+are reported.
+
+Config ``config.eval.generation``: the decoder (order: an image-token decoder of ``sampling.registry``; its
+settings num_steps, temperature, schedule, choice_temperature, guidance: ``image_tokens.parallel_decode``),
+num_examples, batch_size, recognizer_dir, inception_weights, inception_transform_input, grid_images, and
+``variants``: name -> overrides of the decoder fields, e.g. ``{"sampling": {"order": "maskgit", "temperature":
+1.0, "choice_temperature": 4.5, "schedule": "cosine"}}``. Each variant is decoded from the same captions and
+reports the headline metrics (``VARIANT_METRICS``) under ``generation/<name>/...``, so one table compares argmax,
+sampling and guidance.
 Writes ``workdir/eval/generation_<step>.png`` (one generated column per decoder).
 
 Scale: ``batch_size`` is per device. Each process reads its share of the eval set and decodes, draws and reads
@@ -58,8 +61,8 @@ from bigen_jax.eval import fid
 from bigen_jax.eval import r_precision
 from bigen_jax.eval import sources
 from bigen_jax.models import inception
-from bigen_jax.sampling import image_tokens
 from bigen_jax.sampling import preview
+from bigen_jax.sampling import registry as decoders
 from bigen_jax.tasks import layouts
 
 NAME = "generation"
@@ -85,19 +88,19 @@ def decoder_settings(cfg) -> dict[str, dict]:
 
 def decode_fn(ctx, settings):
   """A jitted ``(params, batch, rng) -> cluster ids [B, M]`` with the decoder ``settings`` (a mapping of
-  ``DECODER_FIELDS``); with guidance the null captions are built from the tokenizer's ids."""
-  settings = {k: settings[k] for k in DECODER_FIELDS}
+  ``DECODER_FIELDS``: the order names an image-token decoder of ``sampling.registry``); with guidance the null
+  captions are built from the tokenizer's ids."""
+  decoder = decoders.image_decoder(settings["order"], settings, flag="--config.eval.generation.order")
   tok = ctx.tokenizer
 
   def decode(params, batch, rng):
     null = {}
     if settings["guidance"]:
       null_ids, null_mask = layouts.null_captions(batch["text_ids"], cls_id=tok.cls_id, sep_id=tok.sep_id,
-                                                pad_id=tok.pad_id)
+                                                  pad_id=tok.pad_id)
       null = {"null_text_ids": null_ids, "null_text_mask": null_mask}
-    ids, _ = image_tokens.parallel_decode(
-        params, rng, model=ctx.model, text_ids=batch["text_ids"], text_mask=batch["text_mask"],
-        boxes=batch["boxes"], codebook=ctx.frozen["codebook"], **settings, **null)
+    ids, _ = decoder(params, rng, model=ctx.model, text_ids=batch["text_ids"], text_mask=batch["text_mask"],
+                     boxes=batch["boxes"], codebook=ctx.frozen["codebook"], **null)
     return ids
 
   return jax.jit(decode, out_shardings=ctx.batch_sharding())
