@@ -116,10 +116,11 @@ class Evaluator:
     manifest = records.read_manifest(config.data.records_dir)
     self.plugin = sources.plugin(manifest.get("source", {}))
     self.table = preview.load_or_build_patch_table(ctx.vocab, config.data.records_dir)
-    self.drawer = None  # the world's token drawer, if its plug-in has one
+    self.drawer, self.reader = None, None  # the world's token drawer and reader of drawn images, if it has them
     if self.plugin is not None:
       layer = manifest.get("backbone_config", {}).get("layer", "fc6")
       self.drawer = self.plugin.token_drawer(self.cfg, codebook=ctx.vocab.codebook, layer=layer)
+      self.reader = self.plugin.image_reader(self.cfg, workdir=ctx.workdir)  # loaded (UserError if missing)
     self.image_size = int(self.draw(np.zeros((1, records.NUM_CELLS), np.int32)).shape[1])  # the drawings' side
     self.data = eval_set.load(config, split=split, num_examples=self.cfg.num_examples, image_size=self.image_size)
     self.captions = [refs[0] for refs in self.data["references"]]  # the caption each local image is drawn from
@@ -131,12 +132,10 @@ class Evaluator:
       key = _key(settings)
       if key not in self.decoders:
         self.decoders[key] = decode_fn(ctx, settings)
-    self.reader, self.negatives = None, None  # the world's reader of drawn images; hard negatives and contexts
-    if self.plugin is not None:
-      self.reader = self.plugin.image_reader(self.cfg, workdir=ctx.workdir)
-      if self.reader is not None:
-        index = eval_set.gather({"index": self.data["index"]}, self.data["counts"])["index"]
-        self.negatives = self.plugin.hard_negatives(split=split, indices=index)
+    self.negatives = None  # the world's hard negatives and their contexts, for R-precision
+    if self.reader is not None:
+      index = eval_set.gather({"index": self.data["index"]}, self.data["counts"])["index"]
+      self.negatives = self.plugin.hard_negatives(split=split, indices=index)
     self.inception, self.inception_metric = None, None
     if self.cfg.inception_weights:
       from bigen_jax.convert import io as convert_io  # pylint: disable=g-import-not-at-top
