@@ -38,7 +38,7 @@ def test_unknown_decoders_name_the_flag():
     registry.image_decoder("zigzag")
 
 
-def test_registered_caption_decoders_are_the_functions_they_name():
+def test_a_registered_caption_decoder_is_the_function_it_names():
   config = model_config.get_config("tiny")
   model = lxmert.build_model(config)
   params = nn.unbox(jax.jit(lambda: lxmert.init_params(model, config, jax.random.key(0)))())
@@ -47,7 +47,5 @@ def test_registered_caption_decoders_are_the_functions_they_name():
                 visual={"visual_feats": jnp.asarray(rng.normal(size=(2, config.num_cells, config.visual_feat_dim)),
                                                     jnp.float32)},
                 max_len=config.max_len, tokens=TOKENS)
-  greedy = registry.caption_decoder("greedy")(params, jax.random.key(1), **inputs)
-  np.testing.assert_array_equal(greedy, captions.greedy_captions(params, **inputs))
   beam = registry.caption_decoder("beam", {"beam_size": 2})(params, jax.random.key(1), **inputs)
   np.testing.assert_array_equal(beam, captions.beam_search_captions(params, beam_size=2, **inputs)[0][:, 0])
