@@ -33,7 +33,7 @@ def decode_fn(ctx, cfg):
 
   def decode(params, batch):
     kw = dict(model=ctx.model, visual=common.visual_input(batch, visual_kind, ctx.frozen), boxes=batch["boxes"],
-              max_len=config.model.max_len, tokens=tokens)
+              max_len=config.model.max_len, tokens=tokens, layout=config.tasks.i2t.get("layout", "mask"))
     if cfg.decoder == "greedy":
       return captions_lib.greedy_captions(params, **kw)
     if cfg.decoder == "beam":
