@@ -1,6 +1,6 @@
 """Checks of a training config that run before any compute; each error names the ``--config.`` flag.
 
-What the data decides (vocabulary sizes, feature dimension) is checked later by ``train.resolve_config``
+What the data decides (vocabulary sizes, feature dimension) is checked later by ``experiment.resolve_config``
 against the records; here: step counts, batch sizes against the devices, the mesh, task weights.
 """
 

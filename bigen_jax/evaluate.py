@@ -70,11 +70,11 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str, *, step: in
   A missing workdir, checkpoint or step raises ``UserError`` before anything is loaded or created.
   """
   from etils import epath  # pylint: disable=g-import-not-at-top
-  from bigen_jax import checkpoint, fileio, run_config, train  # pylint: disable=g-import-not-at-top
+  from bigen_jax import checkpoint, experiment, fileio, run_config, state  # pylint: disable=g-import-not-at-top
   from bigen_jax.eval import registry  # pylint: disable=g-import-not-at-top
   checkpoint_steps(workdir, step)
-  ctx = train.build_context(run_config.load(workdir) if config is None else config, workdir)
-  abstract_params, _ = train.param_layout(ctx)
+  ctx = experiment.build_context(run_config.load(workdir) if config is None else config, workdir)
+  abstract_params, _ = state.param_layout(ctx)
   ckpt = checkpoint.Checkpointer(fileio.join(workdir, "checkpoints"), save_every=1, async_save=False,
                                  create=False)
   try:

@@ -1,12 +1,15 @@
 """Paths that may be local or cloud URLs (``gs://bucket/run``): every file the training and evaluation path
 reads or writes goes through ``etils.epath`` (tf.io.gfile on gs:// when TensorFlow is installed, else fsspec).
 
-Local paths are made absolute (orbax needs absolute paths); a URL with a scheme stays as it is.
+Local paths are made absolute (orbax needs absolute paths); a URL with a scheme stays as it is. Every file the
+project writes goes through one atomic write (``atomic_path``, and ``open_atomic`` / ``write_atomic`` on it).
 """
 
+import contextlib
+import io
 import json
 import os
-from typing import Any
+from typing import IO, Any, Iterator
 
 from etils import epath
 
@@ -28,24 +31,48 @@ def join(path: str | os.PathLike, *parts: str) -> str:
   return os.fspath(epath.Path(path).joinpath(*parts))
 
 
-def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
-  """Writes ``data`` so that readers see the old file or the whole new one, never a part.
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+  """Yields the path to write ``path``'s new content to, for writers that take a path (``tf.io.TFRecordWriter``);
+  readers of ``path`` see the old file or the whole new one, never a part.
 
-  Local: a temporary file, fsync, rename. URL: one object write (object stores publish an object whole; a
-  rename there is a copy).
+  Local: a temporary file beside ``path`` (``<name>.tmp<pid>``), fsynced and renamed over it when the block ends;
+  removed if the block raises. URL: ``path`` itself (object stores publish an object whole when its writer closes;
+  a rename there is a copy).
   """
-  target = epath.Path(path)
-  mode = "wb" if isinstance(data, bytes) else "w"
   if is_url(path):
-    with target.open(mode) as f:
-      f.write(data)
+    yield os.fspath(path)
     return
-  tmp = target.with_name(target.name + ".tmp")
-  with open(tmp, mode) as f:
+  tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
+  try:
+    yield tmp
+    with open(tmp, "rb") as f:
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+@contextlib.contextmanager
+def open_atomic(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+  """A file object whose content replaces ``path`` atomically when the block ends (``atomic_path``), for writers
+  that take a file (``np.savez``, ``torch.save``, ``PIL.Image.save``). On a URL the content is written as one
+  object at the end, and not at all if the block raises."""
+  if not is_url(path):
+    with atomic_path(path) as tmp, open(tmp, mode) as f:
+      yield f
+    return
+  buffer = io.BytesIO() if "b" in mode else io.StringIO()
+  yield buffer
+  with epath.Path(path).open(mode) as f:
+    f.write(buffer.getvalue())
+
+
+def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
+  """Writes ``data`` so that readers see the old file or the whole new one, never a part (``open_atomic``)."""
+  with open_atomic(path, "wb" if isinstance(data, bytes) else "w") as f:
     f.write(data)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, target)
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:

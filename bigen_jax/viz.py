@@ -7,6 +7,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from bigen_jax import fileio
+
 
 def palette(k: int, seed: int = 0) -> np.ndarray:
   """A fixed random colour per cluster id, [k, 3] uint8 (bright enough to read ids on)."""
@@ -117,9 +119,8 @@ def side_by_side(sheets: Sequence[Image.Image], gap: int = 8) -> Image.Image:
 def save_png(image: Image.Image, path: str) -> str:
   """Writes atomically so an interrupted demo never leaves half a picture."""
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = path + ".tmp.png"
-  image.save(tmp)
-  os.replace(tmp, path)
+  with fileio.open_atomic(path) as f:
+    image.save(f, format="PNG")
   return path
 
 
@@ -141,8 +142,7 @@ def loss_curves(rows: Sequence[dict], path: str, *, keys: Sequence[str] | None =
     ax.legend(fontsize=8)
   fig.tight_layout()
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp, dpi=100)
+  with fileio.open_atomic(path) as f:
+    fig.savefig(f, format="png", dpi=100)
   plt.close(fig)
-  os.replace(tmp, path)
   return path

@@ -74,7 +74,10 @@ def get_config(model: str = "paper") -> ml_collections.ConfigDict:
       guidance=0.0, variants={}, num_examples=0, batch_size=64, recognizer_dir="", inception_weights="",
       inception_transform_input=True,
       r_precision_negatives=99, grid_images=8,
-      scene_decoder_heads=""))  # captioned scenes: draw tokens with sampling/scene_decoder.py (<detector>.heads.npz)
+      # captioned scenes (bigen_jax/worlds/scenes/plugin.py): recognizer_dir holds the scene recogniser
+      # (tools/train_scene_recognizer.py; default WORKDIR/scene_recognizer); scene_decoder_heads (<detector>.heads.npz)
+      # draws tokens with the scene decoder
+      scene_decoder_heads=""))
   # A jax.profiler trace of the num_steps steps after step start_step (>= 1: the first step compiles) into
   # WORKDIR/plugins/profile (TensorBoard's profile tab); num_steps 0: off.
   config.profile = ml_collections.ConfigDict(dict(start_step=10, num_steps=0))

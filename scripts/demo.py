@@ -88,35 +88,36 @@ class Timer:
 
 
 def render_world(data_dir, config):
-  from bigen_jax.data import scenes_tfds  # pylint: disable=g-import-not-at-top
-  b = scenes_tfds.builder(data_dir, config=config)
-  scenes_tfds.prepare(b)
+  from bigen_jax.worlds.scenes import tfds_builder  # pylint: disable=g-import-not-at-top
+  b = tfds_builder.builder(data_dir, config=config)
+  tfds_builder.prepare(b)
   return {s: b.info.splits[s].num_examples for s in SPLITS}
 
 
 def train_tokenizer(data_dir, config, out_dir, vocab_size):
-  from bigen_jax.data import scenes, tokenizer  # pylint: disable=g-import-not-at-top
+  from bigen_jax.data import tokenizer  # pylint: disable=g-import-not-at-top
+  from bigen_jax.worlds.scenes import tfds_builder  # pylint: disable=g-import-not-at-top
   path = os.path.join(out_dir, "vocab.txt")
   if not os.path.exists(path):
-    texts = [c for ex in scenes.source("train", data_dir=data_dir, config=config) for c in ex["captions"]]
+    texts = [c for ex in tfds_builder.source("train", data_dir=data_dir, config=config) for c in ex["captions"]]
     path = tokenizer.train_wordpiece(texts, vocab_size=vocab_size, out_dir=out_dir)
   return tokenizer.load_tokenizer(path), path
 
 
 def train_detector(out):
   """The scenes detector (trained once, cached and resumable in OUT/scenes_detector): (weights path, report)."""
-  from bigen_jax.features import scenes_detector  # pylint: disable=g-import-not-at-top
-  return scenes_detector.load_or_train(os.path.join(out, "scenes_detector"))
+  from bigen_jax.worlds.scenes import detector  # pylint: disable=g-import-not-at-top
+  return detector.load_or_train(os.path.join(out, "scenes_detector"))
 
 
 def extract_features(data_dir, config, records_dir, tok, vocab_path, sizes, weights):
-  from bigen_jax.data import scenes  # pylint: disable=g-import-not-at-top
   from bigen_jax.features import backbones, extract  # pylint: disable=g-import-not-at-top
+  from bigen_jax.worlds.scenes import tfds_builder  # pylint: disable=g-import-not-at-top
   backbone = backbones.build_backbone(_BACKBONE.value, weights=weights,
                                       **({"layer": _LAYER.value} if weights else {}))
   for split in SPLITS:
     extract.extract_split(
-        scenes.source(split, data_dir=data_dir, config=config), split=split, out_dir=records_dir,
+        tfds_builder.source(split, data_dir=data_dir, config=config), split=split, out_dir=records_dir,
         backbone=backbone, tokenizer=tok, num_examples=sizes[split], shard_size=500, batch_size=64,
         store_images=True, source_info={"name": "scenes", "config": config}, vocab_path=vocab_path)
   return backbone.feature_dim
@@ -164,7 +165,7 @@ def demo_config(out, steps, detector=""):
   config.data.tokenizer = os.path.join(out, "tokenizer", "vocab.txt")
   config.eval.generation.recognizer_dir = os.path.join(out, "scene_recognizer")
   if detector:
-    from bigen_jax.sampling import scene_decoder  # pylint: disable=g-import-not-at-top
+    from bigen_jax.worlds.scenes import scene_decoder  # pylint: disable=g-import-not-at-top
     config.eval.generation.scene_decoder_heads = detector + scene_decoder.HEADS_SUFFIX
   if steps:
     config.total_steps = steps
@@ -173,13 +174,13 @@ def demo_config(out, steps, detector=""):
 
 def train_stage1(out, steps, detector):
   """Trains configs/demo.py on the demo data (resumes from demo_out/train); returns (state, config)."""
-  from bigen_jax import train  # pylint: disable=g-import-not-at-top
+  from bigen_jax import experiment, metrics, train  # pylint: disable=g-import-not-at-top
   config = demo_config(out, steps, detector)
   workdir = os.path.join(out, "train")
   state = train.train_and_evaluate(config, workdir)
-  with open(os.path.join(workdir, train.HISTORY_NAME)) as f:
+  with open(os.path.join(workdir, metrics.HISTORY_NAME)) as f:
     rows = [json.loads(line) for line in f]
-  return state, train.resolve_config(config)[0], rows
+  return state, experiment.resolve_config(config)[0], rows
 
 
 def caption_sheet(state, config, tok, path, n=12):
@@ -191,10 +192,10 @@ def caption_sheet(state, config, tok, path, n=12):
   from bigen_jax.data import images as images_lib  # pylint: disable=g-import-not-at-top
   from bigen_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   from bigen_jax.data import records  # pylint: disable=g-import-not-at-top
-  from bigen_jax.data import scenes_grammar  # pylint: disable=g-import-not-at-top
-  from bigen_jax.data import scenes_tfds  # pylint: disable=g-import-not-at-top
+  from bigen_jax.eval import sources  # pylint: disable=g-import-not-at-top
   from bigen_jax.models import lxmert  # pylint: disable=g-import-not-at-top
   from bigen_jax.sampling import captions  # pylint: disable=g-import-not-at-top
+  from bigen_jax.worlds.scenes import grammar  # pylint: disable=g-import-not-at-top
   batch = next(input_pipeline.create_iterator(
       records_dir=config.data.records_dir, split="validation", global_batch_size=n, seed=0, train=False,
       with_images=True))
@@ -205,10 +206,10 @@ def caption_sheet(state, config, tok, path, n=12):
   ids = jax.device_get(decode(jax.device_get(state.params), batch["dense"].astype(np.float32), batch["boxes"]))
   generated = tok.decode(ids)
   references = [c[0].decode() for c in batch["captions"]]
-  source = records.read_manifest(config.data.records_dir).get("source", {})
-  graphs = scenes_tfds.scene_graphs(source, "validation", batch["index"])
+  plugin = sources.plugin(records.read_manifest(config.data.records_dir).get("source", {}))
+  graphs = plugin.scene_graphs("validation", batch["index"]) if plugin is not None else None
   truths = ([None] * n if graphs is None
-            else [scenes_grammar.check_caption(c, g) for c, g in zip(generated, graphs)])
+            else [grammar.check_caption(c, g) for c, g in zip(generated, graphs)])
   verdicts = {True: ("claim check: TRUE", (0, 140, 0)), False: ("claim check: FALSE", (200, 0, 0)),
               None: ("claim check: n/a (no scene graph)", (120, 120, 120))}
   images = [images_lib.decode_image(batch["image"][i]) for i in range(n)]
@@ -219,14 +220,13 @@ def caption_sheet(state, config, tok, path, n=12):
 
 
 def write_summary(out, summary):
-  from bigen_jax.data import records  # pylint: disable=g-import-not-at-top
-  records.write_json_atomic(os.path.join(out, "summary.json"), summary)
+  from bigen_jax import fileio  # pylint: disable=g-import-not-at-top
+  fileio.write_json_atomic(os.path.join(out, "summary.json"), summary)
   lines = ["| what | value |", "|---|---|"]
   for key, value in summary.items():
     lines.append(f"| {key} | {value} |")
   text = "\n".join(lines) + "\n"
-  with open(os.path.join(out, "summary.md"), "w") as f:
-    f.write(text)
+  fileio.write_atomic(os.path.join(out, "summary.md"), text)
   print(text)
 
 
@@ -291,8 +291,8 @@ def main(argv):
   for i, (generated, reference, true) in enumerate(pairs[:4]):
     summary[f"caption {i}: model || reference (true of the scene)"] = f"{generated} || {reference} ({true})"
   with timer.stage("9 recogniser"):
-    from bigen_jax.eval import scene_recognizer  # pylint: disable=g-import-not-at-top
-    _, report = scene_recognizer.load_or_train(os.path.join(out, "scene_recognizer"))
+    from bigen_jax.worlds.scenes import recognizer  # pylint: disable=g-import-not-at-top
+    _, report = recognizer.load_or_train(os.path.join(out, "scene_recognizer"))
   held = report["heldout"]
   summary["scene recogniser (held-out scenes): captions judged true, objects found"] = (
       f"{held['caption_accuracy']:.3f}, recall {held['recall']:.3f} precision {held['precision']:.3f}")

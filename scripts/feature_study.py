@@ -37,10 +37,15 @@ _DECODERS = flags.DEFINE_list("decoders", ["preview", "scene"], "Token decoders 
 
 def main(argv):
   del argv
-  from bigen_jax.data import records, scenes, scenes_tfds, tokenizer, vocab  # pylint: disable=g-import-not-at-top
-  from bigen_jax.eval import scene_recognizer  # pylint: disable=g-import-not-at-top
-  from bigen_jax.features import backbones, extract, scenes_detector  # pylint: disable=g-import-not-at-top
-  from bigen_jax.sampling import preview, scene_decoder  # pylint: disable=g-import-not-at-top
+  from bigen_jax import fileio  # pylint: disable=g-import-not-at-top
+  from bigen_jax.data import records, tokenizer, vocab  # pylint: disable=g-import-not-at-top
+  from bigen_jax.features import backbones, extract  # pylint: disable=g-import-not-at-top
+  from bigen_jax.sampling import preview  # pylint: disable=g-import-not-at-top
+  from bigen_jax.worlds.scenes import detector as scenes_detector  # pylint: disable=g-import-not-at-top
+  from bigen_jax.worlds.scenes import recognizer as scene_recognizer  # pylint: disable=g-import-not-at-top
+  from bigen_jax.worlds.scenes import scene_decoder  # pylint: disable=g-import-not-at-top
+  from bigen_jax.worlds.scenes import semantic as scene_semantic  # pylint: disable=g-import-not-at-top
+  from bigen_jax.worlds.scenes import tfds_builder as scenes_tfds  # pylint: disable=g-import-not-at-top
   out = os.path.abspath(_OUT.value)
   study = os.path.join(out, "study")
   name = _BACKBONE.value + (f"{_DETECTOR_STEPS.value}" if _DETECTOR_STEPS.value else "") + (
@@ -58,7 +63,7 @@ def main(argv):
   data_dir = os.path.join(out, "tfds")
   builder = scenes_tfds.builder(data_dir, config=_SCENES.value)
   for split in ("train", _SPLIT.value):
-    extract.extract_split(scenes.source(split, data_dir=data_dir, config=_SCENES.value), split=split,
+    extract.extract_split(scenes_tfds.source(split, data_dir=data_dir, config=_SCENES.value), split=split,
                           out_dir=records_dir, backbone=backbone, tokenizer=tok,
                           num_examples=builder.info.splits[split].num_examples, shard_size=500, batch_size=64,
                           store_images=True, source_info={"name": "scenes", "config": _SCENES.value},
@@ -89,7 +94,7 @@ def main(argv):
       else:
         continue
       probs = scene_recognizer.predict(recognizer, drawn)
-      semantic = scene_recognizer.semantic_accuracy(probs, first_captions)
+      semantic = scene_semantic.semantic_accuracy(probs, first_captions)
       row = {"backbone": _BACKBONE.value, "k": k, "decoder": decoder,
              "relative_error_train": meta["splits"]["train"]["relative_error"],
              f"relative_error_{_SPLIT.value}": meta["splits"][_SPLIT.value]["relative_error"],
@@ -99,7 +104,7 @@ def main(argv):
              "seconds": round(time.time() - t, 1)}
       rows.append(row)
       print(json.dumps(row), flush=True)
-  records.write_json_atomic(os.path.join(study, f"features_{name}.json"), rows)
+  fileio.write_json_atomic(os.path.join(study, f"features_{name}.json"), rows)
   keys = ["k", "decoder", "relative_error_train", f"relative_error_{_SPLIT.value}", "clusters_used",
           "reference_semantic_accuracy"]
   lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]

@@ -92,7 +92,7 @@ def variant_config(name: str, out: str, steps: int):
   config.data.tokenizer = os.path.join(out, "tokenizer", "vocab.txt")
   config.eval.generation.recognizer_dir = os.path.join(out, "scene_recognizer")
   detectors = sorted(glob.glob(os.path.join(out, "scenes_detector", "*.pt.heads.npz")))
-  if detectors:  # the demo's scenes detector draws generated tokens (sampling/scene_decoder.py)
+  if detectors:  # the demo's scenes detector draws generated tokens (worlds/scenes/scene_decoder.py)
     config.eval.generation.scene_decoder_heads = detectors[-1]
   config.eval.every = 0
   if steps:
@@ -107,8 +107,8 @@ def variant_config(name: str, out: str, steps: int):
 
 
 def write_table(path: str, rows: list[dict]) -> None:
-  from bigen_jax.data import records  # pylint: disable=g-import-not-at-top
-  records.write_json_atomic(path + ".json", rows)
+  from bigen_jax import fileio  # pylint: disable=g-import-not-at-top
+  fileio.write_json_atomic(path + ".json", rows)
   short = [k.replace("validation_loss/", "val ").replace("captioning/", "I2T ").replace("generation/", "T2I ")
            for k in KEYS]
   lines = ["| variant | what | steps | minutes | " + " | ".join(short) + " |", "|---" * (len(KEYS) + 4) + "|"]
@@ -145,8 +145,8 @@ def main(argv):
     results, step = evaluate.evaluate(config, workdir, evaluators=["validation_loss", "captioning", "generation"])
     row = {"variant": name, "what": VARIANTS[name][0], "steps": int(state.step), "minutes": (time.time() - t) / 60,
            **{k: float(v) for k, v in results.items()}}
-    from bigen_jax.data import records  # pylint: disable=g-import-not-at-top
-    records.write_json_atomic(done, row)
+    from bigen_jax import fileio  # pylint: disable=g-import-not-at-top
+    fileio.write_json_atomic(done, row)
     rows.append(row)
     write_table(table, rows)
   write_table(table, rows)

@@ -24,6 +24,7 @@ def write_records(out_dir, *, splits=None, dim=8, shard_size=10, max_len=6, max_
   """
   import io
   from PIL import Image
+  from bigen_jax import fileio
   from bigen_jax.data import records
   splits = splits or {"train": 37, "validation": 13}
   rng = np.random.default_rng(seed)
@@ -56,7 +57,7 @@ def write_records(out_dir, *, splits=None, dim=8, shard_size=10, max_len=6, max_
       os.makedirs(out_dir, exist_ok=True)
       shards.append(records.write_shard(path, serialized))
     manifest["splits"][split] = {"num_examples": n, "shards": shards, "complete": True}
-  records.write_json_atomic(os.path.join(out_dir, records.MANIFEST_NAME), manifest)
+  fileio.write_json_atomic(os.path.join(out_dir, records.MANIFEST_NAME), manifest)
   return manifest
 
 

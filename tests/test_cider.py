@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from pycocoevalcap.cider.cider import Cider
 
-from bigen_jax.data import scenes
+from bigen_jax.worlds.scenes import world as scenes
 from bigen_jax.eval import cider
 
 ENGLISH = {

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from bigen_jax.data import scenes
+from bigen_jax.worlds.scenes import world as scenes
 from bigen_jax.eval import clip_score
 from bigen_jax.eval import r_precision
 

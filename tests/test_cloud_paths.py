@@ -27,6 +27,7 @@ import tensorflow as tf
 from bigen_jax import checkpoint
 from bigen_jax import evaluate
 from bigen_jax import fileio
+from bigen_jax import metrics as metrics_lib
 from bigen_jax import train
 from bigen_jax.data import records
 from bigen_jax.data import tokenizer
@@ -134,7 +135,7 @@ def test_train_resume_evaluate_with_a_gs_workdir(fake_gcs, tmp_path):
   state = train.train_and_evaluate(config, workdir)  # resumes from gs://bucket/run/checkpoints/2
   assert int(state.step) == 4
   assert sorted(os.listdir(local_run / "checkpoints")) == ["4"]  # keep=1: step 2 deleted in the bucket
-  history = [json.loads(line) for line in (local_run / train.HISTORY_NAME).read_text().splitlines()]
+  history = [json.loads(line) for line in (local_run / metrics_lib.HISTORY_NAME).read_text().splitlines()]
   assert [row["step"] for row in history] == [1, 2, 3, 4]
   assert (local_run / "config.json").exists()
   assert any(name.startswith("events.out.tfevents") for name in os.listdir(local_run))

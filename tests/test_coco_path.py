@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 
 from bigen_jax import evaluate
+from bigen_jax import experiment
+from bigen_jax import metrics as metrics_lib
 from bigen_jax import train
 from bigen_jax.convert import io as convert_io
 from bigen_jax.data import vocab
@@ -54,7 +56,7 @@ def _config(data, variant):
 
 def _trained_tasks(workdir):
   """{step: the task trained at that step} from the run's history."""
-  with open(os.path.join(workdir, train.HISTORY_NAME)) as f:
+  with open(os.path.join(workdir, metrics_lib.HISTORY_NAME)) as f:
     rows = [json.loads(line) for line in f]
   out = {}
   for row in rows:
@@ -100,7 +102,7 @@ def test_coco_config_from_converted_params(tmp_path, data):
   """``init_from`` holds unscanned params (``layers_<i>``, as tools/convert_lxmert.py writes them with
   --config.scan_layers=False): the trainer stacks them in layer order for the scanned model, sharded over fsdp."""
   config = _config(data, "paper")
-  flat = train.resolve_config(config)[0].model
+  flat = experiment.resolve_config(config)[0].model
   flat.scan_layers = False
   rng = np.random.default_rng(7)  # random values of the converted shapes (compiling ``init`` costs seconds)
   converted = jax.tree.map(lambda x: rng.normal(0, 0.2, x.shape).astype(np.float32),

@@ -18,7 +18,9 @@ import tensorflow as tf
 from bigen_jax import checkpoint
 from bigen_jax import errors
 from bigen_jax import evaluate
+from bigen_jax import experiment
 from bigen_jax import run_config
+from bigen_jax import state as state_lib
 from bigen_jax import train
 from bigen_jax.convert import io as convert_io
 from bigen_jax.data import tokenizer
@@ -109,7 +111,7 @@ def test_resume_with_a_changed_config_stops_unless_allowed(tmp_path, config):
 def test_evaluate_reads_the_saved_config_and_restores_only_params(tmp_path, config):
   """The run starts from ``init_from``; evaluation works after that file is gone, with an optimiser config whose
   state would not fit the checkpoint's (only the params are restored), from the saved config."""
-  resolved = train.resolve_config(config)[0]
+  resolved = experiment.resolve_config(config)[0]
   model = lxmert.build_model(resolved.model)
   params = jax.device_get(jax.jit(lambda: nn.unbox(lxmert.init_params(model, resolved.model, jax.random.key(3))))())
   init_from = str(tmp_path / "init.npz")
@@ -126,10 +128,10 @@ def test_evaluate_reads_the_saved_config_and_restores_only_params(tmp_path, conf
   no_clipping.optimizer.clip_norm = 0.0  # the optimiser state loses its clipping entry
   assert evaluate.evaluate(no_clipping, workdir) == (results, 4)
 
-  ctx = train.build_context(run, workdir)
+  ctx = experiment.build_context(run, workdir)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1, create=False)
   try:
-    restored, step = ckpt.restore_params(train.param_layout(ctx)[0])
+    restored, step = ckpt.restore_params(state_lib.param_layout(ctx)[0])
   finally:
     ckpt.close()
   assert step == 4

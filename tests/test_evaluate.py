@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 
 from bigen_jax import evaluate
+from bigen_jax import experiment
+from bigen_jax import metrics as metrics_lib
 from bigen_jax import train
 from bigen_jax.data import tokenizer
 from bigen_jax.data import vocab
@@ -50,7 +52,7 @@ def run(tmp_path_factory):
 
 def test_evaluate_writes_results_and_matches_plain_decoding(run):
   config, workdir, params = run
-  with open(os.path.join(workdir, train.HISTORY_NAME)) as f:
+  with open(os.path.join(workdir, metrics_lib.HISTORY_NAME)) as f:
     logged = [json.loads(line) for line in f]
   assert any("captioning/CIDEr-D" in r and "generation/cell_accuracy" in r for r in logged)  # the trainer ran them
   results, step = evaluate.evaluate(config, workdir, evaluators=["captioning", "generation"])
@@ -64,7 +66,7 @@ def test_evaluate_writes_results_and_matches_plain_decoding(run):
   assert os.path.exists(os.path.join(workdir, "eval", "results_2.md"))
   assert os.path.exists(os.path.join(workdir, "eval", "generation_2.png"))
 
-  ctx = train.build_context(config, workdir)
+  ctx = experiment.build_context(config, workdir)
   data = eval_set.load(ctx.config, split="validation")
   assert len(data["index"]) == 13  # not a multiple of the batch: the last batch is padded
   tok = ctx.tokenizer
@@ -88,7 +90,7 @@ def test_evaluators_shard_over_eight_devices(run):
   for devices in (1, 8):
     config = base.copy_and_resolve_references()
     config.mesh.num_devices = devices
-    ctx = train.build_context(config, workdir)
+    ctx = experiment.build_context(config, workdir)
     with jax.set_mesh(ctx.mesh), nn.logical_axis_rules(ctx.rules):
       cap = captioning.Evaluator(ctx)
       gen = generation.Evaluator(ctx)

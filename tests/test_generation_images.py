@@ -1,10 +1,12 @@
 """The generation evaluator on stored images of any size and aspect ratio (COCO-like): one preprocessing
 (``eval_set.square_image``: the whole image, bicubic, to the drawings' square), FID under the name of the
 Inception variant its weights are (``fid`` / ``fid_torchvision``), with ``inception_transform_input`` for
-torchvision's weights only."""
+torchvision's weights only; records of the captioned-scenes world read through its plug-in, whose recogniser
+is loaded, never trained."""
 
 import io
 import os
+import shutil
 
 import flax.linen as nn
 import jax
@@ -12,7 +14,9 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from bigen_jax import train
+from bigen_jax import errors
+from bigen_jax import experiment
+from bigen_jax import fileio
 from bigen_jax.convert import io as convert_io
 from bigen_jax.data import images as images_lib
 from bigen_jax.data import records
@@ -23,6 +27,7 @@ from bigen_jax.eval import fid
 from bigen_jax.eval import generation
 from bigen_jax.models import inception
 from bigen_jax.models import lxmert
+from bigen_jax.worlds.scenes import recognizer
 from configs import demo
 
 SPLITS = {"train": 16, "validation": 6}
@@ -73,7 +78,7 @@ def _write_records(out_dir, rng):
     os.makedirs(out_dir, exist_ok=True)
     manifest["splits"][split] = {"num_examples": n, "shards": [records.write_shard(path, serialized)],
                                  "complete": True}
-  records.write_json_atomic(os.path.join(out_dir, records.MANIFEST_NAME), manifest)
+  fileio.write_json_atomic(os.path.join(out_dir, records.MANIFEST_NAME), manifest)
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +95,7 @@ def setup(tmp_path_factory):
   config.data.update(dict(records_dir=records_dir, vocab_dir=vocab_dir, tokenizer=vocab_txt))
   config.eval.generation.update(dict(batch_size=8, grid_images=2))
   workdir = os.path.join(root, "run")
-  ctx = train.build_context(config, workdir)
+  ctx = experiment.build_context(config, workdir)
   params = jax.device_get(nn.unbox(lxmert.init_params(ctx.model, ctx.config.model, jax.random.key(0))))
   weights = {}
   for variant, width in inception.NUM_CLASSES.items():  # only the classifier's width says the variant
@@ -124,7 +129,7 @@ def _evaluator(setup, **overrides):
   config, workdir, _, _ = setup
   config = config.copy_and_resolve_references()
   config.eval.generation.update(overrides)
-  ctx = train.build_context(config, workdir)
+  ctx = experiment.build_context(config, workdir)
   with jax.set_mesh(ctx.mesh), nn.logical_axis_rules(ctx.rules):
     return ctx, generation.Evaluator(ctx)
 
@@ -158,3 +163,28 @@ def test_torchvision_weights_report_fid_torchvision(setup, inception_calls, tran
   _, gen = _evaluator(setup, inception_weights=weights["torchvision"], inception_transform_input=transform_input)
   assert [c[:2] for c in inception_calls] == [("torchvision", transform_input)]
   assert set(gen.reference) == {"fid_torchvision"} and np.isfinite(gen.reference["fid_torchvision"])
+
+
+@pytest.mark.filterwarnings("ignore:Matrix is singular")
+def test_scenes_records_load_the_recogniser_and_never_train_it(setup, tmp_path):
+  """Records whose manifest names the captioned-scenes world get its plug-in (``eval.sources``): a missing
+  recogniser is a UserError naming its directory and the command that trains it, and nothing is trained or
+  written; a saved one reads the drawings (``fid_recognizer``, ``semantic/...``)."""
+  config, workdir, params, _ = setup
+  config = config.copy_and_resolve_references()
+  config.data.records_dir = str(tmp_path / "records")
+  shutil.copytree(setup[0].data.records_dir, config.data.records_dir)
+  manifest = records.read_manifest(config.data.records_dir)
+  manifest["source"] = {"name": "scenes", "config": "tiny"}
+  fileio.write_json_atomic(os.path.join(config.data.records_dir, records.MANIFEST_NAME), manifest)
+  config.eval.generation.recognizer_dir = directory = str(tmp_path / "recognizer")
+  ctx = experiment.build_context(config, workdir)
+  with jax.set_mesh(ctx.mesh), nn.logical_axis_rules(ctx.rules):
+    with pytest.raises(errors.UserError, match=f"no scene recogniser in {directory}.*train_scene_recognizer"):
+      generation.Evaluator(ctx)
+    assert not os.path.exists(directory)
+    recognizer.save_recognizer(recognizer.recognizer_path(directory), recognizer.init_params(0))
+    results = generation.Evaluator(ctx).run(params, step=0)
+  for key in ("generation/fid_recognizer", "generation/reference/fid_recognizer"):
+    assert np.isfinite(results[key]), key
+  assert results["generation/semantic/accuracy"] == 0.0  # the fixture's captions are not scene captions

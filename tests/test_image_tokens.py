@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from bigen_jax.models import lxmert
-from bigen_jax.models import masks
+from bigen_jax.tasks import layouts
 from bigen_jax.sampling import image_tokens
 from configs import model as model_config
 
@@ -159,7 +159,7 @@ def sharp(setup):
 
 
 def _null(inputs):
-  ids, mask = masks.null_captions(inputs["text_ids"], cls_id=2, sep_id=3, pad_id=0)
+  ids, mask = layouts.null_captions(inputs["text_ids"], cls_id=2, sep_id=3, pad_id=0)
   return {"null_text_ids": ids, "null_text_mask": mask}
 
 

@@ -7,6 +7,7 @@ import threading
 import numpy as np
 import pytest
 
+from bigen_jax import fileio
 from bigen_jax.data import input_pipeline
 from bigen_jax.data import records
 from bigen_jax.data import vocab
@@ -178,7 +179,7 @@ def test_a_stream_that_runs_dry_raises(records_dir, sharding):
     manifest = json.load(f)
   manifest["splits"]["train"]["shards"][1]["num_examples"] += 8
   manifest["splits"]["train"]["num_examples"] += 8
-  records.write_json_atomic(path, manifest)
+  fileio.write_json_atomic(path, manifest)
   kw = dict(process_count=2, global_batch_size=8, sharding=sharding)
   with pytest.raises(records.DataError, match="ran dry at batch .* of epoch 0"):
     _take(_it(records_dir, process_index=1, **kw), 5)

@@ -18,7 +18,7 @@ from bigen_jax import parallel
 from bigen_jax.models import flops
 from bigen_jax.models import heads
 from bigen_jax.models import lxmert
-from bigen_jax.models import masks
+from bigen_jax.tasks import layouts
 from configs import base
 
 ONE_LAYER = dict(num_language_layers=1, num_vision_layers=1, num_cross_layers=1)
@@ -225,7 +225,7 @@ def test_i2t_layout_hides_later_words(one_layer):
   config, model, params, _ = one_layer
   inputs = _inputs(config)
   l = np.array([3, 4])
-  layout = masks.i2t_inputs(text_ids=inputs["text_ids"], positions=l, mask_id=4, pad_id=0,
+  layout = layouts.i2t_inputs(text_ids=inputs["text_ids"], positions=l, mask_id=4, pad_id=0,
                             text_mask=inputs["text_mask"])
   run = jit(lambda ids, text_mask, attention: model.apply(
       {"params": params}, **dict(inputs, text_ids=ids, text_mask=text_mask), text_attention=attention))

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from bigen_jax.models import lxmert
-from bigen_jax.models import masks
 from bigen_jax.sampling import captions
-from bigen_jax.tasks import common
+from bigen_jax.tasks import layouts
+from bigen_jax.tasks import losses as task_losses
 from configs import model as model_config
 
 CLS, SEP, MASK, PAD = 2, 3, 4, 0
@@ -203,7 +203,7 @@ def test_causal_layout_trains_what_decoding_reads():
   for b, n in enumerate((length, 6, 3)):  # one caption fills the whole length
     ids[b, :n] = [CLS] + list(rng.integers(5, 30, size=n - 2)) + [SEP]
   text_mask = (ids != PAD).astype(np.int32)
-  layout = masks.i2t_causal_inputs(text_ids=ids, text_mask=text_mask, pad_id=PAD)
+  layout = layouts.i2t_causal_inputs(text_ids=ids, text_mask=text_mask, pad_id=PAD)
   out = model.apply({"params": params}, jnp.asarray(ids), jnp.asarray(text_mask), boxes=boxes, visual_feats=feats,
                     text_attention=layout.text_attention, vision_text_mask=layout.vision_text_mask,
                     text_logits=True)
@@ -221,5 +221,5 @@ def test_causal_layout_trains_what_decoding_reads():
         np.testing.assert_allclose(np.asarray(step[0])[words], expected[words], atol=2e-5)
       losses.append(-one_pass[b, l - 1, ids[b, l]])
   assert layout.weights.sum() == len(losses)
-  loss, _ = common.cross_entropy(out.text_logits, layout.targets, layout.weights, label_smoothing=0.0)
+  loss, _ = task_losses.cross_entropy(out.text_logits, layout.targets, layout.weights, label_smoothing=0.0)
   np.testing.assert_allclose(float(loss), np.mean(losses), rtol=1e-5)

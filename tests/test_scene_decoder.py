@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from bigen_jax.data import scenes
-from bigen_jax.features import scenes_detector as D
-from bigen_jax.sampling import scene_decoder as SD
+from bigen_jax.worlds.scenes import detector as D
+from bigen_jax.worlds.scenes import scene_decoder as SD
+from bigen_jax.worlds.scenes import world as scenes
 
 HEADS = {"names": np.array([n for n, _ in D.CLASS_HEADS + D.REGRESSION_HEADS]),
          "widths": np.array([w for _, w in D.CLASS_HEADS + D.REGRESSION_HEADS]),

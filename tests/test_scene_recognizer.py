@@ -1,6 +1,7 @@
 """Scene recogniser: targets decode back to the scene, caption accuracy on true and false captions, exact
 scores when the reading is the true scene, a short training run that reads held-out scenes well above chance,
-save/load; the slow test trains the default recogniser and checks its held-out accuracy."""
+save/load (evaluators load, never train); the slow test trains the default recogniser and checks its held-out
+accuracy."""
 
 import json
 
@@ -8,9 +9,11 @@ import jax
 import numpy as np
 import pytest
 
-from bigen_jax.data import scenes
-from bigen_jax.eval import scene_recognizer as S
-from bigen_jax.models import scene_recognizer as R
+from bigen_jax import errors
+from bigen_jax.worlds.scenes import recognizer as S
+from bigen_jax.worlds.scenes import recognizer_model as R
+from bigen_jax.worlds.scenes import semantic as M
+from bigen_jax.worlds.scenes import world as scenes
 
 N_SCENES = 24
 
@@ -49,20 +52,20 @@ def test_local_maxima_keeps_one_cell_of_a_plateau():
 def test_caption_accuracy_on_true_captions_and_hard_negatives(examples):
   caps = [c for e in examples for c in e["captions"]]
   graphs = [e["scene_graph"] for e in examples for _ in e["captions"]]
-  out = S.caption_semantic_accuracy(caps, graphs)
+  out = M.caption_semantic_accuracy(caps, graphs)
   assert out["parseable"] == 1.0 and out["accuracy"] == 1.0
-  for kind in S.CLAIM_TYPES:
+  for kind in M.CLAIM_TYPES:
     assert out[f"num_{kind}_claims"] > 0 and out[f"{kind}_precision"] == 1.0, kind
   negs = [h["negative"] for e in examples for h in e["hard_negatives"]]
   neg_graphs = [e["scene_graph"] for e in examples for _ in e["hard_negatives"]]
-  out = S.caption_semantic_accuracy(negs, neg_graphs)
+  out = M.caption_semantic_accuracy(negs, neg_graphs)
   assert out["parseable"] == 1.0 and out["accuracy"] == 0.0
-  out = S.caption_semantic_accuracy(["not a caption", caps[0]], graphs[:2])
+  out = M.caption_semantic_accuracy(["not a caption", caps[0]], graphs[:2])
   assert out["parseable"] == 0.5 and out["accuracy"] == 0.5
 
 
 def test_claim_parts_split_by_type():
-  parts = S.claim_parts(scenes.parse_caption("two red circles and a blue star above a small box on a dotted "
+  parts = M.claim_parts(scenes.parse_caption("two red circles and a blue star above a small box on a dotted "
                                              "background"))
   kinds = [k for k, _ in parts]
   assert kinds.count("objects") == 2 and kinds.count("counts") == 1 and kinds.count("relations") == 1
@@ -76,13 +79,13 @@ def test_known_answer_scores_with_the_true_scene_as_the_reading(examples):
   graphs = [json.loads(e["scene_graph"]) for e in examples]
   oracle = R.target_probabilities(S.stack_targets(graphs))
   caps = [e["captions"][0] for e in examples]
-  out = S.semantic_accuracy(oracle, caps)
+  out = M.semantic_accuracy(oracle, caps)
   assert out["num_images"] == N_SCENES and out["accuracy"] == 1.0
-  assert all(out[f"{kind}_accuracy"] == 1.0 for kind in S.CLAIM_TYPES if out[f"num_{kind}_claims"]), out
+  assert all(out[f"{kind}_accuracy"] == 1.0 for kind in M.CLAIM_TYPES if out[f"num_{kind}_claims"]), out
   negatives = [e["hard_negatives"][0]["negative"] for e in examples]
-  assert S.semantic_accuracy(oracle, negatives)["accuracy"] == 0.0
-  np.testing.assert_array_equal(S.caption_scores(oracle, caps), np.ones(N_SCENES, np.float32))
-  assert (S.caption_scores(oracle, negatives) < 1.0).all()
+  assert M.semantic_accuracy(oracle, negatives)["accuracy"] == 0.0
+  np.testing.assert_array_equal(M.caption_scores(oracle, caps), np.ones(N_SCENES, np.float32))
+  assert (M.caption_scores(oracle, negatives) < 1.0).all()
 
 
 @pytest.fixture(scope="module")
@@ -104,13 +107,18 @@ def test_save_load_round_trip_and_scoring_api(short_run, tmp_path, examples):
   S.save_recognizer(path, params, report)
   loaded, loaded_report = S.load_recognizer(path)
   assert loaded_report["steps"] == report["steps"]
+  directory = str(tmp_path / "evaluator")
+  with pytest.raises(errors.UserError, match=f"no scene recogniser in {directory}.*train_scene_recognizer.py"):
+    S.load(directory)  # evaluators only load: nothing is trained, nothing written
+  S.save_recognizer(S.recognizer_path(directory), params, report)
+  assert S.load(directory)[1]["steps"] == report["steps"]
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   images = np.stack([e["image"] for e in examples[:3]])
   caps = [e["captions"][0] for e in examples[:3]]
   graphs = S.recognize(loaded, images)
   assert len(graphs) == 3 and all("objects" in g and "relation_margin" in g for g in graphs)
-  score = S.caption_image_score(loaded, images, caps[:2] + ["not a caption"])
+  score = M.caption_image_score(loaded, images, caps[:2] + ["not a caption"])
   assert score.shape == (3,) and ((score >= 0) & (score <= 1)).all() and score[2] == 0.0
 
 
@@ -125,9 +133,9 @@ def test_short_training_reads_held_out_scenes_well_above_chance(short_run, examp
   images = np.stack([e["image"] for e in examples])
   own = [e["captions"][0] for e in examples]
   other = own[1:] + own[:1]
-  assert S.image_semantic_accuracy(params, images, own)["colours_accuracy"] >= 0.8
-  assert S.image_semantic_accuracy(params, images, other)["colours_accuracy"] <= 0.4
-  wins = S.caption_image_score(params, images, own) > S.caption_image_score(params, images, other)
+  assert M.image_semantic_accuracy(params, images, own)["colours_accuracy"] >= 0.8
+  assert M.image_semantic_accuracy(params, images, other)["colours_accuracy"] <= 0.4
+  wins = M.caption_image_score(params, images, own) > M.caption_image_score(params, images, other)
   assert wins.mean() >= 0.7
 
 
@@ -139,6 +147,6 @@ def test_default_training_reaches_high_heldout_accuracy(tmp_path):
   assert heldout["recall"] >= 0.95 and heldout["precision"] >= 0.95, heldout
   images = np.stack([scenes.make_example(i, split="test")["image"] for i in range(16)])
   caps = [scenes.make_example(i, split="test")["captions"][0] for i in range(16)]
-  assert S.image_semantic_accuracy(params, images, caps)["accuracy"] >= 0.8
-  mismatched = S.caption_image_score(params, images, caps[1:] + caps[:1])
-  assert S.caption_image_score(params, images, caps).mean() > mismatched.mean()
+  assert M.image_semantic_accuracy(params, images, caps)["accuracy"] >= 0.8
+  mismatched = M.caption_image_score(params, images, caps[1:] + caps[:1])
+  assert M.caption_image_score(params, images, caps).mean() > mismatched.mean()

@@ -7,10 +7,10 @@ import re
 import numpy as np
 import pytest
 
-from bigen_jax.data import scenes
-from bigen_jax.data import scenes_vocab as V
-from bigen_jax.data.scenes_grammar import parse_caption, word_swaps
-from bigen_jax.data.scenes_render import COLOUR_RGB
+from bigen_jax.worlds.scenes import lexicon as V
+from bigen_jax.worlds.scenes import world as scenes
+from bigen_jax.worlds.scenes.grammar import parse_caption, word_swaps
+from bigen_jax.worlds.scenes.render import COLOUR_RGB
 
 N_SCENES = 48
 
@@ -218,9 +218,10 @@ def tiny_dir(tmp_path_factory):
 
 
 def test_tfds_tiny_source(tiny_dir):
+  from bigen_jax.worlds.scenes import tfds_builder  # pylint: disable=g-import-not-at-top
   sizes = {"train": 64, "validation": 16, "test": 16}
   for split, n in sizes.items():
-    rows = list(scenes.source(split, data_dir=tiny_dir, config="tiny"))
+    rows = list(tfds_builder.source(split, data_dir=tiny_dir, config="tiny"))
     assert len(rows) == n
     assert [r["key"] for r in rows] == [f"scenes/{split}/{i:06d}" for i in range(n)]
     assert len({r["image_id"] for r in rows}) == n
@@ -235,15 +236,15 @@ def test_tfds_tiny_source(tiny_dir):
 
 
 def test_tfds_custom_config_and_reimport(tiny_dir):
-  from bigen_jax.data import scenes_tfds
-  importlib.reload(scenes_tfds)  # no global registration to collide with
-  b = scenes_tfds.builder(tiny_dir, "tiny", num_train=3, num_validation=2, num_test=1, seed=5)
+  from bigen_jax.worlds.scenes import tfds_builder  # pylint: disable=g-import-not-at-top
+  importlib.reload(tfds_builder)  # no global registration to collide with
+  b = tfds_builder.builder(tiny_dir, "tiny", num_train=3, num_validation=2, num_test=1, seed=5)
   assert b.builder_config.name == "tiny-num_test1-num_train3-num_validation2-seed5"
-  rows = list(scenes.source("train", data_dir=tiny_dir, config="tiny", num_train=3, num_validation=2,
-                            num_test=1, seed=5))
+  rows = list(tfds_builder.source("train", data_dir=tiny_dir, config="tiny", num_train=3, num_validation=2,
+                                  num_test=1, seed=5))
   assert len(rows) == 3
   assert rows[0]["captions"] == scenes.make_example(0, scenes.SceneConfig(image_size=64, seed=5))["captions"]
   with pytest.raises(ValueError):
-    scenes_tfds.builder(tiny_dir, "nope")
+    tfds_builder.builder(tiny_dir, "nope")
   with pytest.raises(ValueError):
-    scenes_tfds.builder(tiny_dir, "tiny", colour_count=3)
+    tfds_builder.builder(tiny_dir, "tiny", colour_count=3)

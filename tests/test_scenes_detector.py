@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from bigen_jax.data import scenes
 from bigen_jax.features import backbones
-from bigen_jax.features import scenes_detector as D
+from bigen_jax.worlds.scenes import detector as D
+from bigen_jax.worlds.scenes import world as scenes
 
 TINY = dict(steps=4, batch_size=4, num_train_scenes=8, width=8, feature_dim=16, eval_scenes=0,
             checkpoint_every=2, log_every=1)

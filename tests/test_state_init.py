@@ -1,4 +1,4 @@
-"""``train.create_state``: the params of ``init_from`` and the codebook reach the init program as arguments,
+"""``state.create_state``: the params of ``init_from`` and the codebook reach the init program as arguments,
 never as constants compiled into it (0.9 GB of them for the paper model); the state they give is the same."""
 
 import os
@@ -8,8 +8,9 @@ import jax
 import numpy as np
 import pytest
 
+from bigen_jax import experiment
 from bigen_jax import optim
-from bigen_jax import train
+from bigen_jax import state as state_lib
 from bigen_jax.convert import io as convert_io
 from bigen_jax.data import tokenizer
 from bigen_jax.data import vocab
@@ -50,9 +51,9 @@ def _state_fns(data, workdir, **overrides):
   config.data.update(dict(records_dir=data["records_dir"], vocab_dir=data["vocab_dir"], tokenizer=data["tokenizer"]))
   config.mesh.num_devices = 2
   config.update(overrides)
-  ctx = train.build_context(config, workdir)
+  ctx = experiment.build_context(config, workdir)
   tx, _ = optim.make_optimizer(ctx.config.optimizer, ctx.config.total_steps)
-  return ctx, train.create_state(ctx, tx, ctx.vocab.codebook)
+  return ctx, state_lib.create_state(ctx, tx, ctx.vocab.codebook)
 
 
 def test_codebook_is_an_argument_not_a_constant(data, tmp_path):

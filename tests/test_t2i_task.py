@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from bigen_jax.models import lxmert
-from bigen_jax.models import masks
+from bigen_jax.tasks import layouts
 from bigen_jax.tasks import t2i
 from configs import base
 from configs import model as model_config
@@ -29,7 +29,7 @@ def _captions(batch: int, length: int = 8, seed: int = 0):
 
 def test_null_captions():
   text_ids, _ = _captions(3)
-  ids, mask = masks.null_captions(text_ids, **IDS)
+  ids, mask = layouts.null_captions(text_ids, **IDS)
   assert ids.dtype == text_ids.dtype and ids.shape == mask.shape == text_ids.shape
   np.testing.assert_array_equal(ids, np.tile([CLS, SEP] + [PAD] * 6, (3, 1)))
   np.testing.assert_array_equal(mask, np.tile([1, 1] + [0] * 6, (3, 1)))
@@ -41,7 +41,7 @@ def test_drop_captions_rate_and_rows():
       jax.random.key(0), text_ids, text_mask)
   ids, mask, dropped = np.asarray(ids), np.asarray(mask), np.asarray(dropped)
   assert abs(dropped.mean() - 0.5) < 0.03
-  null_ids, null_mask = map(np.asarray, masks.null_captions(text_ids, **IDS))
+  null_ids, null_mask = map(np.asarray, layouts.null_captions(text_ids, **IDS))
   np.testing.assert_array_equal(ids[dropped], null_ids[dropped])
   np.testing.assert_array_equal(mask[dropped], null_mask[dropped])
   np.testing.assert_array_equal(ids[~dropped], np.asarray(text_ids)[~dropped])
@@ -64,7 +64,7 @@ def results():
   batch = dict(text_ids=text_ids, text_mask=text_mask,
                cluster_ids=jnp.asarray(rng.integers(0, config.num_clusters, (256, 64)), jnp.int32),
                boxes=jnp.asarray(rng.uniform(size=(256, 64, 4)), jnp.float32))
-  null_ids, null_mask = masks.null_captions(text_ids, **IDS)
+  null_ids, null_mask = layouts.null_captions(text_ids, **IDS)
   all_null = {**batch, "text_ids": null_ids, "text_mask": null_mask}
   codebook = rng.normal(size=(config.num_clusters, config.visual_feat_dim))
   frozen = {"codebook": jnp.asarray(codebook, jnp.float32)}

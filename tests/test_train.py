@@ -16,6 +16,9 @@ import numpy as np
 import pytest
 
 from bigen_jax import checkpoint
+from bigen_jax import experiment
+from bigen_jax import metrics as metrics_lib
+from bigen_jax import tasks as tasks_lib
 from bigen_jax import train
 from bigen_jax.convert import io as convert_io
 from bigen_jax.data import tokenizer
@@ -59,7 +62,7 @@ def _config(data, **kw):
 
 
 def _history(workdir):
-  with open(os.path.join(workdir, train.HISTORY_NAME)) as f:
+  with open(os.path.join(workdir, metrics_lib.HISTORY_NAME)) as f:
     return [json.loads(line) for line in f]
 
 
@@ -80,7 +83,7 @@ def _command(data, workdir, **kw):
 
 
 def _wait_for_step(workdir, proc, step, timeout=300):
-  path = os.path.join(workdir, train.HISTORY_NAME)
+  path = os.path.join(workdir, metrics_lib.HISTORY_NAME)
   deadline = time.time() + timeout
   while time.time() < deadline:
     if os.path.exists(path) and any(r["step"] >= step for r in _history(workdir)):
@@ -128,7 +131,7 @@ def test_joint_schedule_sums_the_tasks(tmp_path, data):
     want = row["i2t/loss"] + 2 * row["t2i/loss"] + row["itm/loss"]
     assert abs(row["joint/loss"] - want) < 1e-4 * abs(want)
   with pytest.raises(ValueError, match="task_schedule"):
-    train.task_cycle(config.tasks, "sometimes")
+    tasks_lib.task_cycle(config.tasks, "sometimes")
 
 
 def test_eight_devices_give_the_losses_of_one(tmp_path, data):
@@ -241,15 +244,15 @@ def test_non_finite_loss_names_the_newest_verified_checkpoint(tmp_path):
   ckpt = checkpoint.Checkpointer(directory, save_every=1, async_save=False)
   pending = [(0, "i2t", {"loss": np.float32(2.0)}), (1, "t2i", {"loss": np.float32(np.nan)})]
   with pytest.raises(FloatingPointError, match=r"at step 2; last good checkpoint: none yet"):
-    train._summarise(pending, ckpt)
+    metrics_lib.summarise(pending, ckpt)
   for step in (1, 2):
     ckpt.save(step, {"w": np.full(256, step, np.float32)}, {"epoch": 0, "batch_in_epoch": step})
   with open(os.path.join(directory, "2", "state", "_METADATA"), "ab") as f:
     f.write(b" ")  # the newest step no longer matches its record
   with pytest.raises(FloatingPointError, match=r"non-finite t2i loss \(nan\) at step 2; last good checkpoint: "
                                                rf"step 1 in {directory}"):
-    train._summarise(pending, ckpt)
-  assert train._summarise(pending[:1], ckpt) == {"i2t/loss": 2.0}
+    metrics_lib.summarise(pending, ckpt)
+  assert metrics_lib.summarise(pending[:1], ckpt) == {"i2t/loss": 2.0}
   ckpt.close()
 
 
@@ -283,7 +286,7 @@ def test_resume_at_an_epoch_end_and_after_a_fallback_is_exact(tmp_path, data, ca
 
 def test_init_from_converted_params(tmp_path, data):
   config = _config(data, total_steps=1)
-  resolved = train.resolve_config(config)[0]
+  resolved = experiment.resolve_config(config)[0]
   model = lxmert.build_model(resolved.model)
   params = jax.device_get(nn.unbox(jax.jit(lambda: lxmert.init_params(model, resolved.model,
                                                                     jax.random.key(42)))()))

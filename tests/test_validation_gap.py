@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from bigen_jax import train
+from bigen_jax import experiment
 from bigen_jax.data import tokenizer
 from bigen_jax.data import vocab
 from bigen_jax.eval import validation_loss
@@ -31,7 +31,7 @@ def setup(tmp_path_factory):
   config.data.update(dict(records_dir=records_dir, vocab_dir=vocab_dir, tokenizer=vocab_txt))
   config.mesh.num_devices = 1
   config.eval.num_batches = 2
-  ctx = train.build_context(config, os.path.join(root, "run"))
+  ctx = experiment.build_context(config, os.path.join(root, "run"))
   params = nn.unbox(lxmert.init_params(ctx.model, ctx.config.model, jax.random.key(0)))
   with jax.set_mesh(ctx.mesh), nn.logical_axis_rules(ctx.rules):
     yield ctx, validation_loss.Evaluator(ctx), params

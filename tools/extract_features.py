@@ -37,7 +37,7 @@ _KARPATHY = flags.DEFINE_string("karpathy", None, "coco: Karpathy split file (da
 _SPLIT = flags.DEFINE_list("split", ["train"], "Comma-separated splits to extract.")
 _BACKBONE = flags.DEFINE_string("backbone", "demo", "Backbone: demo, scenes_detector, resnet or frcnn.")
 _WEIGHTS = flags.DEFINE_string("weights", None, "resnet/frcnn: torch state dict (.pth), none = random init; "
-                                "scenes_detector: the file scenes_detector.load_or_train wrote.")
+                                "scenes_detector: the file bigen_jax.worlds.scenes.detector.load_or_train wrote.")
 _DETECTOR_LAYER = flags.DEFINE_enum("detector_layer", "fc6", ["fc6", "logits"], "scenes_detector: which layer.")
 _SHORT_SIDE = flags.DEFINE_integer("short_side", None,
                                    "Resize short side (frcnn 800, resnet 448; demo: square size, 128).")
@@ -68,8 +68,8 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of randomly initialised backbones 
 def make_source(split: str):
   """A fresh source iterator for ``split`` and its manifest description."""
   if _SOURCE.value == "scenes":
-    from bigen_jax.data import scenes  # pylint: disable=g-import-not-at-top
-    return (scenes.source(split, data_dir=_DATA_DIR.value, config=_SCENES_CONFIG.value),
+    from bigen_jax.worlds.scenes import tfds_builder  # pylint: disable=g-import-not-at-top
+    return (tfds_builder.source(split, data_dir=_DATA_DIR.value, config=_SCENES_CONFIG.value),
             {"name": "scenes", "config": _SCENES_CONFIG.value, "paths": {"data_dir": _DATA_DIR.value}})
   if not _ANNOTATIONS.value or not _IMAGES_DIR.value:
     raise app.UsageError("--source coco needs --annotations and --images_dir")

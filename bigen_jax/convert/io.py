@@ -16,6 +16,7 @@ import flax.traverse_util
 import numpy as np
 
 from bigen_jax import errors
+from bigen_jax import fileio
 
 _EXAMPLES = 5  # keys quoted per group in a mismatch message; the counts say how many there are
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -195,11 +196,8 @@ def save_params(params: Any, path: str) -> None:
       {k: np.asarray(getattr(v, "value", v)) for k, v in flax.traverse_util.flatten_dict(params).items()})
   if path.endswith(".npz"):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    flat = flax.traverse_util.flatten_dict(params, sep="/")
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:  # then renamed: a crash never leaves a half-written file under ``path``
-      np.savez(f, **flat)
-    os.replace(tmp, path)
+    with fileio.open_atomic(path) as f:  # a crash never leaves a half-written file under ``path``
+      np.savez(f, **flax.traverse_util.flatten_dict(params, sep="/"))
     return
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   checkpointer = ocp.StandardCheckpointer()

@@ -63,6 +63,8 @@ import jax
 import numpy as np
 
 from bigen_jax import errors
+from bigen_jax import fileio
+from bigen_jax.data import batching
 from bigen_jax.data import records
 from bigen_jax.data import vocab as vocab_lib
 
@@ -170,7 +172,7 @@ class BatchIterator(dataset_iterator.DatasetIterator):
     return {"epoch": epoch, "batch_in_epoch": batch_in_epoch}
 
   def save(self, filename) -> None:
-    records.write_json_atomic(str(filename), self.get_state())
+    fileio.write_json_atomic(str(filename), self.get_state())
 
   def restore(self, filename) -> None:
     with open(str(filename)) as f:
@@ -340,11 +342,10 @@ class BatchIterator(dataset_iterator.DatasetIterator):
 
   def _pad(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Pads a short eval batch to ``batch_size`` rows (valid=False on padding)."""
-    short = self.batch_size - len(batch["index"])
     out = {}
     for k, v in batch.items():
       fill = self.pad_id if k in ("caption_ids", "text_ids") else (b"" if v.dtype.kind in "OS" else 0)
-      out[k] = np.concatenate([v, np.full((short, *v.shape[1:]), fill, dtype=v.dtype)])
+      out[k] = batching.pad_rows(v, self.batch_size, fill=fill)
     return out
 
   def _padding_batch(self) -> dict[str, np.ndarray]:

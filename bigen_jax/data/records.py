@@ -27,7 +27,6 @@ Each record is one image (a ``tf.train.Example``):
 
 import hashlib
 import json
-import os
 from typing import Any, Iterable, Mapping
 
 from etils import epath
@@ -151,16 +150,11 @@ def write_shard(path: str, serialized: Iterable[bytes]) -> dict[str, Any]:
   """Writes records to ``path`` atomically (temporary file, fsync, rename; a URL: one object written on close).
   Returns the shard's manifest entry."""
   tf = _tf()
-  tmp = path if fileio.is_url(path) else path + ".tmp"
   count = 0
-  with tf.io.TFRecordWriter(tmp) as w:
+  with fileio.atomic_path(path) as tmp, tf.io.TFRecordWriter(tmp) as w:
     for s in serialized:
       w.write(s)
       count += 1
-  if tmp != path:
-    with open(tmp, "rb") as f:
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
   return {"file": epath.Path(path).name, "num_examples": count,
           "num_bytes": epath.Path(path).stat().length, "sha256": sha256_file(path)}
 
@@ -175,10 +169,6 @@ def verify_shard(directory: str, entry: Mapping[str, Any], *, checksum: bool = T
     raise DataError(f"shard {path} has {size} bytes, manifest says {entry['num_bytes']} (truncated?)")
   if checksum and sha256_file(path) != entry["sha256"]:
     raise DataError(f"shard {path} does not match its sha256 in {MANIFEST_NAME} (corrupt?)")
-
-
-def write_json_atomic(path: str, obj: Any) -> None:
-  fileio.write_json_atomic(path, obj)
 
 
 def read_manifest(directory: str) -> dict[str, Any]:

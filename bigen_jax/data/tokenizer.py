@@ -5,11 +5,13 @@ A vocabulary that fails to load never falls back silently: its size and special 
 """
 
 import os
+import tempfile
 from typing import Iterable, Sequence
 
 from etils import epath
 import numpy as np
 
+from bigen_jax import fileio
 from bigen_jax.data.records import DataError
 
 MAX_LEN = 17
@@ -98,10 +100,7 @@ def train_wordpiece(texts: Iterable[str], *, vocab_size: int, out_dir: str, min_
   tok = BertWordPieceTokenizer(lowercase=True, strip_accents=True, clean_text=True)
   tok.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=min_frequency,
                           special_tokens=list(SPECIAL_TOKENS))
-  tmp_dir = os.path.join(out_dir, ".vocab_tmp")
-  os.makedirs(tmp_dir, exist_ok=True)
-  written = tok.save_model(tmp_dir)[0]
   path = os.path.join(out_dir, "vocab.txt")
-  os.replace(written, path)
-  os.rmdir(tmp_dir)
+  with tempfile.TemporaryDirectory(dir=out_dir) as tmp_dir, open(tok.save_model(tmp_dir)[0], "rb") as f:
+    fileio.write_atomic(path, f.read())
   return path

@@ -143,7 +143,7 @@ def build_vocab(records_dir: str, vocab_dir: str, *, k: int, iterations: int = 2
     meta["splits"][split] = stats
     print(f"[vocab] {split}: {stats['num_examples']} images, mse {stats['mse']:.4f}, relative quantisation "
           f"error {stats['relative_error']:.4f}, {stats['used_clusters']}/{k} clusters used", flush=True)
-  records.write_json_atomic(meta_path, meta)
+  fileio.write_json_atomic(meta_path, meta)
   return meta
 
 

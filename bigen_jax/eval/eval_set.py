@@ -24,6 +24,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 from PIL import Image
 
+from bigen_jax.data import batching
 from bigen_jax.data import images as images_lib
 from bigen_jax.data import input_pipeline
 from bigen_jax.data import records
@@ -82,18 +83,10 @@ def map_batches(ctx, fn: Callable[[dict[str, jax.Array], int], jax.Array], data:
   num = len(data["index"])
   outputs = []
   for i in range(-(-max(data["counts"]) // local)):
-    rows = {k: _padded(np.asarray(data[k][i * local:(i + 1) * local]), local) for k in fields}
+    rows = {k: batching.pad_rows(data[k][i * local:(i + 1) * local], local) for k in fields}
     outputs.append(_own_rows(fn(ctx.batch_to_global(rows, fields), i)))
   fetched = jax.device_get(outputs)
   return np.concatenate([np.concatenate(parts) for parts in fetched])[:num]
-
-
-def _padded(x: np.ndarray, rows: int) -> np.ndarray:
-  """``x`` [n <= rows, ...] padded to ``rows`` with copies of its first row (zeros when it has none)."""
-  if len(x) == rows:
-    return x
-  fill = np.repeat(x[:1], rows - len(x), axis=0) if len(x) else np.zeros((rows, *x.shape[1:]), x.dtype)
-  return np.concatenate([x, fill])
 
 
 def _own_rows(x: jax.Array) -> list[jax.Array]:
@@ -111,7 +104,7 @@ def gather(arrays: dict[str, np.ndarray], counts: list[int]) -> dict[str, np.nda
   if jax.process_count() == 1:
     return dict(arrays)
   most = max(counts)
-  padded = {k: _padded(_32_bits(np.asarray(v)), most) for k, v in arrays.items()}
+  padded = {k: batching.pad_rows(_32_bits(np.asarray(v)), most) for k, v in arrays.items()}
   stacked = multihost_utils.process_allgather(padded)
   return {k: np.concatenate([np.asarray(v)[p, :n] for p, n in enumerate(counts)]) for k, v in stacked.items()}
 
@@ -127,7 +120,7 @@ def gather_json(items: list[Any]) -> list[Any]:
     return list(items)
   data = np.frombuffer(json.dumps(items).encode(), np.uint8)
   sizes = np.asarray(multihost_utils.process_allgather(np.asarray([len(data)], np.int32))).reshape(-1)
-  stacked = np.asarray(multihost_utils.process_allgather(_padded(data, int(sizes.max()))))
+  stacked = np.asarray(multihost_utils.process_allgather(batching.pad_rows(data, int(sizes.max()))))
   return [item for p, n in enumerate(sizes) for item in json.loads(stacked[p, :n].tobytes().decode())]
 
 

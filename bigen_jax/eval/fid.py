@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable
 import jax
 import numpy as np
 
+from bigen_jax.data import batching
 from bigen_jax.models import inception
 
 FeaturesFn = Callable[[np.ndarray], Any]
@@ -124,10 +125,7 @@ def compute_features(images: np.ndarray | Iterable[np.ndarray], features_fn: Fea
     batches = []
     for start in range(0, images.shape[0], batch_size):
       batch = images[start:start + batch_size]
-      n = batch.shape[0]
-      if n < batch_size:
-        batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - n, axis=0)])
-      batches.append(np.asarray(features_fn(batch), np.float64)[:n])
+      batches.append(np.asarray(features_fn(batching.pad_rows(batch, batch_size)), np.float64)[:len(batch)])
   else:
     batches = [np.asarray(features_fn(np.asarray(batch)), np.float64) for batch in images]
   if not batches:

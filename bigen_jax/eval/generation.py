@@ -2,21 +2,23 @@
 and score the pictures.
 
 Until the image generator exists, images are drawn by the preview decoder (``sampling.preview``: each
-cluster's nearest training cell) or, in the captioned-scenes world with ``scene_decoder_heads`` set, by the
-scene decoder (``sampling.scene_decoder``: the detector's heads read the tokens, the world's renderer draws
-them; the patch preview is then kept as the ``preview_reference/`` baseline row). The same drawing applied
+cluster's nearest training cell) or by the records' world when its plug-in draws tokens (``sources``: in the
+captioned-scenes world with ``scene_decoder_heads`` set, the scene decoder: the detector's heads read the
+tokens, the world's renderer draws them); the patch preview is then kept as the ``preview_reference/`` baseline
+row. The same drawing applied
 to the true cluster ids gives the ``reference/`` row, the best any token decoder can score through it.
 Metrics:
 
   cell_accuracy            decoded ids equal the image's true ids (a strict, token-level number)
-  fid_recognizer           FID between drawn and real images in the scene recogniser's feature space
+  fid_recognizer           FID between drawn and real images in the feature space of the world's reader (the
+                           scene recogniser)
   fid                      FID with pytorch-fid's FID Inception, when ``inception_weights``
                            (tools/convert_inception.py) holds its weights: the number papers report
   fid_torchvision          the same distance with torchvision's Inception-v3 weights instead (other pools,
                            other weights: not comparable with published FID); ``inception_transform_input``
                            applies torchvision's ImageNet normalisation, as torchvision does for them
-  semantic/...             the recogniser reads each drawn image: do the caption's claims hold?
-  r_precision_easy/_hard   the caption against 99 random captions / one-word swaps, ranked by the recogniser
+  semantic/...             the world's reader reads each drawn image: do the caption's claims hold?
+  r_precision_easy/_hard   the caption against 99 random captions / the world's hard negatives, ranked by it
   (CLIPScore joins when the JAX CLIP arrives; the scorer is the only thing that changes.)
 
 Real images are compared at the size of the drawings (128x128: 8 cells of 16 px in the preview; the scene
@@ -24,44 +26,44 @@ decoder's renders): every stored image, whatever its size and aspect ratio, is r
 (``eval_set.square_image``, PIL bicubic), so real and drawn images meet at one resolution in the recogniser,
 in Inception (which resizes both to 299x299, bilinear, as pytorch-fid does) and in the grid.
 
-The scene-world numbers need captioned-scenes records; on other data only cell accuracy and FID (Inception)
-are reported. Config ``config.eval.generation``: the decoder (order, num_steps, temperature, schedule,
-choice_temperature, guidance: ``image_tokens.parallel_decode``), num_examples, batch_size, recognizer_dir,
-inception_weights, inception_transform_input, grid_images, and ``variants``: name -> overrides of the decoder
-fields, e.g. ``{"sampling": {"order": "maskgit", "temperature": 1.0, "choice_temperature": 4.5, "schedule":
-"cosine"}}``. Each variant is decoded from the same captions and reports the headline metrics
-(``VARIANT_METRICS``) under ``generation/<name>/...``, so one table compares argmax, sampling and guidance.
+The world's numbers need records whose source has a plug-in with a reader (``sources``: captioned scenes of a
+named dataset, whose recogniser is loaded from ``recognizer_dir``, default ``<workdir>/scene_recognizer``, and
+never trained here: ``tools/train_scene_recognizer.py``); on other data only cell accuracy and FID (Inception)
+are reported.
+
+Config ``config.eval.generation``: the decoder (order: an image-token decoder of ``sampling.registry``; its
+settings num_steps, temperature, schedule, choice_temperature, guidance: ``image_tokens.parallel_decode``),
+num_examples, batch_size, recognizer_dir, inception_weights, inception_transform_input, grid_images, and
+``variants``: name -> overrides of the decoder fields, e.g. ``{"sampling": {"order": "maskgit", "temperature":
+1.0, "choice_temperature": 4.5, "schedule": "cosine"}}``. Each variant is decoded from the same captions and
+reports the headline metrics (``VARIANT_METRICS``) under ``generation/<name>/...``, so one table compares argmax,
+sampling and guidance.
 Writes ``workdir/eval/generation_<step>.png`` (one generated column per decoder).
 
 Scale: ``batch_size`` is per device. Each process reads its share of the eval set and decodes, draws and reads
-(recogniser, Inception) its own images; the per-image outputs are gathered and process 0 computes FID, semantic
+(the world's reader, Inception) its own images; the per-image outputs are gathered and process 0 computes FID, semantic
 accuracy and R-precision, whose results every process receives (``eval_set``); process 0 writes the grid of its
 first images.
 """
 
 import io
-import os
 
 from etils import epath
 import jax
-from jax.experimental import multihost_utils
 import numpy as np
 
 from bigen_jax import errors
 from bigen_jax import fileio
 from bigen_jax import viz
 from bigen_jax.data import records
-from bigen_jax.data import scenes
-from bigen_jax.data import scenes_tfds
 from bigen_jax.eval import eval_set
 from bigen_jax.eval import fid
 from bigen_jax.eval import r_precision
-from bigen_jax.eval import scene_recognizer
+from bigen_jax.eval import sources
 from bigen_jax.models import inception
-from bigen_jax.models import masks
-from bigen_jax.sampling import image_tokens
 from bigen_jax.sampling import preview
-from bigen_jax.sampling import scene_decoder
+from bigen_jax.sampling import registry as decoders
+from bigen_jax.tasks import layouts
 
 NAME = "generation"
 DECODER_FIELDS = ("order", "num_steps", "temperature", "schedule", "choice_temperature", "guidance")
@@ -86,19 +88,19 @@ def decoder_settings(cfg) -> dict[str, dict]:
 
 def decode_fn(ctx, settings):
   """A jitted ``(params, batch, rng) -> cluster ids [B, M]`` with the decoder ``settings`` (a mapping of
-  ``DECODER_FIELDS``); with guidance the null captions are built from the tokenizer's ids."""
-  settings = {k: settings[k] for k in DECODER_FIELDS}
+  ``DECODER_FIELDS``: the order names an image-token decoder of ``sampling.registry``); with guidance the null
+  captions are built from the tokenizer's ids."""
+  decoder = decoders.image_decoder(settings["order"], settings, flag="--config.eval.generation.order")
   tok = ctx.tokenizer
 
   def decode(params, batch, rng):
     null = {}
     if settings["guidance"]:
-      null_ids, null_mask = masks.null_captions(batch["text_ids"], cls_id=tok.cls_id, sep_id=tok.sep_id,
-                                                pad_id=tok.pad_id)
+      null_ids, null_mask = layouts.null_captions(batch["text_ids"], cls_id=tok.cls_id, sep_id=tok.sep_id,
+                                                  pad_id=tok.pad_id)
       null = {"null_text_ids": null_ids, "null_text_mask": null_mask}
-    ids, _ = image_tokens.parallel_decode(
-        params, rng, model=ctx.model, text_ids=batch["text_ids"], text_mask=batch["text_mask"],
-        boxes=batch["boxes"], codebook=ctx.frozen["codebook"], **settings, **null)
+    ids, _ = decoder(params, rng, model=ctx.model, text_ids=batch["text_ids"], text_mask=batch["text_mask"],
+                     boxes=batch["boxes"], codebook=ctx.frozen["codebook"], **null)
     return ids
 
   return jax.jit(decode, out_shardings=ctx.batch_sharding())
@@ -111,12 +113,14 @@ class Evaluator:
     self.ctx, self.cfg = ctx, ctx.config.eval.generation
     config = ctx.config
     split = config.data.eval_split
+    manifest = records.read_manifest(config.data.records_dir)
+    self.plugin = sources.plugin(manifest.get("source", {}))
     self.table = preview.load_or_build_patch_table(ctx.vocab, config.data.records_dir)
-    self.scene_attrs = None
-    if self.cfg.get("scene_decoder_heads"):
-      heads = scene_decoder.load_heads(self.cfg.scene_decoder_heads)
-      layer = records.read_manifest(config.data.records_dir)["backbone_config"].get("layer", "fc6")
-      self.scene_attrs = scene_decoder.cluster_attributes(ctx.vocab.codebook, heads, layer=layer)
+    self.drawer, self.reader = None, None  # the world's token drawer and reader of drawn images, if it has them
+    if self.plugin is not None:
+      layer = manifest.get("backbone_config", {}).get("layer", "fc6")
+      self.drawer = self.plugin.token_drawer(self.cfg, codebook=ctx.vocab.codebook, layer=layer)
+      self.reader = self.plugin.image_reader(self.cfg, workdir=ctx.workdir)  # loaded (UserError if missing)
     self.image_size = int(self.draw(np.zeros((1, records.NUM_CELLS), np.int32)).shape[1])  # the drawings' side
     self.data = eval_set.load(config, split=split, num_examples=self.cfg.num_examples, image_size=self.image_size)
     self.captions = [refs[0] for refs in self.data["references"]]  # the caption each local image is drawn from
@@ -128,12 +132,10 @@ class Evaluator:
       key = _key(settings)
       if key not in self.decoders:
         self.decoders[key] = decode_fn(ctx, settings)
-    source = records.read_manifest(config.data.records_dir).get("source", {})
-    self.scene_graphs, self.recognizer = None, None
-    if scenes_tfds.scene_graphs(source, split, []) is not None:
+    self.negatives = None  # the world's hard negatives and their contexts, for R-precision
+    if self.reader is not None:
       index = eval_set.gather({"index": self.data["index"]}, self.data["counts"])["index"]
-      self.scene_graphs = scenes_tfds.scene_graphs(source, split, index)
-      self.recognizer = self._recognizer()
+      self.negatives = self.plugin.hard_negatives(split=split, indices=index)
     self.inception, self.inception_metric = None, None
     if self.cfg.inception_weights:
       from bigen_jax.convert import io as convert_io  # pylint: disable=g-import-not-at-top
@@ -146,32 +148,21 @@ class Evaluator:
     self.true_drawings = self.draw(self.data["cluster_ids"])
     self.reference = self.score_images(self.true_drawings)
     self.preview_reference = None
-    if self.scene_attrs is not None:  # the patch preview stays as a baseline row
+    if self.drawer is not None:  # the patch preview stays as a baseline row
       self.preview_reference = self.score_images(preview.render_preview(self.data["cluster_ids"], self.table))
 
-  def _recognizer(self):
-    """The scene recogniser, trained (once, cached) by process 0 before the others load it."""
-    directory = self.cfg.recognizer_dir or os.path.join(self.ctx.workdir or ".", "scene_recognizer")
-    if jax.process_index() == 0:
-      recognizer, _ = scene_recognizer.load_or_train(directory)
-    if jax.process_count() > 1:
-      multihost_utils.sync_global_devices("generation_scene_recognizer")
-    if jax.process_index() > 0:
-      recognizer, _ = scene_recognizer.load_or_train(directory)
-    return recognizer
-
   def draw(self, cluster_ids: np.ndarray) -> np.ndarray:
-    """Cluster ids [N, M] -> pictures [N, H, W, 3]: the scene decoder when ``scene_decoder_heads`` is set
-    (captioned-scenes world), otherwise the patch preview."""
-    if self.scene_attrs is not None:
-      return scene_decoder.render_scenes(cluster_ids, self.scene_attrs)
+    """Cluster ids [N, M] -> pictures [N, H, W, 3]: the world's token drawer when its plug-in has one (the
+    scene decoder), otherwise the patch preview."""
+    if self.drawer is not None:
+      return self.drawer(cluster_ids)
     return preview.render_preview(cluster_ids, self.table)
 
   def _features(self, images: np.ndarray) -> dict[str, np.ndarray]:
     """FID metric name -> features [N, D] (float32) of ``images`` in its feature space."""
     out = {}
-    if self.recognizer is not None:
-      out["fid_recognizer"] = scene_recognizer.features(self.recognizer, images)
+    if self.reader is not None:
+      out[self.reader.feature_name] = self.reader.features(images)
     if self.inception is not None:
       out[self.inception_metric] = fid.compute_features(images, self.inception)
     return {k: np.asarray(v, np.float32) for k, v in out.items()}
@@ -182,9 +173,8 @@ class Evaluator:
     means join the metrics under their names."""
     outputs = {f"features/{k}": v for k, v in self._features(images).items()}
     outputs.update({f"mean/{k}": np.asarray(v, np.float32) for k, v in (extra or {}).items()})
-    if self.recognizer is not None:
-      probs = scene_recognizer.predict(self.recognizer, images)
-      outputs.update({f"probs/{k}": np.asarray(v, np.float32) for k, v in probs.items()})
+    if self.reader is not None:
+      outputs.update({f"read/{k}": np.asarray(v, np.float32) for k, v in self.reader.read(images).items()})
     gathered = eval_set.gather(outputs, self.data["counts"])
     return eval_set.broadcast_json(self._metrics(gathered) if jax.process_index() == 0 else None)
 
@@ -195,19 +185,20 @@ class Evaluator:
       if key.startswith("features/"):
         name = key.split("/", 1)[1]
         out[name] = fid.fid_from_features(feats, self.real_features[name])
-    if self.recognizer is not None:
-      probs = {k.split("/", 1)[1]: v for k, v in gathered.items() if k.startswith("probs/")}
-      semantic = scene_recognizer.semantic_accuracy(probs, self.all_captions)
+    if self.reader is not None:
+      read = {k.split("/", 1)[1]: v for k, v in gathered.items() if k.startswith("read/")}
+      semantic = self.reader.semantic_accuracy(read, self.all_captions)
       out.update({f"semantic/{k}": float(v) for k, v in semantic.items()})
-      score_fn = lambda index, texts: scene_recognizer.caption_scores(  # noqa: E731
-          {k: v[index] for k, v in probs.items()}, texts)
+      score_fn = lambda index, texts: self.reader.caption_scores(  # noqa: E731
+          {k: v[index] for k, v in read.items()}, texts)
       index = np.arange(len(self.all_captions))
       if len(set(self.all_captions)) > self.cfg.r_precision_negatives:
         easy = r_precision.easy(index, self.all_captions, score_fn, num_negatives=self.cfg.r_precision_negatives,
                                 seed=self.ctx.config.seed)
         out.update(easy.metrics("r_precision_easy"))
-      hard = r_precision.hard(index, self.all_captions, score_fn, negatives_fn=scenes.hard_negatives,
-                              contexts=self.scene_graphs, seed=self.ctx.config.seed)
+      negatives_fn, contexts = self.negatives
+      hard = r_precision.hard(index, self.all_captions, score_fn, negatives_fn=negatives_fn, contexts=contexts,
+                              seed=self.ctx.config.seed)
       out.update(hard.metrics("r_precision_hard"))
     return out
 

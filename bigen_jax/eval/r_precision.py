@@ -8,7 +8,7 @@ scorer takes (an array [N, ...] is indexed, any other sequence becomes a list).
 * ``hard``: each image against its caption with one word swapped within a category (noun, verb, colour,
   number): ``swap_negatives`` for English captions with small built-in word lists, or any
   ``negatives_fn(caption, rng)`` / ``negatives_fn(caption, context, rng)`` such as
-  ``bigen_jax.data.scenes.hard_negatives(caption, scene_graph, rng)``, or precomputed negatives. One trial per
+  ``bigen_jax.worlds.scenes.world.hard_negatives(caption, scene_graph, rng)``, or precomputed negatives. One trial per
   (image, category): the caption against that category's negatives.
 
 A trial succeeds when the true caption scores strictly highest. Ties: ``ties="fail"`` (default) counts them

@@ -1,6 +1,6 @@
 """Evaluators by name, big_vision style: ``bigen_jax.eval.<name>`` exposes ``Evaluator``.
 
-An evaluator is built once from the training context (``bigen_jax.train.Context``: config, model, frozen
+An evaluator is built once from the training context (``bigen_jax.experiment.Context``: config, model, frozen
 inputs, mesh, tokenizer) and ``run(params, *, step) -> dict[str, float]`` is called periodically by the
 trainer and by ``bigen_jax.evaluate``. Metric names are prefixed with the evaluator's name.
 """

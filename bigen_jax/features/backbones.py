@@ -3,7 +3,8 @@
 Cells are row-major, cell (i, j) covering ``records.grid_boxes()[i * 8 + j]``.
 
   demo    fixed hand-made features of each cell (no weights), D = 64, for the 128-px captioned-scenes world
-  scenes_detector  a convnet trained on rendered scenes to tell what each cell holds (``scenes_detector``):
+  scenes_detector  a convnet trained on rendered scenes to tell what each cell holds (the captioned-scenes
+          world's ``bigen_jax.worlds.scenes.detector``):
           the captioned-scenes world's stand-in for the papers' trained detector, D = 64
   resnet  torchvision ResNet-50 C5 (layer4) average-pooled to 8x8, D = 2048, short side 448
   frcnn   torchvision Faster R-CNN R50-FPN: RoIAlign of the 64 cell boxes + box head (fc7, or fc6),
@@ -364,8 +365,8 @@ class DemoBackbone(Backbone):
 
 
 def _scenes_detector(**kwargs) -> Backbone:
-  from bigen_jax.features import scenes_detector  # pylint: disable=g-import-not-at-top  (imports this module)
-  return scenes_detector.ScenesDetectorBackbone(**kwargs)
+  from bigen_jax.worlds.scenes import detector  # pylint: disable=g-import-not-at-top  (imports this module)
+  return detector.ScenesDetectorBackbone(**kwargs)
 
 
 BACKBONES: dict[str, Callable[..., Backbone]] = {

@@ -21,6 +21,7 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
+from bigen_jax import fileio
 from bigen_jax.data import records
 
 # Top-level manifest fields that must agree between runs writing into the same directory.
@@ -113,7 +114,7 @@ class _Manifest:
     else:
       manifest = {**self.header, "splits": {}}
     manifest["splits"][split] = dict(entry)
-    records.write_json_atomic(self.path, manifest)
+    fileio.write_json_atomic(self.path, manifest)
 
 
 def _count(source: Iterable[Any], num_examples: int | None) -> int:
@@ -133,8 +134,8 @@ def extract_split(source_iter: Iterable[Mapping[str, Any]], *, split: str, out_d
                   vocab_path: str | None = None, progress: bool = True) -> dict[str, Any]:
   """Extracts one split into ``out_dir``; returns the split's manifest entry.
 
-  ``source_iter`` yields ``{"image_id", "key", "image" uint8 [H, W, 3], "captions"}`` (``data.scenes`` /
-  ``data.coco`` sources); the first ``num_examples`` (default ``len(source_iter)``) are written, record
+  ``source_iter`` yields ``{"image_id", "key", "image" uint8 [H, W, 3], "captions"}`` (``worlds.scenes.tfds_builder``
+  / ``data.coco`` sources); the first ``num_examples`` (default ``len(source_iter)``) are written, record
   ``index`` = position in the split, ``shard_size`` records a shard. Each record holds ``backbone`` features
   [64, D] (float16), the cell boxes, the first ``max_captions`` captions as ids [N, max_len] and, with
   ``store_images``, the image as PNG (short side resized to ``store_image_size`` if given).

@@ -1,3 +1,3 @@
-"""Models: ``lxmert`` (the unified transformer), ``layers`` (its blocks), ``heads``, ``masks`` (task input
-layouts), ``flops`` (analytic FLOP counts), ``inception`` (InceptionV3 for FID), ``scene_recognizer``
-(reads captioned-scenes images back into scene graphs)."""
+"""Models: ``lxmert`` (the unified transformer), ``layers`` (its blocks), ``heads``, ``apply`` (one call of the
+model and a head, for tasks, decoders and evaluators), ``flops`` (analytic FLOP counts), ``inception``
+(InceptionV3 for FID)."""

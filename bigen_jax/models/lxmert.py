@@ -267,8 +267,9 @@ def build_model(config: ml_collections.ConfigDict) -> nn.Module:
     return UnifiedTransformer(
         layer_spec(config), vocab_size=config.vocab_size, max_position_embeddings=config.max_position_embeddings,
         type_vocab_size=config.type_vocab_size, visual_feat_dim=config.visual_feat_dim,
-        image_head_dim=config.get("image_head_dim", 0), num_clusters=config.num_clusters, num_language_layers=config.num_language_layers,
-        num_vision_layers=config.num_vision_layers, num_cross_layers=config.num_cross_layers,
+        image_head_dim=config.get("image_head_dim", 0), num_clusters=config.num_clusters,
+        num_language_layers=config.num_language_layers, num_vision_layers=config.num_vision_layers,
+        num_cross_layers=config.num_cross_layers,
         scan_layers=config.scan_layers, remat=config.remat)
   return TwoModel(i2t=one(), t2i=one()) if config.get("two_model") else one()
 

@@ -2,8 +2,8 @@
 
 Step l (1..L-1) puts one [MASK] at l after the words decoded so far, hides every later position, runs the
 model and reads the text head at l (``layout="mask"``, the paper's; ``"causal"``: the words so far read left
-to right, the cells see [CLS] only, and the head reads position l - 1, as ``tasks.i2t.layout`` trained it). A bidirectional prefix changes every hidden state at each step, so there
-is no key/value cache: each step is a full forward pass. Captions stop at [SEP]; positions after it are
+to right, the cells see [CLS] only, and the head reads position l - 1, as ``tasks.i2t.layout`` trained it).
+A bidirectional prefix changes every hidden state at each step, so there is no key/value cache: each step is a full forward pass. Captions stop at [SEP]; positions after it are
 [PAD]. Every decoder is one ``lax.scan`` over positions, so it compiles once for any batch.
 """
 
@@ -13,8 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from bigen_jax.models import masks
-from bigen_jax.tasks import common
+from bigen_jax.models import apply
 
 Array = jax.Array
 
@@ -53,16 +52,16 @@ def next_word_log_probs(params: Any, ids: Array, l: Array, *, model, visual: dic
   elif layout == "causal":
     read, inputs = l - 1, ids
     key_mask = jnp.broadcast_to((positions < l).astype(jnp.int32), ids.shape)
-    extra = {"text_attention": masks.causal_attention(key_mask.astype(bool)),
-             "vision_text_mask": masks.cls_only(ids.shape)}
+    extra = {"text_attention": apply.causal_attention(key_mask.astype(bool)),
+             "vision_text_mask": apply.cls_only(ids.shape)}
   else:
     raise ValueError(f"I2T layout {layout!r}: expected 'mask' or 'causal'")
 
   def head(module, out):
     return module.predict_text(jax.lax.dynamic_index_in_dim(out.language, read, axis=1, keepdims=False))
 
-  logits = common.apply_model(model, params, task="i2t", rng=None, head=head, text_ids=inputs,
-                              text_mask=key_mask, boxes=boxes, **extra, **visual).astype(jnp.float32)
+  logits = apply.apply_model(model, params, task="i2t", rng=None, head=head, text_ids=inputs,
+                             text_mask=key_mask, boxes=boxes, **extra, **visual).astype(jnp.float32)
   never = jnp.asarray((tokens.cls_id, tokens.mask_id, tokens.pad_id) + tuple(tokens.banned), jnp.int32)
   logits = logits.at[:, never].set(-jnp.inf)
   only_sep = jnp.where(jnp.arange(logits.shape[-1]) == tokens.sep_id, 0.0, -jnp.inf)

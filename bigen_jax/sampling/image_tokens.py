@@ -19,7 +19,7 @@ says which:
 
 With K = M every order decides one cell per pass, X-LXMERT's sequential baselines. ``guidance`` w > 0 adds
 classifier-free guidance: each pass also runs the model on the null caption ``[CLS] [SEP]``
-(``masks.null_captions``; T2I trains on it with ``caption_dropout``) and decodes from the logits
+(``tasks.layouts.null_captions``; T2I trains on it with ``caption_dropout``) and decodes from the logits
 (1 + w) * cond - w * uncond.
 """
 
@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bigen_jax.tasks import common
+from bigen_jax.models import apply
 
 Array = jax.Array
 ORDERS = ("mask_predict", "easy_first", "left_to_right", "random", "maskgit")
@@ -70,7 +70,7 @@ def parallel_decode(params, rng: Array, *, model, text_ids: Array, text_mask: Ar
   boxes [B, M, 4] (the grid); codebook [K, D] turns decided ids into the model's visual input. ``schedule``:
   "linear" or "cosine"; ``choice_temperature``: the Gumbel noise of the "maskgit" order (ignored by the
   others); ``guidance`` w: classifier-free guidance against ``null_text_ids``/``null_text_mask`` [B, L]
-  (``masks.null_captions``), needed only when w != 0. Probabilities are those of the (guided) model. Pure and
+  (``tasks.layouts.null_captions``), needed only when w != 0. Probabilities are those of the (guided) model. Pure and
   jittable: (params, text, rng) -> ids.
   """
   if order not in ORDERS:
@@ -79,7 +79,7 @@ def parallel_decode(params, rng: Array, *, model, text_ids: Array, text_mask: Ar
     raise ValueError(f"unknown masking schedule {schedule!r}: expected one of {SCHEDULES}")
   if guidance and (null_text_ids is None or null_text_mask is None):
     raise ValueError("guidance needs the unconditional caption: pass null_text_ids and null_text_mask "
-                     "(masks.null_captions)")
+                     "(tasks.layouts.null_captions)")
   batch, num_cells = boxes.shape[:2]
   order_rng, sample_rng = jax.random.split(rng)
   raster = jnp.broadcast_to(-jnp.arange(num_cells, dtype=jnp.float32), (batch, num_cells))
@@ -87,7 +87,7 @@ def parallel_decode(params, rng: Array, *, model, text_ids: Array, text_mask: Ar
                     "random": jax.random.uniform(order_rng, (batch, num_cells))}.get(order)
 
   def image_logits(ids, masked, caption_ids, caption_mask):
-    return common.apply_model(model, params, task="t2i", rng=None,
+    return apply.apply_model(model, params, task="t2i", rng=None,
                               head=lambda module, out: module.predict_image(out.vision),
                               text_ids=caption_ids, text_mask=caption_mask, boxes=boxes, cluster_ids=ids,
                               codebook=codebook, visual_mask=masked).astype(jnp.float32)

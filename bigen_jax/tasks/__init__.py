@@ -5,7 +5,9 @@
 ``cfg`` is the task's config block (``config.tasks.<name>``, special token ids added by the trainer);
 ``frozen`` holds inputs that never receive gradients (the visual codebook, later the generator and CLIP).
 The trainer looks tasks up here by name; a new task (SCST, CLIP loss, pretraining objectives) is a new
-module plus one line below, and the training loop does not change.
+module plus one line below, and the training loop does not change. The tasks share their input layouts
+(``layouts``) and losses (``losses``); they call the model through ``bigen_jax.models.apply``.
+``task_cycle`` is the schedule: which task (or ``JOINT``, all of them) each training step runs.
 """
 
 from bigen_jax import errors
@@ -14,9 +16,24 @@ from bigen_jax.tasks import itm
 from bigen_jax.tasks import t2i
 
 TASKS = {"i2t": i2t.loss_fn, "t2i": t2i.loss_fn, "itm": itm.loss_fn}
+JOINT = "joint"  # the step kind of the "joint" schedule: the weighted sum of every task's loss
 
 
 def get_task(name: str):
   if name not in TASKS:
     raise errors.ConfigError(f"unknown task {name!r} in config.tasks: known tasks are {sorted(TASKS)}")
   return TASKS[name]
+
+
+def task_cycle(task_configs, schedule: str = "cycle") -> list[str]:
+  """The repeating schedule of step kinds. ``schedule`` "cycle" (the paper): ``weight`` consecutive steps of
+  each task, in config order; "joint": every step is ``JOINT``, the weighted sum of all tasks' losses."""
+  for name in task_configs:
+    get_task(name)
+  if not any(cfg.weight > 0 for cfg in task_configs.values()):
+    raise errors.ConfigError("config.tasks gives every task weight 0: nothing to train")
+  if schedule == "joint":
+    return [JOINT]
+  if schedule != "cycle":
+    raise errors.ConfigError(f"--config.task_schedule={schedule!r}: expected 'cycle' or 'joint'")
+  return [name for name, cfg in task_configs.items() for _ in range(int(cfg.weight))]

@@ -9,7 +9,8 @@ the matching head on the pooled output predicts matched (1) / mismatched (0). Th
 import jax
 import jax.numpy as jnp
 
-from bigen_jax.tasks import common
+from bigen_jax.models import apply
+from bigen_jax.tasks import losses
 
 
 def loss_fn(params, batch, rng, *, model, cfg, frozen, deterministic=False):
@@ -18,17 +19,17 @@ def loss_fn(params, batch, rng, *, model, cfg, frozen, deterministic=False):
   cfg: visual_input ("dense" or "discrete"), mismatch_rate. Returns (loss, metrics).
   """
   pick_rng, dropout_rng = jax.random.split(rng)
-  visual = common.visual_input(batch, cfg.visual_input, frozen)
+  visual = apply.visual_input(batch, cfg.visual_input, frozen)
   batch_size = batch["text_ids"].shape[0]
   mismatched = jax.random.uniform(pick_rng, (batch_size,)) < cfg.mismatch_rate
   key = "visual_feats" if cfg.visual_input == "dense" else "cluster_ids"
   other = jnp.roll(visual[key], 1, axis=0)
   where = mismatched.reshape((batch_size,) + (1,) * (other.ndim - 1))
   visual = {**visual, key: jnp.where(where, other, visual[key])}
-  logits = common.apply_model(
+  logits = apply.apply_model(
       model, params, task="i2t", rng=None if deterministic else dropout_rng,
       head=lambda module, out: module.predict_match(out.pooled), text_ids=batch["text_ids"],
       text_mask=batch["text_mask"], boxes=batch["boxes"], **visual)
   targets = (~mismatched).astype(jnp.int32)
-  loss, metrics = common.cross_entropy(logits, targets, jnp.ones_like(targets), label_smoothing=0.0)
+  loss, metrics = losses.cross_entropy(logits, targets, jnp.ones_like(targets), label_smoothing=0.0)
   return loss, {**metrics, "mismatched": mismatched.mean()}

@@ -3,15 +3,16 @@
 A set of cells is masked (the paper's code: one count ~ U{6..64} per batch; X-LXMERT: a ratio ~ U(0, 1] per
 example), fed the learned mask feature, and their cluster ids are predicted from the caption and the rest.
 With ``caption_dropout`` p > 0 each training caption is replaced, with probability p, by the null caption
-``[CLS] [SEP]`` (``masks.null_captions``), which teaches the unconditional model that classifier-free guidance
+``[CLS] [SEP]`` (``layouts.null_captions``), which teaches the unconditional model that classifier-free guidance
 decodes against (``sampling.image_tokens``).
 """
 
 import jax
 import jax.numpy as jnp
 
-from bigen_jax.models import masks
-from bigen_jax.tasks import common
+from bigen_jax.models import apply
+from bigen_jax.tasks import layouts
+from bigen_jax.tasks import losses
 
 Array = jax.Array
 
@@ -21,7 +22,7 @@ def drop_captions(rng: Array, *, text_ids: Array, text_mask: Array, rate: float,
   """Each caption of ``text_ids``/``text_mask`` [B, L] replaced by the null caption with probability
   ``rate``: (text_ids, text_mask, dropped bool [B])."""
   dropped = jax.random.bernoulli(rng, rate, (text_ids.shape[0],))
-  null_ids, null_mask = masks.null_captions(text_ids, cls_id=cls_id, sep_id=sep_id, pad_id=pad_id)
+  null_ids, null_mask = layouts.null_captions(text_ids, cls_id=cls_id, sep_id=sep_id, pad_id=pad_id)
   text_ids = jnp.where(dropped[:, None], null_ids, text_ids)
   text_mask = jnp.where(dropped[:, None], null_mask, text_mask).astype(jnp.asarray(text_mask).dtype)
   return text_ids, text_mask, dropped
@@ -39,13 +40,13 @@ def loss_fn(params, batch, rng, *, model, cfg, frozen, deterministic=False):
     text_ids, text_mask, dropped = drop_captions(
         jax.random.fold_in(rng, 1), text_ids=text_ids, text_mask=text_mask, rate=cfg.caption_dropout,
         cls_id=cfg.cls_id, sep_id=cfg.sep_id, pad_id=cfg.pad_id)
-  visual_mask = masks.t2i_mask(mask_rng, batch_size=targets.shape[0], num_cells=targets.shape[1],
+  visual_mask = layouts.t2i_mask(mask_rng, batch_size=targets.shape[0], num_cells=targets.shape[1],
                                schedule=cfg.mask_schedule, min_masked=cfg.min_masked,
                                max_masked=cfg.max_masked)
-  logits = common.apply_model(
+  logits = apply.apply_model(
       model, params, task="t2i", rng=None if deterministic else dropout_rng,
       head=lambda module, out: module.predict_image(out.vision),
       text_ids=text_ids, text_mask=text_mask, boxes=batch["boxes"],
-      visual_mask=visual_mask, **common.visual_input(batch, cfg.visual_input, frozen))
-  loss, metrics = common.cross_entropy(logits, targets, visual_mask, label_smoothing=cfg.label_smoothing)
+      visual_mask=visual_mask, **apply.visual_input(batch, cfg.visual_input, frozen))
+  loss, metrics = losses.cross_entropy(logits, targets, visual_mask, label_smoothing=cfg.label_smoothing)
   return loss, {**metrics, "masked_cells": visual_mask.sum(-1).mean(), "caption_dropped": dropped.mean()}

@@ -45,7 +45,7 @@ def _corpus(images: int, refs: int, seed: int, kind: str) -> list[list[str]]:
     words = iter(vocab[rng.choice(len(vocab), lengths.sum(), p=p / p.sum())])
     sentences = iter(" ".join(next(words) for _ in range(m)) for m in lengths)
     return [[next(sentences) for _ in range(refs + 1)] for _ in range(images)]
-  from bigen_jax.data import scenes  # pylint: disable=g-import-not-at-top
+  from bigen_jax.worlds.scenes import world as scenes  # pylint: disable=g-import-not-at-top
   cfg = scenes.SceneConfig(seed=seed)
   out = []
   for i in range(images):

@@ -62,17 +62,18 @@ def bench_flax(config, batch):
   import jax  # pylint: disable=g-import-not-at-top
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
-  from bigen_jax import optim, parallel, train  # pylint: disable=g-import-not-at-top
+  from bigen_jax import experiment, optim, parallel, train  # pylint: disable=g-import-not-at-top
+  from bigen_jax import state as state_lib  # pylint: disable=g-import-not-at-top
   from bigen_jax.models import lxmert  # pylint: disable=g-import-not-at-top
   mesh, rules = parallel.make_mesh(config), parallel.axis_rules(config)
   codebook = np.random.default_rng(1).normal(size=(config.model.num_clusters, config.model.visual_feat_dim))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   task_cfg = ml_collections.FrozenConfigDict({**config.tasks.i2t.to_dict(), "mask_id": MASK_ID, "pad_id": PAD_ID})
-  ctx = train.Context(config=config, model=lxmert.build_model(config.model), mesh=mesh, rules=rules,
-                      frozen={"codebook": jax.device_put(codebook.astype(np.float32), replicated)},
-                      task_cfgs={"i2t": task_cfg}, tokenizer=None)
+  ctx = experiment.Context(config=config, model=lxmert.build_model(config.model), mesh=mesh, rules=rules,
+                           frozen={"codebook": jax.device_put(codebook.astype(np.float32), replicated)},
+                           task_cfgs={"i2t": task_cfg}, tokenizer=None)
   tx, schedule = optim.make_optimizer(config.optimizer, 1000)
-  _, shardings, init = train.create_state(ctx, tx, codebook.astype(np.float32))
+  _, shardings, init = state_lib.create_state(ctx, tx, codebook.astype(np.float32))
   state = [init(jax.random.key(0))]
   global_batch = ctx.batch_to_global(batch)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -139,11 +140,11 @@ def main(argv):
   batch = _batch(model_config, _BATCH.value)
   torch_rate, torch_device = bench_torch(config, batch) if _TORCH.value else (None, None)  # before JAX starts
   import jax  # pylint: disable=g-import-not-at-top
-  from bigen_jax import train  # pylint: disable=g-import-not-at-top
+  from bigen_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
   print(f"config={_CONFIG.value} batch={_BATCH.value} dtype={_DTYPE.value} threads={threads} "
         f"devices={jax.device_count()}x{jax.devices()[0].device_kind} fsdp={_FSDP.value}")
   flax_rate, peak, compiled = bench_flax(config, batch)
-  step_flops = train.model_flops_per_example(config, ["i2t"]) * _BATCH.value
+  step_flops = metrics_lib.model_flops_per_example(config, ["i2t"]) * _BATCH.value
   line = f"flax:  {flax_rate:8.3f} steps/s  {flax_rate * _BATCH.value:9.1f} examples/s"
   if _PEAK_TFLOPS.value:
     mfu = flax_rate * step_flops / (_PEAK_TFLOPS.value * 1e12 * jax.device_count())

@@ -1,10 +1,12 @@
-"""What the task losses share: picking the visual input, calling the model, smoothed cross-entropy."""
+"""Calling the model: its visual input of a batch, and one ``apply`` that runs the encoders and a head.
+
+Training tasks, decoders and evaluators all call the model through ``apply_model``.
+"""
 
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from bigen_jax.models import lxmert
 
@@ -18,6 +20,19 @@ def visual_input(batch: dict[str, Array], kind: str, frozen: dict[str, Any]) -> 
   if kind == "discrete":
     return {"cluster_ids": batch["cluster_ids"], "codebook": frozen["codebook"]}
   raise ValueError(f"visual_input {kind!r}: expected 'dense' or 'discrete'")
+
+
+def causal_attention(real: Array) -> Array:
+  """bool [B, L, L]: query i sees key j when j <= i and both are real (``real`` bool [B, L])."""
+  length = real.shape[1]
+  lower = jnp.tril(jnp.ones((length, length), bool))
+  return lower[None] & real[:, :, None] & real[:, None, :]
+
+
+def cls_only(shape: tuple[int, int]) -> Array:
+  """int32 ``shape`` [B, L]: 1 at position 0 ([CLS]), the only word I2T's visual cells see in the causal
+  layout (``tasks.layouts.i2t_causal_inputs``)."""
+  return jnp.broadcast_to(jnp.arange(shape[1]) == 0, shape).astype(jnp.int32)
 
 
 def apply_model(model, params, *, task: str, rng: Array | None, head: Callable[[Any, Any], Array],
@@ -38,18 +53,3 @@ def apply_model(model, params, *, task: str, rng: Array | None, head: Callable[[
 
   rngs = {} if rng is None else {"dropout": rng}
   return model.apply({"params": params}, method=forward, rngs=rngs, deterministic=rng is None, **inputs)
-
-
-def cross_entropy(logits: Array, targets: Array, weights: Array, *, label_smoothing: float
-                  ) -> tuple[Array, dict[str, Array]]:
-  """Weighted mean of (label-smoothed) cross-entropy and accuracy. logits [..., C], targets/weights [...]."""
-  logits = logits.astype(jnp.float32)
-  labels = jax.nn.one_hot(targets, logits.shape[-1], dtype=jnp.float32)
-  if label_smoothing:
-    labels = optax.smooth_labels(labels, label_smoothing)
-  losses = optax.softmax_cross_entropy(logits, labels)
-  weights = weights.astype(jnp.float32)
-  denom = jnp.maximum(weights.sum(), 1.0)
-  loss = (losses * weights).sum() / denom
-  accuracy = ((logits.argmax(-1) == targets) * weights).sum() / denom
-  return loss, {"loss": loss, "accuracy": accuracy}

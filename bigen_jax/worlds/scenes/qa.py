@@ -4,8 +4,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from bigen_jax.data import scenes_grammar as G
-from bigen_jax.data import scenes_vocab as V
+from bigen_jax.worlds.scenes import grammar as G
+from bigen_jax.worlds.scenes import lexicon as V
 
 ANSWERS = V.ANSWERS
 QUESTION_TYPES = ("count_all", "count_shape", "count_colour", "colour_of", "shape_of", "size_of",

@@ -4,12 +4,12 @@ The patch ``preview`` pastes one training cell per cluster; with features that s
 rather than exactly where its pixels lie, the pasted pieces of one object do not line up. This decoder reads
 each grid instead the way the detector was trained to describe it, and draws what it reads:
 
-  1. every cluster centroid goes through the detector's linear heads (``scenes_detector``): P(object), shape,
+  1. every cluster centroid goes through the detector's linear heads (``detector``): P(object), shape,
      colour, size, coverage, where the object's centre lies and its radius, background type;
   2. connected object cells of one colour form an object, split where their votes for its centre disagree
      (shape, colour and size by coverage-weighted vote, centre and radius by weighted mean);
   3. the background's type is voted by all cells (its colours are not described: a middle grey is drawn);
-  4. the scene graph is drawn by the world's renderer (``scenes.render``).
+  4. the scene graph is drawn by the world's renderer (``world.render``).
 
 It uses nothing of the image but its 64 cluster ids, so it is a token decoder like the preview and the
 SPADE generator (issue 13) that replaces both; the world's renderer makes it exact for this world only.
@@ -22,11 +22,11 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from bigen_jax.data import scenes
-from bigen_jax.data import scenes_render
-from bigen_jax.data.scenes_vocab import BACKGROUNDS, COLOURS, SHAPES, SIZES
+from bigen_jax.worlds.scenes import render
+from bigen_jax.worlds.scenes import world
+from bigen_jax.worlds.scenes.lexicon import BACKGROUNDS, COLOURS, SHAPES, SIZES
 
-HEADS_SUFFIX = ".heads.npz"  # written beside the detector's weights by ``scenes_detector.save_detector``
+HEADS_SUFFIX = ".heads.npz"  # written beside the detector's weights by ``detector.save_detector``
 GRID = 8
 CLASS_HEADS = ("object", "shape", "colour", "size", "background")
 SPLIT_RADII = 1.6
@@ -134,13 +134,13 @@ def _objects(a: Mapping[str, np.ndarray], attrs: Mapping[str, Any], min_weight: 
     if w.sum() < min_weight:
       continue
     size = SIZES[int(np.argmax(w @ a["size"][g]))]
-    lo, hi = scenes.SIZE_RANGE[size]
+    lo, hi = world.SIZE_RANGE[size]
     x, y = np.average(votes[g], axis=0, weights=w)
     obj = {"shape": SHAPES[int(np.argmax(w @ a["shape"][g]))], "colour": COLOURS[int(np.argmax(w @ a["colour"][g]))],
            "size": size, "x": float(x), "y": float(y),
            "r": float(np.clip(np.average(radius[g], weights=w), lo / 2, hi / 2))}
     if all(math.hypot(obj["x"] - o["x"], obj["y"] - o["y"]) > max(obj["r"], o["r"]) for o in objects):
-      ex = scenes_render.unit_extent(obj["shape"])
+      ex = render.unit_extent(obj["shape"])
       obj["bbox"] = [obj["x"] + ex[0] * obj["r"], obj["y"] + ex[1] * obj["r"], obj["x"] + ex[2] * obj["r"],
                      obj["y"] + ex[3] * obj["r"]]
       objects.append(obj)
@@ -151,7 +151,7 @@ def _background(a: Mapping[str, np.ndarray], size: int) -> dict[str, Any]:
   """The background type by vote (the detector does not describe the background's colours: the world's
   middle tone, plain, is drawn)."""
   kind = BACKGROUNDS[int(np.argmax(a["background"].sum(0)))]
-  tone = [float(v) for v in scenes_render.BACKGROUND_RGB[0]]
+  tone = [float(v) for v in render.BACKGROUND_RGB[0]]
   return {"type": kind, "colour": tone, "tint": tone, "angle": 0.0, "strength": 0.0,
           **_PATTERN, "amplitude": 30.0 if kind == "dotted" else _PATTERN["amplitude"],
           "period": _PATTERN["period"] * size / 128}
@@ -159,7 +159,7 @@ def _background(a: Mapping[str, np.ndarray], size: int) -> dict[str, Any]:
 
 def decode_scenes(cluster_ids: np.ndarray, attrs: Mapping[str, Any], *, image_size: int = 128,
                   min_weight: float = 0.25) -> list[dict[str, Any]]:
-  """Scene graphs (``scenes`` format, without relations) read from cluster ids [N, 64].
+  """Scene graphs (``world`` format, without relations) read from cluster ids [N, 64].
 
   ``min_weight``: an object needs at least this much summed cell coverage (drops stray single cells).
   """
@@ -174,5 +174,5 @@ def decode_scenes(cluster_ids: np.ndarray, attrs: Mapping[str, Any], *, image_si
 
 
 def render_scenes(cluster_ids: np.ndarray, attrs: Mapping[str, Any], **kwargs) -> np.ndarray:
-  """Cluster ids [N, 64] -> pictures uint8 [N, S, S, 3] (``decode_scenes`` drawn by ``scenes.render``)."""
-  return np.stack([scenes.render(s) for s in decode_scenes(cluster_ids, attrs, **kwargs)])
+  """Cluster ids [N, 64] -> pictures uint8 [N, S, S, 3] (``decode_scenes`` drawn by ``world.render``)."""
+  return np.stack([world.render(s) for s in decode_scenes(cluster_ids, attrs, **kwargs)])

@@ -1,11 +1,11 @@
-"""I2T and T2I input layouts (bigen_jax/models/masks.py)."""
+"""I2T and T2I input layouts (bigen_jax/tasks/layouts.py)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bigen_jax.models import masks
+from bigen_jax.tasks import layouts
 
 PAD, CLS, SEP, MASK = 0, 2, 3, 4
 
@@ -17,7 +17,7 @@ def _captions():
 
 def test_i2t_inputs_layout():
   ids = _captions()
-  out = masks.i2t_inputs(text_ids=ids, positions=jnp.array([2, 2]), mask_id=MASK, pad_id=PAD)
+  out = layouts.i2t_inputs(text_ids=ids, positions=jnp.array([2, 2]), mask_id=MASK, pad_id=PAD)
   np.testing.assert_array_equal(out.text_ids, [[CLS, 10, MASK, PAD, PAD, PAD, PAD],
                                                [CLS, 20, MASK, PAD, PAD, PAD, PAD]])
   np.testing.assert_array_equal(out.targets, [11, SEP])
@@ -27,7 +27,7 @@ def test_i2t_inputs_layout():
 
 def test_i2t_inputs_respects_padding_and_explicit_mask():
   ids = _captions()
-  out = masks.i2t_inputs(text_ids=ids, positions=jnp.array([4, 1]), mask_id=MASK, pad_id=PAD,
+  out = layouts.i2t_inputs(text_ids=ids, positions=jnp.array([4, 1]), mask_id=MASK, pad_id=PAD,
                          text_mask=(ids != PAD).astype(jnp.int32))
   np.testing.assert_array_equal(out.text_ids[0], [CLS, 10, 11, 12, MASK, PAD, PAD])
   np.testing.assert_array_equal(out.targets, [SEP, 20])
@@ -35,14 +35,14 @@ def test_i2t_inputs_respects_padding_and_explicit_mask():
 
 
 def test_i2t_inputs_jit():
-  fn = jax.jit(lambda ids, pos: masks.i2t_inputs(text_ids=ids, positions=pos, mask_id=MASK, pad_id=PAD))
+  fn = jax.jit(lambda ids, pos: layouts.i2t_inputs(text_ids=ids, positions=pos, mask_id=MASK, pad_id=PAD))
   out = fn(_captions(), jnp.array([1, 2]))
   np.testing.assert_array_equal(out.targets, [10, SEP])
 
 
 def test_sample_i2t_positions_in_range():
   mask = jnp.array([[1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0, 0]])
-  pos = masks.sample_i2t_positions(jax.random.key(0), text_mask=jnp.tile(mask, (200, 1)))
+  pos = layouts.sample_i2t_positions(jax.random.key(0), text_mask=jnp.tile(mask, (200, 1)))
   pos = np.asarray(pos).reshape(200, 3)
   assert pos[:, 0].min() == 1 and pos[:, 0].max() == 4  # words and [SEP], never [CLS]
   assert set(pos[:, 1]) == {1, 2}
@@ -50,14 +50,14 @@ def test_sample_i2t_positions_in_range():
 
 
 def test_random_cells_mask_exact_counts():
-  m = masks.random_cells_mask(jax.random.key(1), num_masked=jnp.array([0, 5, 64]), batch_size=3, num_cells=64)
+  m = layouts.random_cells_mask(jax.random.key(1), num_masked=jnp.array([0, 5, 64]), batch_size=3, num_cells=64)
   np.testing.assert_array_equal(np.asarray(m).sum(1), [0, 5, 64])
 
 
 def test_t2i_mask_count_schedule():
   counts = set()
   for seed in range(20):
-    m = np.asarray(masks.t2i_mask(jax.random.key(seed), batch_size=4, min_masked=6, max_masked=64))
+    m = np.asarray(layouts.t2i_mask(jax.random.key(seed), batch_size=4, min_masked=6, max_masked=64))
     assert m.shape == (4, 64) and m.dtype == bool
     assert len(set(m.sum(1))) == 1  # one count for the whole batch
     counts.add(int(m.sum(1)[0]))
@@ -65,7 +65,7 @@ def test_t2i_mask_count_schedule():
 
 
 def test_t2i_mask_ratio_schedule():
-  m = np.asarray(masks.t2i_mask(jax.random.key(0), batch_size=256, schedule="ratio"))
+  m = np.asarray(layouts.t2i_mask(jax.random.key(0), batch_size=256, schedule="ratio"))
   per_example = m.sum(1)
   assert per_example.min() >= 1 and per_example.max() <= 64
   assert len(set(per_example)) > 20  # a ratio per example
@@ -74,11 +74,11 @@ def test_t2i_mask_ratio_schedule():
 
 def test_t2i_mask_rejects_unknown_schedule():
   with pytest.raises(ValueError, match="schedule"):
-    masks.t2i_mask(jax.random.key(0), batch_size=2, schedule="nope")
+    layouts.t2i_mask(jax.random.key(0), batch_size=2, schedule="nope")
 
 
 def test_t2i_mask_cosine_schedule_favours_full_masks():
-  m = np.asarray(masks.t2i_mask(jax.random.key(0), batch_size=4096, schedule="cosine"))
+  m = np.asarray(layouts.t2i_mask(jax.random.key(0), batch_size=4096, schedule="cosine"))
   per_example = m.sum(1)
   assert per_example.min() >= 1 and per_example.max() == 64
   # P(r > 1/2) = P(u < 2/3) = 2/3 for r = cos(pi u / 2): most examples have more than half the grid masked.

@@ -8,8 +8,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from bigen_jax.data import scenes_grammar as G
-from bigen_jax.data import scenes_vocab as V
+from bigen_jax.worlds.scenes import grammar as G
+from bigen_jax.worlds.scenes import lexicon as V
 
 Scene = Mapping[str, Any]
 REL_WORDS = {"left of": ("left of", "to the left of"), "right of": ("right of", "to the right of"),

@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from bigen_jax.data import scenes_vocab as V
+from bigen_jax.worlds.scenes import lexicon as V
 
 REL_PHRASES = {("to", "the", "left", "of"): "left of", ("left", "of"): "left of",
                ("to", "the", "right", "of"): "right of", ("right", "of"): "right of",

@@ -16,7 +16,7 @@ Architecture: strided 3x3 convs with batch norm to a stride-4 map (the cell's co
 stride-8 map with dilated context (what object the cell belongs to), both RoI-average-pooled over the 64
 grid boxes, then ``fc6`` (linear, ReLU, ``feature_dim`` wide) and linear heads. The backbone stores ``fc6``
 or the heads' ``logits`` (``ScenesDetectorBackbone(layer=...)``); either way the heads' reading of a
-cluster centroid is the mean reading of its cells, which ``sampling.scene_decoder`` draws.
+cluster centroid is the mean reading of its cells, which ``scene_decoder`` draws.
 
 ``load_or_train(directory)`` caches the trained weights (and resumes an interrupted training from its last
 checkpoint); ``ScenesDetectorBackbone`` is the extraction backbone.
@@ -33,12 +33,13 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from bigen_jax import fileio
 from bigen_jax.data import records
-from bigen_jax.data import scenes
-from bigen_jax.data import scenes_render
-from bigen_jax.data.scenes_vocab import BACKGROUNDS, COLOURS, SHAPES, SIZES
 from bigen_jax.features import backbones
-from bigen_jax.sampling import scene_decoder
+from bigen_jax.worlds.scenes import render
+from bigen_jax.worlds.scenes import scene_decoder
+from bigen_jax.worlds.scenes import world
+from bigen_jax.worlds.scenes.lexicon import BACKGROUNDS, COLOURS, SHAPES, SIZES
 
 IMAGE_SIZE = 128
 GRID = records.GRID
@@ -70,7 +71,7 @@ def cell_targets(scene: Mapping[str, Any]) -> dict[str, np.ndarray]:
   cell = size / GRID
   cover = np.zeros((len(scene["objects"]), GRID, GRID), np.float32)
   for n, obj in enumerate(scene["objects"]):
-    x0, y0, alpha = scenes_render._alpha(obj, size)  # pylint: disable=protected-access
+    x0, y0, alpha = render._alpha(obj, size)  # pylint: disable=protected-access
     full = np.zeros((size, size), np.float32)
     full[y0:y0 + alpha.shape[0], x0:x0 + alpha.shape[1]] = alpha
     cover[n] = full.reshape(GRID, size // GRID, GRID, size // GRID).mean(axis=(1, 3))
@@ -99,8 +100,8 @@ def cell_targets(scene: Mapping[str, Any]) -> dict[str, np.ndarray]:
 def render_pool(num: int, *, seed: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
   """``num`` training scenes of the detector's own stream: images uint8 [num, 128, 128, 3] and stacked
   ``cell_targets`` [num, 64, ...]."""
-  graphs = [scenes.sample_scene(np.random.default_rng([seed, _STREAM, i])) for i in range(num)]
-  images = np.stack([scenes.render(g) for g in graphs])
+  graphs = [world.sample_scene(np.random.default_rng([seed, _STREAM, i])) for i in range(num)]
+  images = np.stack([world.render(g) for g in graphs])
   per = [cell_targets(g) for g in graphs]
   return images, {k: np.stack([t[k] for t in per]) for k in per[0]}
 
@@ -235,14 +236,13 @@ def train_detector(checkpoint: str | None = None, *, steps: int = 1000, seed: in
 
 def _save_atomic(obj: Any, path: str) -> None:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  torch.save(obj, tmp)
-  os.replace(tmp, path)
+  with fileio.open_atomic(path) as f:
+    torch.save(obj, f)
 
 
 def save_detector(path: str, net: SceneDetectorNet, report: Mapping[str, Any]) -> None:
   """One file: the state dict plus the architecture and the training report (atomic write); and beside it
-  ``<path>.heads.npz``, the linear heads as numpy, which ``sampling.scene_decoder`` reads (no torch)."""
+  ``<path>.heads.npz``, the linear heads as numpy, which ``scene_decoder`` reads (no torch)."""
   _save_atomic({"state_dict": net.state_dict(), "width": net.width,
                 "feature_dim": net.feature_dim, "report": json.dumps(dict(report))}, path)
   save_heads(path + scene_decoder.HEADS_SUFFIX, net)
@@ -251,18 +251,17 @@ def save_detector(path: str, net: SceneDetectorNet, report: Mapping[str, Any]) -
 def save_heads(path: str, net: SceneDetectorNet) -> None:
   """The heads on fc6 (weight [O, D], bias [O]), their names and widths and the targets' scales, as .npz."""
   names = [n for n, _ in CLASS_HEADS] + [n for n, _ in REGRESSION_HEADS]
-  tmp = f"{path}.tmp{os.getpid()}.npz"
-  np.savez(tmp, weight=net.heads.weight.detach().numpy(), bias=net.heads.bias.detach().numpy(),
-           names=np.array(names), widths=np.array(net.widths), cell=np.float32(CELL),
-           centre_range=np.float32(CENTRE_RANGE))
-  os.replace(tmp, path)
+  with fileio.open_atomic(path) as f:
+    np.savez(f, weight=net.heads.weight.detach().numpy(), bias=net.heads.bias.detach().numpy(),
+             names=np.array(names), widths=np.array(net.widths), cell=np.float32(CELL),
+             centre_range=np.float32(CENTRE_RANGE))
 
 
 def load_detector(path: str) -> tuple[SceneDetectorNet, dict[str, Any]]:
   """(net in eval mode, report) from ``save_detector``; errors name the file."""
   if not os.path.isfile(path):
     raise backbones.WeightsError(f"scenes detector file {path} does not exist (train it with "
-                                 "bigen_jax.features.scenes_detector.load_or_train)")
+                                 "bigen_jax.worlds.scenes.detector.load_or_train)")
   try:
     blob = torch.load(path, map_location="cpu", weights_only=False)
     net = SceneDetectorNet(width=int(blob["width"]), feature_dim=int(blob["feature_dim"]))
@@ -317,7 +316,7 @@ class ScenesDetectorBackbone(backbones.Backbone):
     super().__init__(device)
     if not weights:
       raise backbones.WeightsError("--backbone scenes_detector needs --weights: the file that "
-                                   "bigen_jax.features.scenes_detector.load_or_train writes")
+                                   "bigen_jax.worlds.scenes.detector.load_or_train writes")
     if image_size != IMAGE_SIZE:
       raise ValueError(f"the scenes detector reads {IMAGE_SIZE}-px images, got image_size={image_size}")
     if layer not in LAYERS:

@@ -10,29 +10,30 @@ graph (JSON-serialisable) is::
                 "bbox": [x1, y1, x2, y2]}, ...],            # pixels, tight box
    "relations": [[subject, "left of", object], ...]}        # every relation that holds (``relation_holds``)
 
-An example (``make_example``) depends only on (seed, split, index), so any one can be regenerated alone.
-``source`` reads the prepared TFDS dataset (``scenes_tfds``) in the source-dict format of docs/data_interfaces.md.
+An example (``make_example``) depends only on (seed, split, index), so any one can be regenerated alone, and
+so can the scene graphs of a named dataset's records (``scene_graphs``). The named datasets (``DATASETS``) are the
+TFDS builder's configs (``tfds_builder``, the one module of the world that needs TensorFlow).
 """
 
 import dataclasses
 import json
 import zlib
-from typing import Any, Iterator
+from typing import Any, Sequence
 
 import numpy as np
 
-from bigen_jax.data import scenes_vocab as V
-from bigen_jax.data.scenes_captions import captions
-from bigen_jax.data.scenes_grammar import check_caption, hard_negatives, parse_caption
-from bigen_jax.data.scenes_qa import ANSWERS, questions
-from bigen_jax.data.scenes_render import BACKGROUND_RGB, render, unit_extent
-from bigen_jax.data.scenes_vocab import (BACKGROUNDS, COLOURS, MAX_WORDS, NEGATIVE_CATEGORIES, NUMBERS,
-                                         RELATIONS, SHAPES, SIZES)
+from bigen_jax.worlds.scenes import lexicon as V
+from bigen_jax.worlds.scenes.captions import captions
+from bigen_jax.worlds.scenes.grammar import check_caption, hard_negatives, parse_caption
+from bigen_jax.worlds.scenes.lexicon import (BACKGROUNDS, COLOURS, MAX_WORDS, NEGATIVE_CATEGORIES, NUMBERS,
+                                              RELATIONS, SHAPES, SIZES)
+from bigen_jax.worlds.scenes.qa import ANSWERS, questions
+from bigen_jax.worlds.scenes.render import BACKGROUND_RGB, render, unit_extent
 
 __all__ = ["SceneConfig", "sample_scene", "render", "captions", "check_caption", "parse_caption",
-           "hard_negatives", "questions", "make_example", "example_rng", "image_id", "source", "SHAPES",
+           "hard_negatives", "questions", "make_example", "example_rng", "image_id", "SHAPES",
            "COLOURS", "SIZES", "NUMBERS", "RELATIONS", "BACKGROUNDS", "ANSWERS", "NEGATIVE_CATEGORIES",
-           "MAX_WORDS", "SPLITS"]
+           "MAX_WORDS", "SPLITS", "DatasetConfig", "DATASETS", "scene_graphs"]
 
 SPLITS = ("train", "validation", "test")
 IMAGE_ID_STRIDE = 10_000_000  # image_id = split position * stride + index: unique across splits
@@ -134,25 +135,37 @@ def make_example(index: int, cfg: SceneConfig = SceneConfig(), *, split: str = "
           "captions": caps, "scene_graph": json.dumps(scene, sort_keys=True), "hard_negatives": negs, "qa": qa}
 
 
-def _text(x) -> str:
-  return x.decode("utf-8") if isinstance(x, bytes) else str(x)
+@dataclasses.dataclass(frozen=True)
+class DatasetConfig:
+  """Split sizes and scene settings of one prepared variant of the dataset."""
+  description: str = ""
+  num_train: int = 2000
+  num_validation: int = 250
+  num_test: int = 250
+  image_size: int = 128
+  min_objects: int = 1
+  max_objects: int = 4
+  seed: int = 0
+
+  def scene_config(self) -> SceneConfig:
+    return SceneConfig(image_size=self.image_size, min_objects=self.min_objects, max_objects=self.max_objects,
+                       seed=self.seed)
+
+  def split_sizes(self) -> dict[str, int]:
+    return {"train": self.num_train, "validation": self.num_validation, "test": self.num_test}
 
 
-def _rows(seq: dict[str, Any], fields: tuple[str, ...]) -> list[dict[str, str]]:
-  return [dict(zip(fields, (_text(v) for v in vals))) for vals in zip(*(seq[f] for f in fields))]
+DATASETS = {
+    "demo": DatasetConfig(description="2000/250/250 scenes at 128 px"),
+    "tiny": DatasetConfig(description="64/16/16 scenes at 64 px (tests)", num_train=64, num_validation=16,
+                          num_test=16, image_size=64),
+    "large": DatasetConfig(description="50000/5000/5000 scenes at 128 px", num_train=50000, num_validation=5000,
+                           num_test=5000),
+}
 
 
-def source(split: str, *, data_dir: str, config: Any = "demo", **overrides) -> Iterator[dict[str, Any]]:
-  """Yields the source dicts of one split, in index order, from the TFDS dataset (prepared on first use).
-
-  ``config``: a config name ("demo", "tiny", "large") or a ``CaptionedScenesConfig``; keyword overrides
-  (e.g. ``num_train=100``) make a custom config (see ``scenes_tfds.builder``).
-  """
-  from bigen_jax.data import scenes_tfds  # pylint: disable=g-import-not-at-top  (TensorFlow is heavy)
-  b = scenes_tfds.builder(data_dir, config=config, **overrides)
-  scenes_tfds.prepare(b)
-  for ex in scenes_tfds.as_numpy(b, split):
-    yield {"image_id": int(ex["image_id"]), "key": _text(ex["key"]), "image": ex["image"],
-           "captions": [_text(c) for c in ex["captions"]], "scene_graph": _text(ex["scene_graph"]),
-           "hard_negatives": _rows(ex["hard_negatives"], ("caption", "category", "negative")),
-           "qa": _rows(ex["questions"], ("question", "answer"))}
+def scene_graphs(dataset: str, split: str, indices: Sequence[int]) -> list[dict[str, Any]]:
+  """Ground-truth scene graphs of the examples ``indices`` of ``split`` of the named dataset (``DATASETS``),
+  regenerated from its seed."""
+  cfg = DATASETS[dataset].scene_config()
+  return [sample_scene(example_rng(cfg.seed, split, int(i)), cfg) for i in indices]

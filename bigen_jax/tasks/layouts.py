@@ -19,6 +19,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from bigen_jax.models import apply
+
 Array = jax.Array
 
 
@@ -59,27 +61,14 @@ class I2TCausalInputs:
   weights: Array
 
 
-def causal_attention(real: Array) -> Array:
-  """bool [B, L, L]: query i sees key j when j <= i and both are real (``real`` bool [B, L])."""
-  length = real.shape[1]
-  lower = jnp.tril(jnp.ones((length, length), bool))
-  return lower[None] & real[:, :, None] & real[:, None, :]
-
-
-def cls_only(shape: tuple[int, int]) -> Array:
-  """int32 ``shape`` [B, L]: 1 at position 0 ([CLS]), the only word I2T's visual cells see in the causal
-  layout."""
-  return jnp.broadcast_to(jnp.arange(shape[1]) == 0, shape).astype(jnp.int32)
-
-
 def i2t_causal_inputs(*, text_ids: Array, text_mask: Array, pad_id: int) -> I2TCausalInputs:
   """The causal I2T layout of captions ``text_ids`` [B, L] with real tokens ``text_mask`` [B, L]."""
   text_ids = jnp.asarray(text_ids)
   real = jnp.asarray(text_mask).astype(bool)
   targets = jnp.concatenate([text_ids[:, 1:], jnp.full_like(text_ids[:, :1], pad_id)], axis=1)
   weights = jnp.concatenate([real[:, 1:], jnp.zeros_like(real[:, :1])], axis=1).astype(jnp.float32)
-  return I2TCausalInputs(text_attention=causal_attention(real), vision_text_mask=cls_only(text_ids.shape),
-                         targets=targets, weights=weights)
+  return I2TCausalInputs(text_attention=apply.causal_attention(real),
+                         vision_text_mask=apply.cls_only(text_ids.shape), targets=targets, weights=weights)
 
 
 def sample_i2t_positions(rng: Array, *, text_mask: Array) -> Array:

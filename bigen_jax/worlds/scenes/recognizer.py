@@ -1,18 +1,12 @@
-"""Semantic accuracy of generated images and captions in the captioned-scenes world, read by a recogniser.
+"""The scene recogniser of the captioned-scenes world: training, I/O, and reading images back into scene graphs.
 
-The recogniser (``bigen_jax.models.scene_recognizer``, a small CenterNet-style convnet) is trained here on
-rendered scenes drawn from a stream of its own (disjoint from the dataset's splits) and reads an image back
-into a scene graph (``recognize``). The grammar (``scenes_grammar``) then says whether a caption is true of it.
+The recogniser (``recognizer_model``, a small CenterNet-style convnet) is trained on rendered scenes drawn from a
+stream of its own (disjoint from the dataset's splits) and reads an image back into a scene graph
+(``recognize``); ``semantic`` scores captions against what it reads. It is trained by its own step
+(``python tools/train_scene_recognizer.py --out DIR``, stage 9 of ``make demo``: ``load_or_train``); evaluators
+only ``load`` it.
 
-Relations in recognised scenes are read with a lenient margin (``LENIENT_MARGIN`` = 0 px: the subject's
-centre only has to lie on the stated side of the object's centre): the dataset's 8-pixel margin is a rule for
-*writing* true captions, and a generated image that puts a star a few pixels left of a circle does show "a
-star left of a circle". Hard negatives are false even at margin 0, so this reading still rejects them.
-
-Per-claim-type numbers split a caption's claims (``claim_parts``) into single checks: ``objects`` (each noun
-phrase exists, distinct-object and "the" uniqueness rules kept), ``shapes`` / ``colours`` / ``sizes`` (some
-object has each stated attribute), ``counts`` (each "two red circles" exactly), ``relations`` (each stated
-relation with its two noun phrases) and ``background``.
+Scene graphs are read with a lenient relation margin (``LENIENT_MARGIN``, see ``semantic``).
 """
 
 import functools
@@ -28,14 +22,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bigen_jax.data import scenes
-from bigen_jax.data import scenes_grammar as G
+from bigen_jax import errors
+from bigen_jax import fileio
+from bigen_jax.data import batching
 from bigen_jax.eval import fid
-from bigen_jax.models import scene_recognizer as R
+from bigen_jax.worlds.scenes import grammar as G
+from bigen_jax.worlds.scenes import recognizer_model as R
+from bigen_jax.worlds.scenes import world
 
-LENIENT_MARGIN = 0.0
-CLAIM_TYPES = ("objects", "shapes", "colours", "sizes", "counts", "relations", "background")
-ATTRIBUTE_TYPES = (("shape", "shapes"), ("colour", "colours"), ("size", "sizes"))
+LENIENT_MARGIN = 0.0  # pixels: relations read from recognised scenes (``semantic``'s module docstring)
 _POOL_STREAM = 0x5CE4E  # the recogniser's training scenes: a generator stream no dataset split uses
 
 
@@ -43,8 +38,8 @@ _POOL_STREAM = 0x5CE4E  # the recogniser's training scenes: a generator stream n
 
 def render_pool(num: int, *, seed: int) -> tuple[np.ndarray, list[dict[str, Any]]]:
   """``num`` training scenes and their images [num, 128, 128, 3] uint8, from (seed, index) alone."""
-  graphs = [scenes.sample_scene(np.random.default_rng([seed, _POOL_STREAM, i])) for i in range(num)]
-  return np.stack([scenes.render(g) for g in graphs]), graphs
+  graphs = [world.sample_scene(np.random.default_rng([seed, _POOL_STREAM, i])) for i in range(num)]
+  return np.stack([world.render(g) for g in graphs]), graphs
 
 
 def stack_targets(graphs: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
@@ -110,14 +105,11 @@ def train_recognizer(*, steps: int = 600, seed: int = 0, batch_size: int = 32, l
 
 
 def save_recognizer(path: str, params: Any, report: Mapping[str, Any] | None = None) -> None:
-  """Writes params (and the report, as JSON) to one msgpack file, atomically (tmp file, then rename)."""
+  """Writes params (and the report, as JSON) to one msgpack file, atomically (``fileio.write_atomic``)."""
   blob = flax.serialization.msgpack_serialize(
       {"params": flax.serialization.to_state_dict(jax.device_get(params)), "report": json.dumps(report or {})})
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(blob)
-  os.replace(tmp, path)
+  fileio.write_atomic(path, blob)
 
 
 def load_recognizer(path: str) -> tuple[Any, dict[str, Any]]:
@@ -133,18 +125,35 @@ def load_recognizer(path: str) -> tuple[Any, dict[str, Any]]:
   return params, json.loads(state["report"])
 
 
-def load_or_train(directory: str, **train_kwargs) -> tuple[Any, dict[str, Any]]:
-  """The cached recogniser for these training arguments (defaults filled in) under ``directory``, trained and
-  saved on first use."""
+def recognizer_path(directory: str, **train_kwargs) -> str:
+  """Where ``load_or_train`` keeps the recogniser trained with these arguments (defaults filled in)."""
   args = inspect.signature(train_recognizer).bind(**train_kwargs)
   args.apply_defaults()
   key = "_".join(f"{k}{v}" for k, v in sorted(args.arguments.items()) if k not in ("eval_scenes", "log_every"))
-  path = os.path.join(directory, f"scene_recognizer_{key}.msgpack")
+  return os.path.join(directory, f"scene_recognizer_{key}.msgpack")
+
+
+def load_or_train(directory: str, **train_kwargs) -> tuple[Any, dict[str, Any]]:
+  """The cached recogniser for these training arguments (defaults filled in) under ``directory``, trained and
+  saved on first use: the training step (``tools/train_scene_recognizer.py``, ``make demo``)."""
+  path = recognizer_path(directory, **train_kwargs)
   if os.path.exists(path):
     return load_recognizer(path)
   params, report = train_recognizer(**train_kwargs)
   save_recognizer(path, params, report)
   return params, report
+
+
+def load(directory: str) -> tuple[Any, dict[str, Any]]:
+  """(params, report) of the default recogniser that ``load_or_train(directory)`` trained; never trains.
+  ``UserError`` naming the directory and the command that trains it when it is not there."""
+  path = recognizer_path(directory)
+  if not os.path.exists(path):
+    raise errors.UserError(
+        f"no scene recogniser in {directory} ({os.path.basename(path)} is missing): train it once with "
+        f"`python tools/train_scene_recognizer.py --out {directory}` (make demo's stage 9 does), or point "
+        "--config.eval.generation.recognizer_dir at the directory that holds it")
+  return load_recognizer(path)
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -163,10 +172,9 @@ def predict(params: Any, images: np.ndarray, *, batch_size: int = 64) -> dict[st
   chunks = []
   for start in range(0, n, batch_size):
     chunk = images[start:start + batch_size]
-    pad = batch_size - len(chunk) if n > batch_size else 0  # fixed shapes: one compile for every batch
-    chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], np.uint8)]) if pad else chunk
-    out = jax.device_get(_predict_batch(params, chunk))
-    chunks.append({k: v[:len(v) - pad] for k, v in out.items()})
+    rows = batch_size if n > batch_size else n  # fixed shapes: one compile for every batch
+    out = jax.device_get(_predict_batch(params, batching.pad_rows(chunk, rows)))
+    chunks.append({k: v[:len(chunk)] for k, v in out.items()})
   return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
 
 
@@ -175,139 +183,6 @@ def recognize(params: Any, images: np.ndarray, *, threshold: float = 0.3,
   """Scene graphs read from uint8 images [N, 128, 128, 3] (format of ``R.decode``, which ``check_claims``
   accepts); their ``relation_margin`` is the lenient one unless told otherwise."""
   return R.decode(predict(params, images), threshold=threshold, relation_margin=relation_margin)
-
-
-# ----------------------------------------------------------------------------------------------- claims
-
-def _claims(**kw) -> dict[str, Any]:
-  return {"mentions": [], "relations": [], "counts": [], "background": None, **kw}
-
-
-def claim_parts(claims: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-  """A caption's claims (``parse_caption``) split into (type, single-check claims) for ``CLAIM_TYPES``."""
-  parts = []
-  descs = list(claims["mentions"]) + [d for d, _ in claims["counts"]]
-  for m in claims["mentions"]:
-    parts.append(("objects", _claims(mentions=[m])))
-  for d, n in claims["counts"]:
-    parts.append(("counts", _claims(counts=[(d, n)])))
-  for d in descs:
-    for key, kind in ATTRIBUTE_TYPES:
-      if d[key] is not None:
-        one = {"shape": None, "colour": None, "size": None, "definite": False, key: d[key]}
-        parts.append((kind, _claims(mentions=[one])))
-  for a, rel, b in claims["relations"]:
-    parts.append(("relations", _claims(mentions=[claims["mentions"][a], claims["mentions"][b]],
-                                       relations=[(0, rel, 1)])))
-  if claims["background"] is not None:
-    parts.append(("background", _claims(background=claims["background"])))
-  return parts
-
-
-def _parse(caption: str) -> dict[str, Any] | None:
-  try:
-    return G.parse_caption(caption)
-  except G.ParseError:
-    return None
-
-
-def _claim_scores(claims_list: Sequence[Mapping[str, Any] | None], graphs: Sequence[Mapping[str, Any]],
-                  margin: float | None) -> tuple[np.ndarray, dict[str, list[bool]]]:
-  """Whole-caption truth [N] (False where unparseable) and each claim type's single-check outcomes."""
-  whole = np.zeros(len(claims_list), bool)
-  by_type: dict[str, list[bool]] = {t: [] for t in CLAIM_TYPES}
-  for i, (claims, graph) in enumerate(zip(claims_list, graphs, strict=True)):
-    if claims is None:
-      continue
-    whole[i] = G.check_claims(claims, graph, margin=margin)
-    for kind, part in claim_parts(claims):
-      by_type[kind].append(G.check_claims(part, graph, margin=margin))
-  return whole, by_type
-
-
-def _type_summary(by_type: Mapping[str, list[bool]], prefix: str) -> dict[str, float]:
-  out = {}
-  for kind, oks in by_type.items():
-    out[f"{kind}_{prefix}"] = float(np.mean(oks)) if oks else float("nan")
-    out[f"num_{kind}_claims"] = len(oks)
-  return out
-
-
-def caption_semantic_accuracy(captions: Sequence[str], scene_graphs: Sequence[Mapping[str, Any] | str], *,
-                              margin: float | None = None) -> dict[str, float]:
-  """Generated captions against the ground-truth scene graphs of their images (one caption per graph).
-
-  ``parseable``: fraction inside the grammar; ``accuracy``: fraction true (``check_caption``; unparseable
-  ones count as false); ``<type>_precision``: fraction of the parseable captions' claims of that type that
-  hold. ``margin`` (pixels) overrides the graphs' own relation margin (None: the dataset's 8 px).
-  """
-  graphs = [G.load_scene(g) for g in scene_graphs]
-  claims = [_parse(c) for c in captions]
-  whole, by_type = _claim_scores(claims, graphs, margin)
-  return {"num_captions": len(captions), "parseable": float(np.mean([c is not None for c in claims])),
-          "accuracy": float(whole.mean()) if len(whole) else float("nan"), **_type_summary(by_type, "precision")}
-
-
-def image_semantic_accuracy(params: Any, images: np.ndarray, captions: Sequence[str], *,
-                            margin: float = LENIENT_MARGIN, threshold: float = 0.3) -> dict[str, float]:
-  """Images generated from captions (image i from captions[i]), read by the recogniser.
-
-  ``accuracy``: fraction of images whose caption's claims all hold in the recognised scene (relations at
-  ``margin`` pixels, lenient by default); ``<type>_accuracy``: fraction of claims of each type that hold.
-  Unparseable captions count as failures (``parseable`` reports their share).
-  """
-  return semantic_accuracy(predict(params, images), captions, margin=margin, threshold=threshold)
-
-
-def semantic_accuracy(probs: Mapping[str, np.ndarray], captions: Sequence[str], *,
-                      margin: float = LENIENT_MARGIN, threshold: float = 0.3) -> dict[str, float]:
-  """``image_semantic_accuracy`` from the recogniser's outputs (``predict``) of the images."""
-  graphs = R.decode(probs, threshold=threshold, relation_margin=margin)
-  claims = [_parse(c) for c in captions]
-  whole, by_type = _claim_scores(claims, graphs, margin)
-  return {"num_images": len(graphs), "parseable": float(np.mean([c is not None for c in claims])),
-          "accuracy": float(whole.mean()) if len(whole) else float("nan"), **_type_summary(by_type, "accuracy")}
-
-
-def _soft_match(probs: Mapping[str, np.ndarray], n: int, desc: Mapping[str, Any]) -> float:
-  """Max over cells of P(object centre) x P(each stated attribute): how surely some object fits ``desc``."""
-  p = probs["heat"][n].copy()
-  for key, vocab in (("shape", scenes.SHAPES), ("colour", scenes.COLOURS), ("size", scenes.SIZES)):
-    if desc[key] is not None:
-      p = p * probs[key][n][..., vocab.index(desc[key])]
-  return float(p.max())
-
-
-def caption_image_score(params: Any, images: np.ndarray, captions: Sequence[str], *,
-                        margin: float = LENIENT_MARGIN, threshold: float = 0.3) -> np.ndarray:
-  """Image–caption agreement [N] in [0, 1] for ranking (image i against captions[i]); 0 if unparseable.
-
-  The mean of three terms read from the recogniser: whether the whole caption holds in the recognised scene
-  (0/1), the fraction of its single claims (``claim_parts``) that hold, and a soft term — the mean over its
-  noun phrases and counted descriptions of ``_soft_match`` (the recogniser's probability that some object
-  fits), plus P(background) for a stated background. The soft term breaks ties between hard judgements.
-  """
-  return caption_scores(predict(params, images), captions, margin=margin, threshold=threshold)
-
-
-def caption_scores(probs: Mapping[str, np.ndarray], captions: Sequence[str], *, margin: float = LENIENT_MARGIN,
-                   threshold: float = 0.3) -> np.ndarray:
-  """``caption_image_score`` from the recogniser's outputs (``predict``) of the images: read each image
-  once, score it against many captions (R-precision)."""
-  graphs = R.decode(probs, threshold=threshold, relation_margin=margin)
-  scores = np.zeros(len(captions), np.float32)
-  for n, (caption, graph) in enumerate(zip(captions, graphs, strict=True)):
-    claims = _parse(caption)
-    if claims is None:
-      continue
-    parts = claim_parts(claims)
-    frac = np.mean([G.check_claims(p, graph, margin=margin) for _, p in parts]) if parts else 1.0
-    soft = [_soft_match(probs, n, d) for d in list(claims["mentions"]) + [d for d, _ in claims["counts"]]]
-    if claims["background"] is not None:
-      soft.append(float(probs["background"][n][scenes.BACKGROUNDS.index(claims["background"])]))
-    whole = G.check_claims(claims, graph, margin=margin)
-    scores[n] = (float(whole) + frac + (np.mean(soft) if soft else 1.0)) / 3.0
-  return scores
 
 
 @jax.jit
@@ -338,7 +213,7 @@ def _match(pred: Sequence[Mapping[str, Any]], true: Sequence[Mapping[str, Any]],
 
 def evaluate_recognizer(params: Any, *, num_scenes: int = 256, seed: int = 0, split: str = "validation",
                         match_radius: float = 8.0, threshold: float = 0.3) -> dict[str, float]:
-  """The recogniser's own accuracy on the dataset's rendered ``split`` scenes (``scenes.make_example``).
+  """The recogniser's own accuracy on the dataset's rendered ``split`` scenes (``world.make_example``).
 
   Detection recall / precision (centres within ``match_radius`` px), attribute accuracy and centre error of
   matched objects, background accuracy, exact scenes (every object found with every attribute, nothing
@@ -346,8 +221,8 @@ def evaluate_recognizer(params: Any, *, num_scenes: int = 256, seed: int = 0, sp
   recognised scene (``caption_accuracy``, lenient relations; ``caption_accuracy_strict`` at the dataset's
   8 px) and of their hard negatives judged false (``negative_rejection``).
   """
-  cfg = scenes.SceneConfig(seed=seed)
-  examples = [scenes.make_example(i, cfg, split=split) for i in range(num_scenes)]
+  cfg = world.SceneConfig(seed=seed)
+  examples = [world.make_example(i, cfg, split=split) for i in range(num_scenes)]
   graphs = recognize(params, np.stack([e["image"] for e in examples]), threshold=threshold)
   counts = {"true": 0, "pred": 0, "matched": 0, "shape": 0, "colour": 0, "size": 0, "bg": 0, "exact": 0}
   errors, caps, caps_strict, negs = [], [], [], []

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bigen_jax.data.scenes_vocab import BACKGROUNDS, COLOURS, SHAPES, SIZES
+from bigen_jax.worlds.scenes.lexicon import BACKGROUNDS, COLOURS, SHAPES, SIZES
 
 IMAGE_SIZE = 128
 CELL = 8
@@ -25,7 +25,7 @@ GRID = IMAGE_SIZE // CELL
 # Per-cell output channels: shape, colour, size logits then two offset logits.
 ATTRS = (("shape", len(SHAPES)), ("colour", len(COLOURS)), ("size", len(SIZES)), ("offset", 2))
 HEAT_SIGMA = 1.0  # cells; width of the objectness target around each centre cell
-# Radius (pixels) written for a decoded object: the middle of its size's range (``scenes.SIZE_RANGE``).
+# Radius (pixels) written for a decoded object: the middle of its size's range (``world.SIZE_RANGE``).
 SIZE_RADIUS = {"small": 10.5, "large": 19.5}
 
 

@@ -1,9 +1,12 @@
 """TFDS builder of the captioned-scenes world: generated offline, no downloads, examples in index order.
 
-Configs: ``demo`` (2000/250/250 at 128 px), ``tiny`` (64/16/16 at 64 px, for tests), ``large``
-(50000/5000/5000 at 128 px); ``builder(data_dir, config, **overrides)`` makes a custom one. The class is not
-entered in TFDS's global registry (``skip_registration``), so importing this module twice is harmless; reach it
-through ``builder`` rather than ``tfds.builder("captioned_scenes")``.
+Configs: the named datasets of ``world.DATASETS``: ``demo`` (2000/250/250 at 128 px), ``tiny`` (64/16/16 at
+64 px, for tests), ``large`` (50000/5000/5000 at 128 px); ``builder(data_dir, config, **overrides)`` makes a
+custom one. The class is not entered in TFDS's global registry (``skip_registration``), so importing this module
+twice is harmless; reach it through ``builder`` rather than ``tfds.builder("captioned_scenes")``. ``source``
+reads a prepared split in the source-dict format of docs/data_interfaces.md.
+
+The one module of the world that imports TensorFlow (through TFDS); nothing else in the world imports it.
 """
 
 import dataclasses
@@ -12,35 +15,17 @@ from typing import Any, Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
-from bigen_jax.data import scenes
+from bigen_jax.worlds.scenes import world
 
 
 @dataclasses.dataclass
 class CaptionedScenesConfig(tfds.core.BuilderConfig):
-  """Split sizes and scene settings of one prepared variant."""
-  num_train: int = 2000
-  num_validation: int = 250
-  num_test: int = 250
-  image_size: int = 128
-  min_objects: int = 1
-  max_objects: int = 4
-  seed: int = 0
-
-  def scene_config(self) -> scenes.SceneConfig:
-    return scenes.SceneConfig(image_size=self.image_size, min_objects=self.min_objects,
-                              max_objects=self.max_objects, seed=self.seed)
-
-  def split_sizes(self) -> dict[str, int]:
-    return {"train": self.num_train, "validation": self.num_validation, "test": self.num_test}
+  """A prepared variant: its name and its split sizes and scene settings (``world.DatasetConfig``)."""
+  dataset: world.DatasetConfig = world.DatasetConfig()
 
 
-CONFIGS = (
-    CaptionedScenesConfig(name="demo", description="2000/250/250 scenes at 128 px"),
-    CaptionedScenesConfig(name="tiny", description="64/16/16 scenes at 64 px (tests)", num_train=64,
-                          num_validation=16, num_test=16, image_size=64),
-    CaptionedScenesConfig(name="large", description="50000/5000/5000 scenes at 128 px", num_train=50000,
-                          num_validation=5000, num_test=5000),
-)
+CONFIGS = tuple(CaptionedScenesConfig(name=name, description=d.description, dataset=d)
+                for name, d in world.DATASETS.items())
 
 
 class CaptionedScenes(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -51,7 +36,7 @@ class CaptionedScenes(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   BUILDER_CONFIGS = list(CONFIGS)
 
   def _info(self) -> tfds.core.DatasetInfo:
-    size = self.builder_config.image_size
+    size = self.builder_config.dataset.image_size
     features = tfds.features.FeaturesDict({
         "image": tfds.features.Image(shape=(size, size, 3)),
         "image_id": tfds.features.Scalar(dtype=np.int64),
@@ -70,12 +55,13 @@ class CaptionedScenes(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _split_generators(self, dl_manager: Any) -> dict[str, Iterator[tuple[int, dict[str, Any]]]]:
     del dl_manager  # nothing to download
-    return {split: self._generate_examples(split, n) for split, n in self.builder_config.split_sizes().items()}
+    sizes = self.builder_config.dataset.split_sizes()
+    return {split: self._generate_examples(split, n) for split, n in sizes.items()}
 
   def _generate_examples(self, split: str, num: int) -> Iterator[tuple[int, dict[str, Any]]]:
-    cfg = self.builder_config.scene_config()
+    cfg = self.builder_config.dataset.scene_config()
     for index in range(num):
-      ex = scenes.make_example(index, cfg, split=split)
+      ex = world.make_example(index, cfg, split=split)
       yield index, {"image": ex["image"], "image_id": ex["image_id"], "key": ex["key"],
                     "captions": ex["captions"], "scene_graph": ex["scene_graph"],
                     "hard_negatives": ex["hard_negatives"], "questions": ex["qa"]}
@@ -88,7 +74,7 @@ def _custom_name(base: str, overrides: dict[str, Any]) -> str:
 def builder(data_dir: str, config: str | CaptionedScenesConfig = "demo", **overrides) -> CaptionedScenes:
   """The builder of a named config, or of a custom one: ``builder(d, "tiny", num_train=10)``.
 
-  Overrides are fields of ``CaptionedScenesConfig``; the custom config's name lists them (``tiny-num_train10``),
+  Overrides are fields of ``world.DatasetConfig``; the custom config's name lists them (``tiny-num_train10``),
   so differently sized variants live side by side under ``data_dir/captioned_scenes/``.
   """
   if isinstance(config, str):
@@ -97,11 +83,12 @@ def builder(data_dir: str, config: str | CaptionedScenesConfig = "demo", **overr
                        f"{sorted(CaptionedScenes.builder_configs)} or a CaptionedScenesConfig")
     config = CaptionedScenes.builder_configs[config]
   if overrides:
-    fields = {f.name for f in dataclasses.fields(CaptionedScenesConfig)} - {"name"}
+    fields = {f.name for f in dataclasses.fields(world.DatasetConfig)} - {"description"}
     unknown = sorted(set(overrides) - fields)
     if unknown:
-      raise ValueError(f"unknown CaptionedScenesConfig field(s) {unknown}")
-    config = dataclasses.replace(config, name=_custom_name(config.name, overrides), **overrides)
+      raise ValueError(f"unknown captioned_scenes dataset field(s) {unknown}; expected some of {sorted(fields)}")
+    config = dataclasses.replace(config, name=_custom_name(config.name, overrides),
+                                 dataset=dataclasses.replace(config.dataset, **overrides))
   return CaptionedScenes(data_dir=data_dir, config=config)
 
 
@@ -117,13 +104,24 @@ def as_numpy(b: CaptionedScenes, split: str) -> Iterator[dict[str, Any]]:
   return iter(tfds.as_numpy(ds))
 
 
-def scene_graphs(source_info: dict[str, Any], split: str, indices: Any) -> list[dict[str, Any]] | None:
-  """Ground-truth scene graphs of records (their ``index`` within ``split``), regenerated from the seed.
+def _text(x) -> str:
+  return x.decode("utf-8") if isinstance(x, bytes) else str(x)
 
-  ``source_info`` is the records manifest's "source"; None when the records are not captioned scenes of a
-  named config (e.g. COCO), so evaluators skip the scene-world metrics.
+
+def _rows(seq: dict[str, Any], fields: tuple[str, ...]) -> list[dict[str, str]]:
+  return [dict(zip(fields, (_text(v) for v in vals))) for vals in zip(*(seq[f] for f in fields))]
+
+
+def source(split: str, *, data_dir: str, config: Any = "demo", **overrides) -> Iterator[dict[str, Any]]:
+  """Yields the source dicts of one split, in index order, from the TFDS dataset (prepared on first use).
+
+  ``config``: a config name ("demo", "tiny", "large") or a ``CaptionedScenesConfig``; keyword overrides
+  (e.g. ``num_train=100``) make a custom config (see ``builder``).
   """
-  if source_info.get("name") != "scenes" or source_info.get("config") not in CaptionedScenes.builder_configs:
-    return None
-  cfg = CaptionedScenes.builder_configs[source_info["config"]].scene_config()
-  return [scenes.sample_scene(scenes.example_rng(cfg.seed, split, int(i)), cfg) for i in indices]
+  b = builder(data_dir, config=config, **overrides)
+  prepare(b)
+  for ex in as_numpy(b, split):
+    yield {"image_id": int(ex["image_id"]), "key": _text(ex["key"]), "image": ex["image"],
+           "captions": [_text(c) for c in ex["captions"]], "scene_graph": _text(ex["scene_graph"]),
+           "hard_negatives": _rows(ex["hard_negatives"], ("caption", "category", "negative")),
+           "qa": _rows(ex["questions"], ("question", "answer"))}

@@ -1,0 +1,101 @@
+"""What training and evaluation share: the run's config resolved against its data, the mesh, the model, its
+frozen inputs, the tokenizer and the visual vocabulary (``Context``, made by ``build_context``).
+
+``bigen_jax.train`` and ``bigen_jax.evaluate`` both start from ``build_context``; step functions, evaluators and
+decoders read what they need from the context.
+"""
+
+import dataclasses
+from typing import Any
+
+from absl import logging
+from etils import epath
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from bigen_jax import config_checks
+from bigen_jax import errors
+from bigen_jax import parallel
+from bigen_jax.data import records
+from bigen_jax.data import tokenizer as tokenizer_lib
+from bigen_jax.data import vocab as vocab_lib
+from bigen_jax.models import lxmert
+
+TRAIN_FIELDS = ("text_ids", "text_mask", "dense", "boxes", "cluster_ids")
+
+
+@dataclasses.dataclass
+class Context:
+  """What step functions and evaluators share: the resolved config, model, frozen inputs and layout."""
+  config: ml_collections.ConfigDict
+  model: nn.Module
+  frozen: dict[str, Any]
+  mesh: jax.sharding.Mesh
+  rules: tuple[tuple[str, Any], ...]
+  task_cfgs: dict[str, ml_collections.ConfigDict]
+  tokenizer: Any
+  vocab: Any = None  # the visual vocabulary (``data.vocab.Vocab``)
+  workdir: str = ""  # where evaluators write their files (``workdir/eval``)
+
+  def batch_sharding(self) -> jax.sharding.NamedSharding:
+    return parallel.data_sharding(self.mesh)
+
+  def batch_to_global(self, batch: dict[str, np.ndarray], fields=TRAIN_FIELDS) -> dict[str, jax.Array]:
+    """Per-process numpy batch -> global arrays sharded over (data, fsdp)."""
+    sharding = self.batch_sharding()
+    return {k: jax.make_array_from_process_local_data(sharding, batch[k]) for k in fields if k in batch}
+
+
+def resolve_config(config: ml_collections.ConfigDict):
+  """Fills the sizes the data decides (-1 in the config) and checks explicit ones; returns
+  (config, tokenizer, vocab). Errors name the flag and the file."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  data = config.data
+  for flag in ("records_dir", "vocab_dir", "tokenizer"):
+    if not data[flag]:
+      raise errors.ConfigError(f"--config.data.{flag} is empty: point it at the output of tools/ (see README)")
+  manifest = records.read_manifest(data.records_dir)
+  tok = tokenizer_lib.load_tokenizer(data.tokenizer)
+  want_sha = manifest.get("tokenizer", {}).get("sha256")
+  if want_sha and want_sha != records.sha256_file(data.tokenizer):
+    raise records.DataError(f"--config.data.tokenizer={data.tokenizer} is not the vocabulary the records in "
+                            f"{data.records_dir} were tokenised with ({manifest['tokenizer']['vocab_file']})")
+  vocab = vocab_lib.load_vocab(data.vocab_dir, records_dir=data.records_dir)
+  sizes = {"vocab_size": tok.vocab_size, "max_len": manifest["max_len"],
+           "visual_feat_dim": manifest["feature_dim"], "num_clusters": vocab.k, "num_cells": records.NUM_CELLS}
+  for field, value in sizes.items():
+    if config.model[field] == -1:
+      config.model[field] = value
+    elif config.model[field] != value:
+      raise errors.ConfigError(f"--config.model.{field}={config.model[field]} but the data has {value}")
+  return config, tok, vocab
+
+
+def task_configs(config: ml_collections.ConfigDict, tok) -> dict[str, ml_collections.FrozenConfigDict]:
+  """Each task's config block (``config.tasks.<name>``) with the tokenizer's special token ids added."""
+  out = {}
+  for name, cfg in config.tasks.items():
+    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    cfg.update(dict(mask_id=tok.mask_id, pad_id=tok.pad_id, cls_id=tok.cls_id, sep_id=tok.sep_id))
+    out[name] = ml_collections.FrozenConfigDict(cfg)
+  return out
+
+
+def build_context(config: ml_collections.ConfigDict, workdir: str) -> Context:
+  """Checks ``config``, resolves it against the data and lays out the mesh: what training and evaluation
+  share."""
+  config_checks.check_config(config)
+  config, tok, vocab = resolve_config(config)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  devices = jax.devices()[:config.mesh.num_devices] if config.mesh.get("num_devices") else None
+  mesh = parallel.make_mesh(config, devices)
+  logging.info("mesh %s over %d devices, %d processes", dict(mesh.shape), jax.device_count(),
+               jax.process_count())
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  frozen = {"codebook": jax.device_put(jnp.asarray(vocab.codebook), replicated)}
+  return Context(config=config, model=lxmert.build_model(config.model), frozen=frozen, mesh=mesh,
+                 rules=parallel.axis_rules(config), task_cfgs=task_configs(config, tok), tokenizer=tok,
+                 vocab=vocab, workdir=workdir)

@@ -1,0 +1,118 @@
+"""The train state and how it is made on the mesh: ``TrainState``, ``param_layout`` (abstract params and their
+shardings, from the logical-axis rules) and ``create_state`` (a jitted init whose large inputs, ``init_from``'s
+params and the codebook, are sharded arguments, never compiled-in constants). ``bigen_jax.train`` creates or
+restores a state with them; ``bigen_jax.evaluate`` restores only its params into ``param_layout``.
+"""
+
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from bigen_jax import errors
+from bigen_jax import parallel
+from bigen_jax.experiment import Context
+from bigen_jax.models import heads
+from bigen_jax.models import lxmert
+
+
+@flax.struct.dataclass
+class TrainState:
+  """step int32 []; params; opt_state; rng uint32 [2] (raw key data: checkpointable as a plain array)."""
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array
+
+
+def load_init_params(path: str, abstract: Any, scan_layers: bool) -> Any:
+  """Converted params (tools/convert_lxmert.py) checked against the model's parameter tree."""
+  from bigen_jax.convert import io as convert_io  # pylint: disable=g-import-not-at-top
+  params = convert_io.load_params(path)
+  flat = flax.traverse_util.flatten_dict(params)
+  if scan_layers and not any("layers" in k for k in flat):
+    params = lxmert.stack_layers(params)
+  want = flax.traverse_util.flatten_dict(abstract)
+  have = flax.traverse_util.flatten_dict(params)
+  missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+  bad = [k for k in set(want) & set(have) if tuple(have[k].shape) != tuple(want[k].shape)]
+  if missing or extra or bad:
+    raise errors.ConfigError(f"--config.init_from={path} does not fit the model: missing {missing[:5]}, unexpected "
+                     f"{extra[:5]}, shape mismatch {bad[:5]}")
+  return params
+
+
+def param_layout(ctx: Context) -> tuple[Any, Any]:
+  """(abstract params, each a ``ShapeDtypeStruct`` with its sharding; the shardings) of ``ctx``'s model."""
+  boxed = lxmert.abstract_params(ctx.model, ctx.config.model)
+  abstract = nn.unbox(boxed)
+  shardings = parallel.fit_shardings(
+      abstract, nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), ctx.mesh, ctx.rules))
+  return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract,
+                      shardings), shardings
+
+
+def _place(value: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+  """A host array every process holds whole, as a global array: each process puts only its own shards."""
+  value = np.asarray(value)
+  return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+class _Init:
+  """``init(rng)``: a new train state on the mesh; ``init.lower(rng)``: its program, for inspection.
+
+  The large inputs (``init_from``'s params, the codebook) are read and placed on the devices at the call and
+  passed to the jitted function as arguments, sharded like the params: closed over, they would be compiled into
+  the program as constants (0.9 GB for the paper model).
+  """
+
+  def __init__(self, jitted, inputs: Callable[[], tuple[Any, Any]]):
+    self._jitted, self._inputs = jitted, inputs
+
+  def __call__(self, rng: jax.Array) -> TrainState:
+    return self._jitted(rng, *self._inputs())
+
+  def lower(self, rng: jax.Array):
+    return self._jitted.lower(rng, *self._inputs())
+
+
+def create_state(ctx: Context, tx: optax.GradientTransformation, codebook: np.ndarray):
+  """Abstract train state and its shardings, and ``init(rng)`` (``_Init``) placing a new state on the mesh.
+
+  codebook [K, D] (numpy) initialises the image head's last layer unless ``config.init_from`` is given. The
+  ``init_from`` file is read only when ``init`` is called: evaluation, which restores, never needs it.
+  """
+  config, model = ctx.config, ctx.model
+  abstract_params, param_sh = param_layout(ctx)
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  replicated = jax.sharding.NamedSharding(ctx.mesh, jax.sharding.PartitionSpec())
+  opt_sh = optax.tree_utils.tree_map_params(tx, lambda _, sh: sh, abstract_opt, param_sh,
+                                            transform_non_params=lambda _: replicated)
+  shardings = TrainState(step=replicated, params=param_sh, opt_state=opt_sh, rng=replicated)
+  use_codebook = not config.init_from and config.init_image_head_from_codebook
+
+  def init(rng, init_params, codebook):
+    params_rng, state_rng = jax.random.split(rng)
+    params = nn.unbox(lxmert.init_params(model, config.model, params_rng))
+    if init_params is not None:
+      params = jax.tree.map(lambda p, x: x.astype(p.dtype), params, init_params)
+    elif codebook is not None:
+      params = heads.init_image_head_from_codebook(params, codebook)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      rng=jax.random.key_data(state_rng))
+
+  def inputs():
+    if config.init_from:
+      loaded = load_init_params(config.init_from, abstract_params, config.model.scan_layers)
+      return jax.tree.map(_place, loaded, param_sh), None
+    return None, _place(np.asarray(codebook, np.float32), replicated) if use_codebook else None
+
+  codebook_spec = jax.ShapeDtypeStruct(np.shape(codebook), jnp.float32) if use_codebook else None
+  abstract = jax.eval_shape(init, jax.random.key(0), abstract_params if config.init_from else None, codebook_spec)
+  abstract = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract,
+                          shardings)
+  return abstract, shardings, _Init(jax.jit(init, out_shardings=shardings), inputs)
