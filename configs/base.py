@@ -39,7 +39,7 @@ def get_config(model: str = "paper") -> ml_collections.ConfigDict:
   # this order (strict alternation); "joint": every step minimises the sum over tasks of weight * loss.
   config.task_schedule = "cycle"
   config.tasks = ml_collections.ConfigDict(dict(
-      i2t=dict(weight=1, label_smoothing=0.2, visual_input="dense"),
+      i2t=dict(weight=1, label_smoothing=0.2, visual_input="dense", layout="mask"),
       t2i=dict(weight=1, label_smoothing=0.0, visual_input="discrete", mask_schedule="count",
                min_masked=6, max_masked=64,
                caption_dropout=0.0),  # P(caption -> null caption [CLS] [SEP]): trains classifier-free guidance

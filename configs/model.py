@@ -48,6 +48,8 @@ def _paper() -> ml_collections.ConfigDict:
       type_vocab_size=2,
       num_cells=64,
       visual_feat_dim=2048,
+      shared_cross_attention=True,  # one cross-attention module for both directions (LXMERT's code)
+      image_head_dim=0,  # the image head's bottleneck before the cluster logits (0: visual_feat_dim, the paper's)
       visual_pos_dim=4,
       num_clusters=10000,
       hidden_size=768,

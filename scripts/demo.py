@@ -202,7 +202,7 @@ def caption_sheet(state, config, tok, path, n=12):
   model = lxmert.build_model(config.model)
   decode = jax.jit(lambda params, feats, boxes: captions.greedy_captions(
       params, model=model, visual={"visual_feats": feats}, boxes=boxes, max_len=config.model.max_len,
-      tokens=captions.Tokens.from_tokenizer(tok, banned=(tok.unk_id,))))
+      tokens=captions.Tokens.from_tokenizer(tok, banned=(tok.unk_id,)), layout=config.tasks.i2t.layout))
   ids = jax.device_get(decode(jax.device_get(state.params), batch["dense"].astype(np.float32), batch["boxes"]))
   generated = tok.decode(ids)
   references = [c[0].decode() for c in batch["captions"]]

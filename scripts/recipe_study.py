@@ -60,6 +60,19 @@ VARIANTS = {
     "demo_lr2e-3": ("configs/demo.py at lr 2e-3", {"optimizer.lr": 2e-3}),
     "demo_width64": ("configs/demo.py at half the width (64, 2 heads, FFN 256): more steps in the same time",
                      {"model.hidden_size": 64, "model.num_heads": 2, "model.mlp_dim": 256}),
+    "demo_causal": ("configs/demo.py with I2T's causal layout: every word of every caption trained in each step",
+                    {"tasks.i2t.layout": "causal"}),
+    "demo_causal_w64": ("demo_causal at half the width (64, 2 heads, FFN 256)",
+                        {"tasks.i2t.layout": "causal", "model.hidden_size": 64, "model.num_heads": 2,
+                         "model.mlp_dim": 256}),
+    "demo_causal_head128": ("demo_causal with a 128-wide image head before the cluster logits (not the "
+                            "27-d feature width)", {"tasks.i2t.layout": "causal", "model.image_head_dim": 128}),
+    "demo_causal_unshared": ("demo_causal with a cross-attention module per direction (text -> cells apart "
+                             "from cells -> text)", {"tasks.i2t.layout": "causal",
+                                                     "model.shared_cross_attention": False}),
+    "demo_causal_unshared_head128": ("demo_causal_unshared with the 128-wide image head",
+                                     {"tasks.i2t.layout": "causal", "model.shared_cross_attention": False,
+                                      "model.image_head_dim": 128}),
     "demo_init_0.088": ("configs/demo.py with weights drawn N(0, 1/sqrt(128))", {"model.init_std": 0.088}),
 }
 KEYS = ("validation_loss/i2t/loss", "validation_loss/i2t/gap", "validation_loss/t2i/loss", "validation_loss/t2i/gap",

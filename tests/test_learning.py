@@ -88,6 +88,7 @@ def _fit(loss_fn, cfg, *, steps=STEPS):
 
 @pytest.mark.parametrize("task, loss_fn, cfg", [
     ("i2t", i2t.loss_fn, _task_cfg(visual_input="dense")),
+    ("i2t_causal", i2t.loss_fn, _task_cfg(visual_input="dense", layout="causal")),
     ("t2i", t2i.loss_fn, _task_cfg(visual_input="discrete")),
 ])
 def test_overfits_one_batch(task, loss_fn, cfg):

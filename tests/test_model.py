@@ -269,6 +269,28 @@ def test_two_model_variant(one_layer):
          apply(two_params["t2i"], inputs))
 
 
+def test_unshared_cross_attention(one_layer):
+  """``shared_cross_attention=False`` gives cells -> words a module of its own: with a copy of the shared one it
+  computes exactly the shared model; changing it moves the cells' outputs and leaves the words' first reading of
+  the cells alone."""
+  config, _, params, apply = one_layer
+  unshared_config = model_config("tiny", shared_cross_attention=False, **ONE_LAYER)
+  model = lxmert.build_model(unshared_config)
+  layer = dict(params["cross"]["layers_0"])
+  layer["vision_cross_attention"] = layer["cross_attention"]
+  unshared = dict(params, cross=dict(params["cross"], layers_0=layer))
+  abstract = nn.unbox(lxmert.abstract_params(model, unshared_config))
+  assert jax.tree.map(lambda x: x.shape, abstract) == jax.tree.map(lambda x: x.shape, unshared)
+  forward = jit(lambda p, x: model.apply({"params": p}, **x))
+  inputs = _inputs(config)
+  _close(forward(unshared, inputs), apply(params, inputs))
+  layer = dict(layer, vision_cross_attention=jax.tree.map(lambda x: x * 0.5, layer["vision_cross_attention"]))
+  moved = forward(dict(unshared, cross=dict(unshared["cross"], layers_0=layer)), inputs)
+  before = forward(unshared, inputs)
+  assert np.abs(np.asarray(moved.vision) - np.asarray(before.vision)).max() > 1e-3
+  _close(moved.language, before.language)  # one cross layer: the words read the cells before they changed
+
+
 def test_flops_match_xla_cost_analysis():
   config = model_config("tiny", hidden_size=128, mlp_dim=512, visual_feat_dim=256, **ONE_LAYER)
   model, params = _init(config)

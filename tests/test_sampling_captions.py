@@ -10,6 +10,8 @@ import pytest
 
 from bigen_jax.models import lxmert
 from bigen_jax.sampling import captions
+from bigen_jax.tasks import layouts
+from bigen_jax.tasks import losses as task_losses
 from configs import model as model_config
 
 CLS, SEP, MASK, PAD = 2, 3, 4, 0
@@ -188,3 +190,36 @@ def test_sampling_is_seeded_and_cold_sampling_is_greedy():
   for ids in (np.asarray(a), np.asarray(cold)):
     assert (ids[:, 0] == CLS).all() and ((ids == SEP).sum(1) == 1).all()
     assert not np.isin(ids[:, 1:], [CLS, MASK]).any()
+
+
+def test_causal_layout_trains_what_decoding_reads():
+  """One causal pass over whole captions gives, at each word, the log-probabilities that decoding computes from
+  the words before it alone: no later word reaches an earlier prediction (not through the cells either), and
+  the loss is the mean of those per-word cross-entropies."""
+  config, model, params, feats, boxes = _setup()
+  rng = np.random.default_rng(1)
+  length = config.max_len
+  ids = np.full((3, length), PAD, np.int32)
+  for b, n in enumerate((length, 6, 3)):  # one caption fills the whole length
+    ids[b, :n] = [CLS] + list(rng.integers(5, 30, size=n - 2)) + [SEP]
+  text_mask = (ids != PAD).astype(np.int32)
+  layout = layouts.i2t_causal_inputs(text_ids=ids, text_mask=text_mask, pad_id=PAD)
+  out = model.apply({"params": params}, jnp.asarray(ids), jnp.asarray(text_mask), boxes=boxes, visual_feats=feats,
+                    text_attention=layout.text_attention, vision_text_mask=layout.vision_text_mask,
+                    text_logits=True)
+  one_pass = np.asarray(jax.nn.log_softmax(out.text_logits, axis=-1))
+  losses = []
+  for b in range(3):
+    for l in range(1, int(text_mask[b].sum())):
+      prefix = np.where(np.arange(length) < l, ids[b], PAD)[None]
+      step = captions.next_word_log_probs(params, jnp.asarray(prefix), jnp.asarray(l), model=model,
+                                          visual={"visual_feats": feats[b:b + 1]}, boxes=boxes[b:b + 1],
+                                          tokens=TOKENS, layout="causal")
+      words = ~np.isin(np.arange(one_pass.shape[-1]), (CLS, MASK, PAD))  # the words a decoder may produce
+      if l < length - 1:
+        expected = one_pass[b, l - 1] - np.log(np.exp(one_pass[b, l - 1][words]).sum())
+        np.testing.assert_allclose(np.asarray(step[0])[words], expected[words], atol=2e-5)
+      losses.append(-one_pass[b, l - 1, ids[b, l]])
+  assert layout.weights.sum() == len(losses)
+  loss, _ = task_losses.cross_entropy(out.text_logits, layout.targets, layout.weights, label_smoothing=0.0)
+  np.testing.assert_allclose(float(loss), np.mean(losses), rtol=1e-5)

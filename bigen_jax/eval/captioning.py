@@ -35,7 +35,8 @@ def decode_fn(ctx, cfg):
 
   def decode(params, batch, rng):
     return decoder(params, rng, model=ctx.model, visual=apply.visual_input(batch, visual_kind, ctx.frozen),
-                   boxes=batch["boxes"], max_len=config.model.max_len, tokens=tokens)
+                   boxes=batch["boxes"], max_len=config.model.max_len, tokens=tokens,
+                   layout=config.tasks.i2t.get("layout", "mask"))
 
   return jax.jit(decode, out_shardings=ctx.batch_sharding())
 

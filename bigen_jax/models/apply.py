@@ -6,6 +6,7 @@ Training tasks, decoders and evaluators all call the model through ``apply_model
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 
 from bigen_jax.models import lxmert
 
@@ -19,6 +20,19 @@ def visual_input(batch: dict[str, Array], kind: str, frozen: dict[str, Any]) -> 
   if kind == "discrete":
     return {"cluster_ids": batch["cluster_ids"], "codebook": frozen["codebook"]}
   raise ValueError(f"visual_input {kind!r}: expected 'dense' or 'discrete'")
+
+
+def causal_attention(real: Array) -> Array:
+  """bool [B, L, L]: query i sees key j when j <= i and both are real (``real`` bool [B, L])."""
+  length = real.shape[1]
+  lower = jnp.tril(jnp.ones((length, length), bool))
+  return lower[None] & real[:, :, None] & real[:, None, :]
+
+
+def cls_only(shape: tuple[int, int]) -> Array:
+  """int32 ``shape`` [B, L]: 1 at position 0 ([CLS]), the only word I2T's visual cells see in the causal
+  layout (``tasks.layouts.i2t_causal_inputs``)."""
+  return jnp.broadcast_to(jnp.arange(shape[1]) == 0, shape).astype(jnp.int32)
 
 
 def apply_model(model, params, *, task: str, rng: Array | None, head: Callable[[Any, Any], Array],

@@ -27,6 +27,7 @@ class LayerSpec:
   attention_dropout_rate: float = 0.1
   layer_norm_eps: float = 1e-12
   init_std: float = 0.02
+  shared_cross_attention: bool = True
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -125,8 +126,9 @@ class SelfLayer(nn.Module):
 
 
 class CrossLayer(nn.Module):
-  """A cross-modality layer: one cross-attention module used in both directions, then per-modality
-  self-attention and FFN (LXMERT's ``LxmertXLayer``)."""
+  """A cross-modality layer: one cross-attention module used in both directions (``shared_cross_attention``;
+  False gives vision -> language its own), then per-modality self-attention and FFN (LXMERT's
+  ``LxmertXLayer``)."""
   spec: LayerSpec
 
   @nn.compact
@@ -137,6 +139,8 @@ class CrossLayer(nn.Module):
     lang, vision = carry
     cross = AttentionBlock(self.spec, name="cross_attention")
     lang_x = cross(lang, vision, vision_mask, deterministic)
+    if not self.spec.shared_cross_attention:  # an ablation: each direction its own module
+      cross = AttentionBlock(self.spec, name="vision_cross_attention")
     vision_x = cross(vision, lang, lang_key_mask, deterministic)
     lang = AttentionBlock(self.spec, name="lang_self_attention")(lang_x, lang_x, lang_self_mask, deterministic)
     vision = AttentionBlock(self.spec, name="vision_self_attention")(vision_x, vision_x, vision_mask,

@@ -98,6 +98,7 @@ class UnifiedTransformer(nn.Module):
   max_position_embeddings: int = 512
   type_vocab_size: int = 2
   visual_feat_dim: int = 2048
+  image_head_dim: int = 0
   num_clusters: int = 10000
   num_language_layers: int = 9
   num_vision_layers: int = 5
@@ -120,20 +121,23 @@ class UnifiedTransformer(nn.Module):
     self.cross = LayerStack(CrossLayer, num_layers=self.num_cross_layers, **stack)
     self.pooler = dense(s, s.hidden_size, ("embed", "hidden"), name="pooler")
     self.text_head = TextHead(s, self.vocab_size)
-    self.image_head = ImageHead(s, self.visual_feat_dim, self.num_clusters)
+    self.image_head = ImageHead(s, self.image_head_dim or self.visual_feat_dim, self.num_clusters)
     self.match_head = MatchHead(s)
 
   def __call__(self, text_ids: Array, text_mask: Array | None = None, *, boxes: Array,
                visual_feats: Array | None = None, cluster_ids: Array | None = None,
                codebook: Array | None = None, visual_mask: Array | None = None,
                visual_attention_mask: Array | None = None, text_attention: Array | None = None,
-               token_type_ids: Array | None = None, deterministic: bool = True,
+               vision_text_mask: Array | None = None, token_type_ids: Array | None = None,
+               deterministic: bool = True,
                text_logits: bool = False, image_logits: bool = False) -> ModelOutput:
     """Runs the encoders (and the heads asked for).
 
     text_ids [B, L] int; text_mask [B, L] (1 = a token every query may see: padding and I2T's hidden later
     words are 0); text_attention optional bool [B, L, L] (query i may see word j) restricting language
     self-attention further; a word no language query may see is also hidden from the visual queries;
+    vision_text_mask optional [B, L] (1 = visible) restricts the words the visual queries see further (I2T's
+    causal layout: [CLS] only, so that no cell sees a word that a later prediction reads);
     boxes [B, M, 4]. The visual input is either ``visual_feats`` [B, M, D] (dense) or ``cluster_ids`` [B, M]
     looked up in the frozen ``codebook`` [K, D] (discrete), both through the same projection. visual_mask
     bool [B, M]: cells replaced by the learned mask feature (T2I); visual_attention_mask [B, M]: key mask of
@@ -150,6 +154,8 @@ class UnifiedTransformer(nn.Module):
       lang_self = attention[:, None] if lang_keys is None else attention[:, None] & lang_keys
       seen = _key_mask(attention.any(axis=1))  # words no language query may see are hidden from vision too
       lang_keys = seen if lang_keys is None else lang_keys & seen
+    if vision_text_mask is not None:
+      lang_keys = _key_mask(vision_text_mask) if lang_keys is None else lang_keys & _key_mask(vision_text_mask)
 
     lang = self.text_embed(text_ids, token_type_ids, deterministic)
     lang = constrain(lang, ("act_batch", "act_length", "act_embed"))
@@ -251,6 +257,7 @@ def layer_spec(config: ml_collections.ConfigDict) -> LayerSpec:
   return LayerSpec(hidden_size=config.hidden_size, num_heads=config.num_heads, mlp_dim=config.mlp_dim,
                    dropout_rate=config.dropout_rate, attention_dropout_rate=config.attention_dropout_rate,
                    layer_norm_eps=config.layer_norm_eps, init_std=config.init_std,
+                   shared_cross_attention=config.get("shared_cross_attention", True),
                    dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype))
 
 
@@ -260,8 +267,9 @@ def build_model(config: ml_collections.ConfigDict) -> nn.Module:
     return UnifiedTransformer(
         layer_spec(config), vocab_size=config.vocab_size, max_position_embeddings=config.max_position_embeddings,
         type_vocab_size=config.type_vocab_size, visual_feat_dim=config.visual_feat_dim,
-        num_clusters=config.num_clusters, num_language_layers=config.num_language_layers,
-        num_vision_layers=config.num_vision_layers, num_cross_layers=config.num_cross_layers,
+        image_head_dim=config.get("image_head_dim", 0), num_clusters=config.num_clusters,
+        num_language_layers=config.num_language_layers, num_vision_layers=config.num_vision_layers,
+        num_cross_layers=config.num_cross_layers,
         scan_layers=config.scan_layers, remat=config.remat)
   return TwoModel(i2t=one(), t2i=one()) if config.get("two_model") else one()
 
@@ -298,7 +306,8 @@ def init_heads(config: ml_collections.ConfigDict, rng: Array) -> dict[str, Any]:
     table = jnp.zeros((config.vocab_size, config.hidden_size), spec.param_dtype)
     return dict(
         text_head=TextHead(spec, config.vocab_size).init(k_text, hidden, table)["params"],
-        image_head=ImageHead(spec, config.visual_feat_dim, config.num_clusters).init(k_image, hidden)["params"],
+        image_head=ImageHead(spec, config.get("image_head_dim", 0) or config.visual_feat_dim,
+                             config.num_clusters).init(k_image, hidden)["params"],
         match_head=MatchHead(spec).init(k_match, hidden)["params"],
         visual_mask_feature=jax.random.normal(k_mask, (config.visual_feat_dim,), spec.param_dtype))
   return nn.unbox(jax.jit(init)(rng))

@@ -1,8 +1,9 @@
 """Image-to-text decoding as compiled loops (METHOD.md §5): greedy, beam search and sampling.
 
 Step l (1..L-1) puts one [MASK] at l after the words decoded so far, hides every later position, runs the
-model and reads the text head at l. A bidirectional prefix changes every hidden state at each step, so there
-is no key/value cache: each step is a full forward pass. Captions stop at [SEP]; positions after it are
+model and reads the text head at l (``layout="mask"``, the paper's; ``"causal"``: the words so far read left
+to right, the cells see [CLS] only, and the head reads position l - 1, as ``tasks.i2t.layout`` trained it).
+A bidirectional prefix changes every hidden state at each step, so there is no key/value cache: each step is a full forward pass. Captions stop at [SEP]; positions after it are
 [PAD]. Every decoder is one ``lax.scan`` over positions, so it compiles once for any batch.
 """
 
@@ -37,21 +38,30 @@ def _start(batch: int, max_len: int, tokens: Tokens) -> Array:
 
 
 def next_word_log_probs(params: Any, ids: Array, l: Array, *, model, visual: dict[str, Array], boxes: Array,
-                        tokens: Tokens) -> Array:
-  """Log-probabilities [B, V] of the word at position ``l`` given ``ids`` [B, L] before it.
+                        tokens: Tokens, layout: str = "mask") -> Array:
+  """Log-probabilities [B, V] of the word at position ``l`` given ``ids`` [B, L] before it, in the I2T
+  ``layout`` the model was trained with ("mask" or "causal").
 
   Never-produced words get -inf; at the last position only [SEP] is allowed, so every caption ends.
   """
   max_len = ids.shape[1]
   positions = jnp.arange(max_len)[None, :]
-  inputs = jnp.where(positions == l, tokens.mask_id, ids)
-  key_mask = jnp.broadcast_to((positions <= l).astype(jnp.int32), ids.shape)
+  if layout == "mask":
+    read, inputs, extra = l, jnp.where(positions == l, tokens.mask_id, ids), {}
+    key_mask = jnp.broadcast_to((positions <= l).astype(jnp.int32), ids.shape)
+  elif layout == "causal":
+    read, inputs = l - 1, ids
+    key_mask = jnp.broadcast_to((positions < l).astype(jnp.int32), ids.shape)
+    extra = {"text_attention": apply.causal_attention(key_mask.astype(bool)),
+             "vision_text_mask": apply.cls_only(ids.shape)}
+  else:
+    raise ValueError(f"I2T layout {layout!r}: expected 'mask' or 'causal'")
 
   def head(module, out):
-    return module.predict_text(jax.lax.dynamic_index_in_dim(out.language, l, axis=1, keepdims=False))
+    return module.predict_text(jax.lax.dynamic_index_in_dim(out.language, read, axis=1, keepdims=False))
 
   logits = apply.apply_model(model, params, task="i2t", rng=None, head=head, text_ids=inputs,
-                              text_mask=key_mask, boxes=boxes, **visual).astype(jnp.float32)
+                             text_mask=key_mask, boxes=boxes, **extra, **visual).astype(jnp.float32)
   never = jnp.asarray((tokens.cls_id, tokens.mask_id, tokens.pad_id) + tuple(tokens.banned), jnp.int32)
   logits = logits.at[:, never].set(-jnp.inf)
   only_sep = jnp.where(jnp.arange(logits.shape[-1]) == tokens.sep_id, 0.0, -jnp.inf)
@@ -59,13 +69,15 @@ def next_word_log_probs(params: Any, ids: Array, l: Array, *, model, visual: dic
   return jax.nn.log_softmax(logits, axis=-1)
 
 
-def _decode_one_by_one(params, *, model, visual, boxes, max_len: int, tokens: Tokens, choose) -> Array:
+def _decode_one_by_one(params, *, model, visual, boxes, max_len: int, tokens: Tokens, choose,
+                       layout: str = "mask") -> Array:
   """Shared loop of greedy and sampling: ``choose(log_probs [B, V], l) -> word [B]``."""
   batch = boxes.shape[0]
 
   def step(carry, l):
     ids, done = carry
-    log_probs = next_word_log_probs(params, ids, l, model=model, visual=visual, boxes=boxes, tokens=tokens)
+    log_probs = next_word_log_probs(params, ids, l, model=model, visual=visual, boxes=boxes, tokens=tokens,
+                                    layout=layout)
     word = jnp.where(done, tokens.pad_id, choose(log_probs, l).astype(jnp.int32))
     ids = jax.lax.dynamic_update_index_in_dim(ids, word, l, axis=1)
     return (ids, done | (word == tokens.sep_id)), None
@@ -76,14 +88,14 @@ def _decode_one_by_one(params, *, model, visual, boxes, max_len: int, tokens: To
 
 
 def greedy_captions(params: Any, *, model, visual: dict[str, Array], boxes: Array, max_len: int,
-                    tokens: Tokens) -> Array:
+                    tokens: Tokens, layout: str = "mask") -> Array:
   """Greedy captions int32 [B, max_len] (``[CLS] w1 .. [SEP] [PAD]..``) for a batch of images.
 
   visual: the model's visual input (``{"visual_feats": [B, M, D]}`` or cluster ids with the codebook);
   boxes [B, M, 4].
   """
   return _decode_one_by_one(params, model=model, visual=visual, boxes=boxes, max_len=max_len, tokens=tokens,
-                            choose=lambda log_probs, l: jnp.argmax(log_probs, axis=-1))
+                            choose=lambda log_probs, l: jnp.argmax(log_probs, axis=-1), layout=layout)
 
 
 def filter_logits(log_probs: Array, *, temperature: float | Array = 1.0, top_k: int = 0,
@@ -113,7 +125,7 @@ def filter_logits(log_probs: Array, *, temperature: float | Array = 1.0, top_k: 
 
 def sample_captions(params: Any, rng: Array, *, model, visual: dict[str, Array], boxes: Array, max_len: int,
                     tokens: Tokens, temperature: float | Array = 1.0, top_k: int = 0,
-                    top_p: float | Array = 1.0) -> Array:
+                    top_p: float | Array = 1.0, layout: str = "mask") -> Array:
   """Sampled captions int32 [B, max_len] (SCST's sampler): each word drawn from ``filter_logits`` of the text
   head's log-probabilities (tempered by ``temperature``, then top-k, then nucleus ``top_p``); the word at
   position l uses ``fold_in(rng, l)``."""
@@ -123,11 +135,11 @@ def sample_captions(params: Any, rng: Array, *, model, visual: dict[str, Array],
     return jax.random.categorical(jax.random.fold_in(rng, l), filtered, axis=-1)
 
   return _decode_one_by_one(params, model=model, visual=visual, boxes=boxes, max_len=max_len, tokens=tokens,
-                            choose=choose)
+                            choose=choose, layout=layout)
 
 
 def beam_search_captions(params: Any, *, model, visual: dict[str, Array], boxes: Array, max_len: int,
-                         tokens: Tokens, beam_size: int, length_penalty: float = 0.0
+                         tokens: Tokens, beam_size: int, length_penalty: float = 0.0, layout: str = "mask"
                          ) -> tuple[Array, Array]:
   """Beam search: (captions int32 [B, W, max_len] best first, scores [B, W]).
 
@@ -146,7 +158,7 @@ def beam_search_captions(params: Any, *, model, visual: dict[str, Array], boxes:
   def step(carry, l):
     ids, scores, done = carry
     log_probs = next_word_log_probs(params, ids.reshape(batch * width, max_len), l, model=model,
-                                    visual=beam_visual, boxes=beam_boxes, tokens=tokens)
+                                    visual=beam_visual, boxes=beam_boxes, tokens=tokens, layout=layout)
     vocab = log_probs.shape[-1]
     log_probs = log_probs.reshape(batch, width, vocab)
     pad_only = jnp.where(jnp.arange(vocab) == tokens.pad_id, 0.0, -jnp.inf)

@@ -4,6 +4,11 @@ I2T (image -> text, one word at a time): caption ``[CLS] w1 .. wn [SEP] [PAD]..`
 is replaced by [MASK], words after l are hidden (set to [PAD] and invisible to every query), the prefix and
 the [MASK] attend to each other bidirectionally. The target is the original token at l.
 
+I2T's causal layout (``tasks.i2t.layout = "causal"``, not the paper's): the whole caption in one pass, word j
+sees words <= j, the visual cells see [CLS] only, and the hidden state at j predicts word j + 1: every word of
+every caption is a target in each step (the paper's layout trains one word per caption per step), at the cost
+of a prefix that reads left to right and an image encoding that does not depend on the words.
+
 T2I (text -> image): a set of the 64 grid cells is masked (fed the learned mask feature) and their cluster
 ids are predicted; masked cells stay visible as keys, like BERT's [MASK] tokens. The null caption
 ``[CLS] [SEP]`` stands for "no caption": T2I training drops captions to it (``caption_dropout``) and
@@ -13,6 +18,8 @@ classifier-free guidance decodes against it.
 import flax.struct
 import jax
 import jax.numpy as jnp
+
+from bigen_jax.models import apply
 
 Array = jax.Array
 
@@ -42,6 +49,26 @@ def i2t_inputs(*, text_ids: Array, positions: Array, mask_id: int, pad_id: int,
   ids = jnp.where(index == l, mask_id, jnp.where(index < l, text_ids, pad_id)).astype(text_ids.dtype)
   targets = jnp.take_along_axis(text_ids, l, axis=1)[:, 0]
   return I2TInputs(text_ids=ids, text_mask=visible.astype(jnp.int32), targets=targets, positions=positions)
+
+
+@flax.struct.dataclass
+class I2TCausalInputs:
+  """text_attention bool [B, L, L] (word i sees word j <= i, both real); vision_text_mask int32 [B, L] ([CLS]
+  only); targets [B, L] (the next word; [PAD] at the end); weights float32 [B, L] (1 where a next word exists)."""
+  text_attention: Array
+  vision_text_mask: Array
+  targets: Array
+  weights: Array
+
+
+def i2t_causal_inputs(*, text_ids: Array, text_mask: Array, pad_id: int) -> I2TCausalInputs:
+  """The causal I2T layout of captions ``text_ids`` [B, L] with real tokens ``text_mask`` [B, L]."""
+  text_ids = jnp.asarray(text_ids)
+  real = jnp.asarray(text_mask).astype(bool)
+  targets = jnp.concatenate([text_ids[:, 1:], jnp.full_like(text_ids[:, :1], pad_id)], axis=1)
+  weights = jnp.concatenate([real[:, 1:], jnp.zeros_like(real[:, :1])], axis=1).astype(jnp.float32)
+  return I2TCausalInputs(text_attention=apply.causal_attention(real),
+                         vision_text_mask=apply.cls_only(text_ids.shape), targets=targets, weights=weights)
 
 
 def sample_i2t_positions(rng: Array, *, text_mask: Array) -> Array:
