@@ -19,19 +19,23 @@ import os
 from etils import epath
 from fsspec.implementations import dirfs
 from fsspec.implementations import local
+import jax
 import numpy as np
 from orbax.checkpoint._src.path import gcs_utils
 import pytest
 import tensorflow as tf
 
 from bigen_jax import checkpoint
+from bigen_jax import errors
 from bigen_jax import evaluate
 from bigen_jax import fileio
 from bigen_jax import metrics as metrics_lib
 from bigen_jax import train
+from bigen_jax.convert import io as convert_io
 from bigen_jax.data import records
 from bigen_jax.data import tokenizer
 from bigen_jax.data import vocab
+from bigen_jax.worlds.scenes import recognizer as scene_recognizer
 from configs import demo
 from conftest import write_records
 
@@ -144,3 +148,20 @@ def test_train_resume_evaluate_with_a_gs_workdir(fake_gcs, tmp_path):
   assert step == 4 and np.isfinite(results["validation_loss/i2t/loss"])
   assert fileio.read_json(f"{workdir}/eval/results_4.json") == pytest.approx(results)
   assert (local_run / "eval" / "results_4.md").read_text().startswith("| metric (step 4) | value |")
+
+
+def test_converted_params_and_recogniser_in_the_bucket(fake_gcs):
+  """``init_from`` files (npz and orbax) and the scene recogniser are written to and read from the bucket."""
+  params = {"layer": {"kernel": np.arange(6, dtype=np.float32).reshape(2, 3), "bias": np.ones(3, np.float32)}}
+  for url in (f"{BUCKET}/init/params.npz", f"{BUCKET}/init/orbax"):
+    convert_io.save_params(params, url)
+    jax.tree.map(np.testing.assert_array_equal, convert_io.load_params(url), params)
+  assert (fake_gcs / "bucket" / "init" / "params.npz").exists()
+  directory = f"{BUCKET}/recogniser"
+  with pytest.raises(errors.UserError, match=f"no scene recogniser in {directory}"):
+    scene_recognizer.load(directory)
+  weights = jax.tree.map(lambda x: np.full(x.shape, 0.5, x.dtype), jax.eval_shape(scene_recognizer.init_params))
+  scene_recognizer.save_recognizer(scene_recognizer.recognizer_path(directory), weights, {"steps": 0})
+  loaded, report = scene_recognizer.load(directory)
+  jax.tree.map(np.testing.assert_array_equal, loaded, weights)
+  assert report == {"steps": 0}

@@ -5,6 +5,7 @@ no tensors) raises ``ConversionError`` with one line that names the file and say
 """
 
 import contextlib
+import io
 import os
 import pickletools
 import re
@@ -12,6 +13,7 @@ from typing import Any, Iterator
 import warnings
 import zipfile
 
+from etils import epath
 import flax.traverse_util
 import numpy as np
 
@@ -195,22 +197,22 @@ def save_params(params: Any, path: str) -> None:
   params = flax.traverse_util.unflatten_dict(
       {k: np.asarray(getattr(v, "value", v)) for k, v in flax.traverse_util.flatten_dict(params).items()})
   if path.endswith(".npz"):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    epath.Path(fileio.absolute(path)).parent.mkdir(parents=True, exist_ok=True)
     with fileio.open_atomic(path) as f:  # a crash never leaves a half-written file under ``path``
       np.savez(f, **flax.traverse_util.flatten_dict(params, sep="/"))
     return
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.abspath(path), params, force=True)
+  checkpointer.save(fileio.absolute(path), params, force=True)
   checkpointer.wait_until_finished()
 
 
 def load_params(path: str) -> dict[str, Any]:
-  """Params written by ``save_params`` as a nested dict of numpy arrays."""
+  """Params written by ``save_params`` as a nested dict of numpy arrays (``path`` local or a URL)."""
   if path.endswith(".npz"):
-    with np.load(path) as data:
+    with np.load(io.BytesIO(epath.Path(path).read_bytes())) as data:
       return flax.traverse_util.unflatten_dict({k: data[k] for k in data.files}, sep="/")
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  restored = ocp.StandardCheckpointer().restore(os.path.abspath(path))
+  restored = ocp.StandardCheckpointer().restore(fileio.absolute(path))
   return jax.tree.map(np.asarray, restored)

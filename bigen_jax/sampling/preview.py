@@ -6,12 +6,12 @@ representative). The result shows what the tokens encode (shape, colour, positio
 called ``preview`` everywhere so nobody mistakes it for the paper's generator.
 """
 
-import os
-
 from absl import logging
+from etils import epath
 import numpy as np
 from PIL import Image
 
+from bigen_jax import fileio
 from bigen_jax.data import images
 from bigen_jax.data import records
 from bigen_jax.data import vocab as vocab_lib
@@ -60,9 +60,9 @@ def build_patch_table(records_dir: str, codebook: np.ndarray, *, split: str = "t
 
 def load_or_build_patch_table(vocab: vocab_lib.Vocab, records_dir: str, *, patch: int = 16) -> np.ndarray:
   """The patch table cached in the vocabulary directory (built on first use)."""
-  path = os.path.join(vocab.dir, PATCHES_NAME)
-  if os.path.exists(path):
-    table = np.load(path)
+  path = fileio.join(vocab.dir, PATCHES_NAME)
+  if epath.Path(path).exists():
+    table = vocab_lib.load_npy(path)
     if table.shape == (vocab.k, patch, patch, 3):
       return table
   table = build_patch_table(records_dir, vocab.codebook, patch=patch)

@@ -9,11 +9,11 @@ decoder draws generated tokens, also for a custom-sized dataset.
 """
 
 import functools
-import os
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from bigen_jax import fileio
 from bigen_jax.eval import sources
 from bigen_jax.worlds.scenes import recognizer
 from bigen_jax.worlds.scenes import scene_decoder
@@ -69,7 +69,7 @@ class ScenesPlugin:
   def image_reader(self, cfg: Any, *, workdir: str) -> RecognizerReader | None:
     if self.dataset is None:
       return None
-    params, _ = recognizer.load(cfg.recognizer_dir or os.path.join(workdir or ".", "scene_recognizer"))
+    params, _ = recognizer.load(cfg.recognizer_dir or fileio.join(workdir or ".", "scene_recognizer"))
     return RecognizerReader(params)
 
   def hard_negatives(self, *, split: str, indices: Sequence[int]) -> tuple[Callable, list[dict[str, Any]]]:

@@ -12,10 +12,10 @@ Scene graphs are read with a lenient relation margin (``LENIENT_MARGIN``, see ``
 import functools
 import inspect
 import json
-import os
 import time
 from typing import Any, Mapping, Sequence
 
+from etils import epath
 import flax.serialization
 import jax
 import jax.numpy as jnp
@@ -108,14 +108,13 @@ def save_recognizer(path: str, params: Any, report: Mapping[str, Any] | None = N
   """Writes params (and the report, as JSON) to one msgpack file, atomically (``fileio.write_atomic``)."""
   blob = flax.serialization.msgpack_serialize(
       {"params": flax.serialization.to_state_dict(jax.device_get(params)), "report": json.dumps(report or {})})
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  epath.Path(fileio.absolute(path)).parent.mkdir(parents=True, exist_ok=True)
   fileio.write_atomic(path, blob)
 
 
 def load_recognizer(path: str) -> tuple[Any, dict[str, Any]]:
   """(params, report) from ``save_recognizer``; raises ValueError if the file's shapes do not fit the model."""
-  with open(path, "rb") as f:
-    state = flax.serialization.msgpack_restore(f.read())
+  state = flax.serialization.msgpack_restore(epath.Path(path).read_bytes())
   template = jax.eval_shape(init_params)
   params = flax.serialization.from_state_dict(template, state["params"])
   fits = jax.tree.map(lambda t, p: tuple(t.shape) == np.shape(p), template, params)
@@ -130,14 +129,14 @@ def recognizer_path(directory: str, **train_kwargs) -> str:
   args = inspect.signature(train_recognizer).bind(**train_kwargs)
   args.apply_defaults()
   key = "_".join(f"{k}{v}" for k, v in sorted(args.arguments.items()) if k not in ("eval_scenes", "log_every"))
-  return os.path.join(directory, f"scene_recognizer_{key}.msgpack")
+  return fileio.join(directory, f"scene_recognizer_{key}.msgpack")
 
 
 def load_or_train(directory: str, **train_kwargs) -> tuple[Any, dict[str, Any]]:
   """The cached recogniser for these training arguments (defaults filled in) under ``directory``, trained and
   saved on first use: the training step (``tools/train_scene_recognizer.py``, ``make demo``)."""
   path = recognizer_path(directory, **train_kwargs)
-  if os.path.exists(path):
+  if epath.Path(path).exists():
     return load_recognizer(path)
   params, report = train_recognizer(**train_kwargs)
   save_recognizer(path, params, report)
@@ -148,9 +147,9 @@ def load(directory: str) -> tuple[Any, dict[str, Any]]:
   """(params, report) of the default recogniser that ``load_or_train(directory)`` trained; never trains.
   ``UserError`` naming the directory and the command that trains it when it is not there."""
   path = recognizer_path(directory)
-  if not os.path.exists(path):
+  if not epath.Path(path).exists():
     raise errors.UserError(
-        f"no scene recogniser in {directory} ({os.path.basename(path)} is missing): train it once with "
+        f"no scene recogniser in {directory} ({epath.Path(path).name} is missing): train it once with "
         f"`python tools/train_scene_recognizer.py --out {directory}` (make demo's stage 9 does), or point "
         "--config.eval.generation.recognizer_dir at the directory that holds it")
   return load_recognizer(path)
