@@ -52,6 +52,8 @@ VARIANTS = {
                             {**PAPER, "task_schedule": "joint", "tasks.t2i.mask_schedule": "cosine",
                              "optimizer.lr": 1e-3}),
     "demo": ("configs/demo.py as it is", {}),
+    "demo_2026-12-02": ("configs/demo.py before issue 10's session of 2026-12-06: the paper's I2T layout and one "
+                        "cross-attention module", {"tasks.i2t.layout": "mask", "model.shared_cross_attention": True}),
     "demo_constant_lr": ("configs/demo.py, constant lr after warm-up", {"optimizer.schedule": "constant"}),
     "demo_full_masks": ("configs/demo.py with every T2I cell masked (only the caption tells what to draw)",
                         {"tasks.t2i.mask_schedule": "count", "tasks.t2i.min_masked": 64}),
@@ -73,6 +75,9 @@ VARIANTS = {
     "demo_causal_unshared_head128": ("demo_causal_unshared with the 128-wide image head",
                                      {"tasks.i2t.layout": "causal", "model.shared_cross_attention": False,
                                       "model.image_head_dim": 128}),
+    "demo_causal_unshared_w64": ("demo_causal_unshared at half the width (64, 2 heads, FFN 256)",
+                                 {"tasks.i2t.layout": "causal", "model.shared_cross_attention": False,
+                                  "model.hidden_size": 64, "model.num_heads": 2, "model.mlp_dim": 256}),
     "demo_init_0.088": ("configs/demo.py with weights drawn N(0, 1/sqrt(128))", {"model.init_std": 0.088}),
 }
 KEYS = ("validation_loss/i2t/loss", "validation_loss/i2t/gap", "validation_loss/t2i/loss", "validation_loss/t2i/gap",
