@@ -78,6 +78,7 @@ VARIANTS = {
     "demo_causal_unshared_w64": ("demo_causal_unshared at half the width (64, 2 heads, FFN 256)",
                                  {"tasks.i2t.layout": "causal", "model.shared_cross_attention": False,
                                   "model.hidden_size": 64, "model.num_heads": 2, "model.mlp_dim": 256}),
+    "demo_t2i_weight2": ("configs/demo.py with the T2I loss weighted 2 in the joint sum", {"tasks.t2i.weight": 2}),
     "demo_init_0.088": ("configs/demo.py with weights drawn N(0, 1/sqrt(128))", {"model.init_std": 0.088}),
 }
 KEYS = ("validation_loss/i2t/loss", "validation_loss/i2t/gap", "validation_loss/t2i/loss", "validation_loss/t2i/gap",
