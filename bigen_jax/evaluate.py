@@ -69,7 +69,6 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str, *, step: in
 
   A missing workdir, checkpoint or step raises ``UserError`` before anything is loaded or created.
   """
-  from etils import epath  # pylint: disable=g-import-not-at-top
   from bigen_jax import checkpoint, experiment, fileio, run_config, state  # pylint: disable=g-import-not-at-top
   from bigen_jax.eval import registry  # pylint: disable=g-import-not-at-top
   checkpoint_steps(workdir, step)
@@ -88,7 +87,6 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str, *, step: in
       results.update(registry.create(name, ctx).run(params, step=step))
   if jax.process_index() == 0:
     out = fileio.join(workdir, "eval")
-    epath.Path(out).mkdir(parents=True, exist_ok=True)
     fileio.write_json_atomic(fileio.join(out, f"results_{step}.json"), results)
     fileio.write_atomic(fileio.join(out, f"results_{step}.md"), markdown_table(results, step))
   return results, step

@@ -36,13 +36,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
   """Yields the path to write ``path``'s new content to, for writers that take a path (``tf.io.TFRecordWriter``);
   readers of ``path`` see the old file or the whole new one, never a part.
 
-  Local: a temporary file beside ``path`` (``<name>.tmp<pid>``), fsynced and renamed over it when the block ends;
-  removed if the block raises. URL: ``path`` itself (object stores publish an object whole when its writer closes;
+  Local: a temporary file beside ``path`` (``<name>.tmp<pid>``; missing parent folders are made), fsynced and
+  renamed over it when the block ends; removed if the block raises. URL: ``path`` itself (object stores publish an object whole when its writer closes;
   a rename there is a copy).
   """
   if is_url(path):
     yield os.fspath(path)
     return
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
   try:
     yield tmp

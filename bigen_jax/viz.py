@@ -1,6 +1,5 @@
 """Pictures worth looking at: captioned image grids and k-means token maps, written as PNG."""
 
-import os
 import textwrap
 from typing import Sequence
 
@@ -117,8 +116,8 @@ def side_by_side(sheets: Sequence[Image.Image], gap: int = 8) -> Image.Image:
 
 
 def save_png(image: Image.Image, path: str) -> str:
-  """Writes atomically so an interrupted demo never leaves half a picture."""
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  """Writes atomically (``fileio.open_atomic``: local or a URL) so an interrupted demo never leaves half a
+  picture."""
   with fileio.open_atomic(path) as f:
     image.save(f, format="PNG")
   return path
@@ -141,7 +140,6 @@ def loss_curves(rows: Sequence[dict], path: str, *, keys: Sequence[str] | None =
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
   fig.tight_layout()
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   with fileio.open_atomic(path) as f:
     fig.savefig(f, format="png", dpi=100)
   plt.close(fig)

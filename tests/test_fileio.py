@@ -34,3 +34,9 @@ def test_a_failed_write_keeps_the_old_file(tmp_path):
       f.write("half")
       raise RuntimeError("writer died")
   assert open(path).read() == "old" and os.listdir(tmp_path) == ["a.txt"]
+
+
+def test_missing_folders_are_made(tmp_path):
+  path = tmp_path / "eval" / "deep" / "results.json"
+  fileio.write_json_atomic(str(path), {"x": 1})
+  assert path.read_text().startswith("{") and os.listdir(path.parent) == ["results.json"]

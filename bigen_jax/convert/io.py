@@ -197,7 +197,6 @@ def save_params(params: Any, path: str) -> None:
   params = flax.traverse_util.unflatten_dict(
       {k: np.asarray(getattr(v, "value", v)) for k, v in flax.traverse_util.flatten_dict(params).items()})
   if path.endswith(".npz"):
-    epath.Path(fileio.absolute(path)).parent.mkdir(parents=True, exist_ok=True)
     with fileio.open_atomic(path) as f:  # a crash never leaves a half-written file under ``path``
       np.savez(f, **flax.traverse_util.flatten_dict(params, sep="/"))
     return

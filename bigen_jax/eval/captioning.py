@@ -10,7 +10,6 @@ share of the eval set (``eval_set``); process 0 gathers the captions, runs the J
 reaches); every process returns its results.
 """
 
-from etils import epath
 import jax
 
 from bigen_jax import fileio
@@ -78,8 +77,6 @@ class Evaluator:
       semantic = self.plugin.caption_metrics(texts, split=self.split, indices=indices)
       out.update({f"{NAME}/semantic/{k}": float(v) for k, v in semantic.items()})
     if self.ctx.workdir:
-      directory = fileio.join(self.ctx.workdir, "eval")
-      epath.Path(directory).mkdir(parents=True, exist_ok=True)
-      fileio.write_json_atomic(fileio.join(directory, f"captions_{step}.json"),
+      fileio.write_json_atomic(fileio.join(self.ctx.workdir, "eval", f"captions_{step}.json"),
                                {i: {"caption": t, "references": r} for i, t, r in zip(ids, texts, refs)})
     return out

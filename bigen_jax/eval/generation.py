@@ -46,9 +46,6 @@ accuracy and R-precision, whose results every process receives (``eval_set``); p
 first images.
 """
 
-import io
-
-from etils import epath
 import jax
 import numpy as np
 
@@ -239,13 +236,7 @@ class Evaluator:
             for i in range(k)]
     labels = " | ".join(("real", "true tokens", "generated", *variants))
     sheet = viz.captioned_grid(rows, [f"{c}  ({labels})" for c in self.captions[:k]], tile=160, wrap=40)
-    directory = fileio.join(self.ctx.workdir, "eval")
-    epath.Path(directory).mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    sheet.save(buf, format="PNG")
-    path = fileio.join(directory, f"generation_{step}.png")
-    fileio.write_atomic(path, buf.getvalue())
-    return path
+    return viz.save_png(sheet, fileio.join(self.ctx.workdir, "eval", f"generation_{step}.png"))
 
 
 def _key(settings: dict) -> tuple:

@@ -235,7 +235,6 @@ def train_detector(checkpoint: str | None = None, *, steps: int = 1000, seed: in
 
 
 def _save_atomic(obj: Any, path: str) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with fileio.open_atomic(path) as f:
     torch.save(obj, f)
 

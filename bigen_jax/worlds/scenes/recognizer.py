@@ -108,7 +108,6 @@ def save_recognizer(path: str, params: Any, report: Mapping[str, Any] | None = N
   """Writes params (and the report, as JSON) to one msgpack file, atomically (``fileio.write_atomic``)."""
   blob = flax.serialization.msgpack_serialize(
       {"params": flax.serialization.to_state_dict(jax.device_get(params)), "report": json.dumps(report or {})})
-  epath.Path(fileio.absolute(path)).parent.mkdir(parents=True, exist_ok=True)
   fileio.write_atomic(path, blob)
 
 
