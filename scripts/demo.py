@@ -41,8 +41,10 @@ _SCENES = flags.DEFINE_string("scenes_config", "demo", "Captioned-scenes size: t
 _K = flags.DEFINE_integer("k", 1024, "Visual vocabulary size (k-means clusters): scripts/feature_study.py.")
 _BACKBONE = flags.DEFINE_enum("backbone", "scenes_detector", ["scenes_detector", "demo"],
                               "Grid features: the trained scenes detector, or the fixed hand-made `demo` cells.")
-_LAYER = flags.DEFINE_enum("layer", "logits", ["logits", "fc6"], "scenes_detector: the layer whose outputs are "
-                           "the grid features (scripts/feature_study.py compares them).")
+_LAYER = flags.DEFINE_enum("layer", "gated_logits", ["gated_logits", "logits", "fc6"], "scenes_detector: the layer "
+                           "whose outputs are the grid features (scripts/feature_study.py compares them).")
+_EXACT_MIN_COUNT = flags.DEFINE_integer("exact_min_count", 100, "Vocabulary: feature vectors repeated at least "
+                                        "this often get a code each (gated_logits' empty cells); 0: off.")
 _TEXT_VOCAB = flags.DEFINE_integer("text_vocab", 1000, "WordPiece vocabulary size to train (at most).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of k-means and the input pipeline.")
 _TRAIN_STEPS = flags.DEFINE_integer("train_steps", 0, "Stage-1 steps (0: configs/demo.py's total_steps).")
@@ -257,9 +259,8 @@ def main(argv):
   summary["grid features"] = f"8x8 x {dim} ({_BACKBONE.value} backbone{', ' + _LAYER.value if detector else ''})"
   with timer.stage("4 vocab"):
     from bigen_jax.data import vocab  # pylint: disable=g-import-not-at-top
-    if not os.path.exists(os.path.join(dirs["vocab"], "vocab.json")):
-      vocab.build_vocab(dirs["records"], dirs["vocab"], k=_K.value, iterations=20,
-                        sample_size=64 * sizes["train"], seed=_SEED.value)
+    vocab.build_vocab(dirs["records"], dirs["vocab"], k=_K.value, iterations=20, sample_size=64 * sizes["train"],
+                      seed=_SEED.value, exact_min_count=_EXACT_MIN_COUNT.value)
     with open(os.path.join(dirs["vocab"], "vocab.json")) as f:
       meta = json.load(f)
   for split in SPLITS:

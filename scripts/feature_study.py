@@ -29,7 +29,10 @@ _BACKBONE = flags.DEFINE_enum("backbone", "scenes_detector", ["demo", "scenes_de
 _K = flags.DEFINE_list("k", ["256", "512", "1024", "2048"], "Cluster counts to compare.")
 _SPLIT = flags.DEFINE_string("split", "validation", "Split scored (tune on validation only).")
 _SCENES = flags.DEFINE_string("scenes_config", "demo", "Captioned-scenes config of the world.")
-_LAYER = flags.DEFINE_enum("layer", "fc6", ["fc6", "logits"], "scenes_detector: which layer's features.")
+_LAYER = flags.DEFINE_enum("layer", "fc6", ["fc6", "logits", "gated_logits"],
+                           "scenes_detector: which layer's features.")
+_EXACT_MIN_COUNT = flags.DEFINE_integer("exact_min_count", 0, "Vocabulary: feature vectors repeated at least this "
+                                        "often get a code each (bigen_jax.data.vocab.train_codebook).")
 _DETECTOR_STEPS = flags.DEFINE_integer("detector_steps", 0, "scenes_detector: training steps (0: the default).")
 _DECODERS = flags.DEFINE_list("decoders", ["preview", "scene"], "Token decoders to score: preview (patches of "
                               "training cells), scene (the detector's heads + the world's renderer).")
@@ -49,7 +52,7 @@ def main(argv):
   out = os.path.abspath(_OUT.value)
   study = os.path.join(out, "study")
   name = _BACKBONE.value + (f"{_DETECTOR_STEPS.value}" if _DETECTOR_STEPS.value else "") + (
-      "_logits" if _LAYER.value == "logits" else "")
+      "" if _LAYER.value == "fc6" else f"_{_LAYER.value}")
   records_dir = os.path.join(study, f"records_{name}")
   tok_path = os.path.join(out, "tokenizer", "vocab.txt")
   tok = tokenizer.load_tokenizer(tok_path)
@@ -75,10 +78,10 @@ def main(argv):
   rows = []
   for k in [int(x) for x in _K.value]:
     t = time.time()
-    vocab_dir = os.path.join(study, f"vocab_{name}_k{k}")
-    if not os.path.exists(os.path.join(vocab_dir, "vocab.json")):
-      vocab.build_vocab(records_dir, vocab_dir, k=k, iterations=20, sample_size=64 * 2000, seed=0,
-                        splits=("train", _SPLIT.value))
+    exact = f"_exact{_EXACT_MIN_COUNT.value}" if _EXACT_MIN_COUNT.value else ""
+    vocab_dir = os.path.join(study, f"vocab_{name}_k{k}{exact}")
+    vocab.build_vocab(records_dir, vocab_dir, k=k, iterations=20, sample_size=64 * 2000, seed=0,
+                      splits=("train", _SPLIT.value), exact_min_count=_EXACT_MIN_COUNT.value)
     v = vocab.load_vocab(vocab_dir, records_dir=records_dir)
     ids, _ = vocab.assign(dense.reshape(-1, dense.shape[-1]), v.codebook)
     with open(os.path.join(vocab_dir, "vocab.json")) as f:
@@ -95,7 +98,7 @@ def main(argv):
         continue
       probs = scene_recognizer.predict(recognizer, drawn)
       semantic = scene_semantic.semantic_accuracy(probs, first_captions)
-      row = {"backbone": _BACKBONE.value, "k": k, "decoder": decoder,
+      row = {"backbone": _BACKBONE.value, "k": k, "decoder": decoder, "exact_codes": meta.get("exact_codes", 0),
              "relative_error_train": meta["splits"]["train"]["relative_error"],
              f"relative_error_{_SPLIT.value}": meta["splits"][_SPLIT.value]["relative_error"],
              "clusters_used": meta["splits"]["train"]["used_clusters"],
@@ -104,8 +107,9 @@ def main(argv):
              "seconds": round(time.time() - t, 1)}
       rows.append(row)
       print(json.dumps(row), flush=True)
+  name += f"_exact{_EXACT_MIN_COUNT.value}" if _EXACT_MIN_COUNT.value else ""
   fileio.write_json_atomic(os.path.join(study, f"features_{name}.json"), rows)
-  keys = ["k", "decoder", "relative_error_train", f"relative_error_{_SPLIT.value}", "clusters_used",
+  keys = ["k", "exact_codes", "decoder", "relative_error_train", f"relative_error_{_SPLIT.value}", "clusters_used",
           "reference_semantic_accuracy"]
   lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
   lines += ["| " + " | ".join(f"{r[key]:.4f}" if isinstance(r[key], float) else str(r[key]) for key in keys) + " |"

@@ -67,6 +67,32 @@ def test_backbone_shapes_and_determinism(trained):
   assert cfg["name"] == "scenes_detector" and cfg["feature_dim"] == TINY["feature_dim"] and cfg["weights_sha256"]
 
 
+def test_gated_logits_keep_object_cells_and_collapse_empty_ones(trained):
+  _, path, _ = trained
+  images = np.stack([scenes.render(scenes.sample_scene(np.random.default_rng(i))) for i in range(3)])
+  nets = [backbones.build_backbone("scenes_detector", weights=path, layer=layer) for layer in ("logits",
+                                                                                           "gated_logits")]
+  logits = nets[0](images)
+  says_object = logits[..., 1] - logits[..., 0]
+  for net in nets:  # the 4-step net calls every cell one thing: move its threshold so that it says both
+    with torch.no_grad():
+      net.net.heads.bias[1] -= float(np.median(says_object))
+  logits, gated = nets[0](images), nets[1](images)
+  assert gated.shape == logits.shape == (3, 64, 27)
+  widths = dict(D.CLASS_HEADS)
+  start = {name: sum(w for n, w in (D.CLASS_HEADS + D.REGRESSION_HEADS)[:i])
+           for i, (name, _) in enumerate(D.CLASS_HEADS + D.REGRESSION_HEADS)}
+  part = lambda x, name: x[..., start[name]:start[name] + widths[name]]
+  empty = part(logits, "object").argmax(-1) == 0
+  assert 0.3 < empty.mean() < 0.7
+  np.testing.assert_array_equal(gated[~empty], logits[~empty])
+  kinds = part(logits, "background").argmax(-1)[empty]
+  expected = D.empty_cell_logits(torch.from_numpy(kinds)).numpy()
+  np.testing.assert_array_equal(gated[empty], expected)
+  assert len(np.unique(gated[empty], axis=0)) == len(np.unique(kinds))  # one vector per background type
+  assert (part(gated, "object")[empty].argmax(-1) == 0).all()
+
+
 def test_training_is_deterministic_and_cached(trained):
   directory, path, report = trained
   assert os.path.exists(path) and report["complete"]

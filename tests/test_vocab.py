@@ -23,6 +23,23 @@ def test_assign_equals_brute_force_nearest_centroid():
   np.testing.assert_allclose(dist, d2.min(1), rtol=1e-4, atol=1e-4)
 
 
+def test_repeated_vectors_get_a_code_each_and_k_means_fits_the_rest():
+  rng = np.random.default_rng(0)
+  canonical = np.array([[5.0, -5.0, 0.0], [-5.0, 5.0, 0.0]], np.float32)  # two "empty cell" vectors
+  spread = rng.normal(size=(300, 3)).astype(np.float32)  # 300 distinct vectors, none repeated
+  samples = np.concatenate([np.repeat(canonical, [700, 400], 0), spread])[rng.permutation(1400)]
+  codebook = vocab.train_codebook(samples, k=12, iterations=10, seed=0, exact_min_count=50)
+  np.testing.assert_array_equal(codebook[:2], canonical[::-1])  # first, in sorted order
+  ids, dist = vocab.assign(canonical, codebook)
+  np.testing.assert_array_equal(dist, 0)
+  assert len(set(ids)) == 2 and set(vocab.assign(spread, codebook)[0]) <= set(range(2, 12))
+  # without it, k-means spends codes by mass: the 1100 copies of two points take several of the 12
+  plain = vocab.train_codebook(samples, k=12, iterations=10, seed=0)
+  assert (vocab.assign(plain, canonical)[1] < 1e-3).sum() > 2
+  with pytest.raises(ValueError, match="exact_min_count=50.*2 repeated feature vectors.*k=2"):
+    vocab.train_codebook(samples, k=2, iterations=10, seed=0, exact_min_count=50)
+
+
 def test_sample_cells_is_seeded_and_reads_the_right_cells(records_dir):
   a = vocab.sample_cells(records_dir, sample_size=100, seed=3)
   b = vocab.sample_cells(records_dir, sample_size=100, seed=3)

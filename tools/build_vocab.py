@@ -25,6 +25,10 @@ _K = flags.DEFINE_integer("k", 10000, "Number of clusters (10,000 in the papers)
 _ITERATIONS = flags.DEFINE_integer("iterations", 20, "k-means iterations.")
 _SAMPLE_SIZE = flags.DEFINE_integer("sample_size", 2_600_000, "Training cells sampled for k-means.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the cell sample and of k-means.")
+_EXACT_MIN_COUNT = flags.DEFINE_integer(
+    "exact_min_count", 0, "Feature vectors repeated at least this often in the sample get a code each; k-means "
+    "fits the rest (0: off). For backbones that write one canonical vector per class of cells, such as "
+    "scenes_detector's gated_logits.")
 _SPLITS = flags.DEFINE_list("splits", None, "Splits to assign (default: all in the manifest).")
 
 
@@ -33,7 +37,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from bigen_jax.data import vocab  # pylint: disable=g-import-not-at-top
   vocab.build_vocab(_RECORDS.value, _OUT.value, k=_K.value, iterations=_ITERATIONS.value,
-                    sample_size=_SAMPLE_SIZE.value, seed=_SEED.value, splits=_SPLITS.value)
+                    sample_size=_SAMPLE_SIZE.value, seed=_SEED.value, splits=_SPLITS.value,
+                    exact_min_count=_EXACT_MIN_COUNT.value)
 
 
 if __name__ == "__main__":

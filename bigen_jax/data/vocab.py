@@ -74,15 +74,37 @@ def sample_cells(records_dir: str, *, sample_size: int, seed: int, split: str = 
   return out
 
 
-def train_codebook(samples: np.ndarray, *, k: int, iterations: int, seed: int) -> np.ndarray:
-  """FAISS k-means (L2) on ``samples`` [S, D]; returns the centroids float32 [k, D]."""
+def exact_codes(samples: np.ndarray, min_count: int) -> tuple[np.ndarray, np.ndarray]:
+  """The feature vectors that occur at least ``min_count`` times in ``samples`` [S, D], in sorted order
+  [E, D], and a mask [S] of the samples that are none of them."""
+  if min_count <= 0:
+    return np.zeros((0, samples.shape[1]), np.float32), np.ones(len(samples), bool)
+  rows, inverse, counts = np.unique(samples, axis=0, return_inverse=True, return_counts=True)
+  frequent = counts >= min_count
+  return rows[frequent].astype(np.float32), ~frequent[inverse.reshape(-1)]
+
+
+def train_codebook(samples: np.ndarray, *, k: int, iterations: int, seed: int, exact_min_count: int = 0
+                   ) -> np.ndarray:
+  """The codebook float32 [k, D]: FAISS k-means (L2) on ``samples`` [S, D].
+
+  ``exact_min_count`` > 0: every feature vector repeated at least that often in the sample is a code of its
+  own (first rows), and k-means fits the other k - E codes to the rest. A backbone that writes one canonical
+  vector for a whole class of cells (``gated_logits`` of the scenes detector: empty cells) thereby gets one
+  code for it, instead of k-means spending codes by mass on copies of one point.
+  """
   import faiss  # pylint: disable=g-import-not-at-top
+  exact, rest = exact_codes(samples, exact_min_count)
+  if len(exact) >= k:
+    raise ValueError(f"--exact_min_count={exact_min_count}: {len(exact)} repeated feature vectors leave no "
+                     f"codes of k={k} for k-means: raise --exact_min_count or --k")
+  samples, k = samples[rest], k - len(exact)
   if samples.shape[0] < k:
     raise ValueError(f"k-means needs at least k={k} samples, got {samples.shape[0]}: raise --sample_size")
   km = faiss.Kmeans(samples.shape[1], k, niter=iterations, seed=seed, verbose=False,
                     max_points_per_centroid=max(256, -(-samples.shape[0] // k)))
   km.train(np.ascontiguousarray(samples, np.float32))
-  return np.asarray(km.centroids, np.float32)
+  return np.concatenate([exact, np.asarray(km.centroids, np.float32)])
 
 
 def assign(features: np.ndarray, codebook: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -114,11 +136,13 @@ def assign_split(records_dir: str, split: str, codebook: np.ndarray) -> tuple[np
 
 
 def build_vocab(records_dir: str, vocab_dir: str, *, k: int, iterations: int = 20, sample_size: int,
-                seed: int = 0, splits: Sequence[str] | None = None) -> dict[str, Any]:
+                seed: int = 0, splits: Sequence[str] | None = None, exact_min_count: int = 0
+                ) -> dict[str, Any]:
   """Trains the codebook on train cells and assigns all splits; returns the contents of ``vocab.json``."""
   manifest = records.read_manifest(records_dir)
   splits = list(splits or manifest["splits"])
   settings = {"k": k, "iterations": iterations, "sample_size": sample_size, "seed": seed,
+              "exact_min_count": exact_min_count,
               "dim": manifest["feature_dim"], "records": fileio.absolute(records_dir),
               "records_fingerprint": records_fingerprint(manifest), "backbone": manifest["backbone"]}
   epath.Path(vocab_dir).mkdir(parents=True, exist_ok=True)
@@ -132,11 +156,12 @@ def build_vocab(records_dir: str, vocab_dir: str, *, k: int, iterations: int = 2
   codebook_path = fileio.join(vocab_dir, CODEBOOK_NAME)
   t = time.time()
   samples = sample_cells(records_dir, sample_size=sample_size, seed=seed)
-  codebook = train_codebook(samples, k=k, iterations=iterations, seed=seed)
+  codebook = train_codebook(samples, k=k, iterations=iterations, seed=seed, exact_min_count=exact_min_count)
   save_npy(codebook_path, codebook)
   logging.info("k-means: %d clusters on %d cells of dim %d in %.1fs", k, len(samples), samples.shape[1],
                time.time() - t)
-  meta = {**settings, "sample_size_used": int(len(samples)), "splits": {}}
+  meta = {**settings, "sample_size_used": int(len(samples)),
+          "exact_codes": int(len(exact_codes(samples, exact_min_count)[0])), "splits": {}}
   for split in splits:
     ids, stats = assign_split(records_dir, split, codebook)
     save_npy(fileio.join(vocab_dir, cluster_ids_name(split)), ids)

@@ -53,16 +53,18 @@ def cluster_attributes(codebook: np.ndarray, heads: Mapping[str, Any], *, layer:
   """What the detector's heads say of each centroid [K, D]: class heads as probabilities [K, C],
   regressions [K, W].
 
-  ``layer`` is the records' feature layer: "fc6" centroids go through the (linear) heads; "logits" centroids
-  are already the heads' outputs. Either way a centroid's attributes are the mean logits of its cells.
+  ``layer`` is the records' feature layer: "fc6" centroids go through the (linear) heads; "logits" and
+  "gated_logits" centroids are already the heads' outputs. Either way a centroid's attributes are the mean
+  logits of its cells.
   """
   codebook = np.asarray(codebook, np.float64)
   if layer == "fc6":
     out = codebook @ np.asarray(heads["weight"], np.float64).T + heads["bias"]
-  elif layer == "logits":
+  elif layer in ("logits", "gated_logits"):
     out = codebook
   else:
-    raise ValueError(f"scene decoder: unknown detector layer {layer!r}: expected 'fc6' or 'logits'")
+    raise ValueError(f"scene decoder: unknown detector layer {layer!r}: expected 'fc6', 'logits' or "
+                     "'gated_logits'")
   attrs, start = {}, 0
   for name, width in zip(heads["names"], heads["widths"]):
     part = out[:, start:start + int(width)]
