@@ -42,7 +42,10 @@ def get_config(model: str = "paper") -> ml_collections.ConfigDict:
       i2t=dict(weight=1, label_smoothing=0.2, visual_input="dense", layout="mask"),
       t2i=dict(weight=1, label_smoothing=0.0, visual_input="discrete", mask_schedule="count",
                min_masked=6, max_masked=64,
-               caption_dropout=0.0),  # P(caption -> null caption [CLS] [SEP]): trains classifier-free guidance
+               caption_dropout=0.0,  # P(caption -> null caption [CLS] [SEP]): trains classifier-free guidance
+               # weight of an auxiliary loss: the image head's D-wide feature regressed on the target cluster's
+               # centroid (masked cells; MSE over the codebook's mean square); 0 in the paper
+               feature_regression=0.0),
       # Image-text matching (X-LXMERT's objective) as an auxiliary task: off (weight 0) in the paper's stage 1.
       itm=dict(weight=0, visual_input="dense", mismatch_rate=0.5),
   ))

@@ -98,3 +98,44 @@ def test_dropped_captions_reach_the_model(results):
   assert results["p1"][0] == results["null captions p0"][0]
   assert results["p1"][0] != results["p0"][0]
   assert results["p1 deterministic"][0] == results["p0 deterministic"][0]
+
+
+def test_feature_regression_loss_by_hand():
+  rng = np.random.default_rng(0)
+  codebook = rng.normal(size=(10, 3)).astype(np.float32)
+  targets = rng.integers(0, 10, (2, 5))
+  weights = np.array([[1, 1, 0, 0, 1], [0, 1, 1, 1, 1]], np.float32)
+  feats = rng.normal(size=(2, 5, 3)).astype(np.float32)
+  want = ((feats - codebook[targets]) ** 2).mean(-1) / (codebook ** 2).mean()
+  got = t2i.feature_regression_loss(jnp.asarray(feats), jnp.asarray(targets), jnp.asarray(weights), codebook)
+  np.testing.assert_allclose(got, (want * weights).sum() / weights.sum(), rtol=1e-6)
+  exact = t2i.feature_regression_loss(jnp.asarray(codebook[targets]), jnp.asarray(targets), jnp.asarray(weights),
+                                      codebook)
+  assert float(exact) == 0.0
+  with pytest.raises(ValueError, match="image_head_dim"):
+    t2i.feature_regression_loss(jnp.zeros((2, 5, 4)), jnp.asarray(targets), jnp.asarray(weights), codebook)
+
+
+def test_feature_regression_is_added_in_training_only():
+  config = model_config.get_config("tiny")
+  config.num_cells = 64
+  model = lxmert.build_model(config)
+  params = nn.unbox(jax.jit(lambda: lxmert.init_params(model, config, jax.random.key(0)))())
+  rng = np.random.default_rng(1)
+  text_ids, text_mask = _captions(4, length=config.max_len)
+  batch = dict(text_ids=text_ids, text_mask=text_mask,
+               cluster_ids=jnp.asarray(rng.integers(0, config.num_clusters, (4, 64)), jnp.int32),
+               boxes=jnp.asarray(rng.uniform(size=(4, 64, 4)), jnp.float32))
+  frozen = {"codebook": jnp.asarray(rng.normal(size=(config.num_clusters, config.visual_feat_dim)), jnp.float32)}
+
+  def run(weight, deterministic):
+    cfg = ml_collections.ConfigDict(base.get_config().tasks.t2i.to_dict())
+    cfg.update(dict(feature_regression=weight, mask_id=MASK, **IDS))
+    return t2i.loss_fn(params, batch, jax.random.key(3), model=model, cfg=ml_collections.FrozenConfigDict(cfg),
+                       frozen=frozen, deterministic=deterministic)
+
+  (plain, _), (aided, metrics) = run(0.0, False), run(0.5, False)
+  np.testing.assert_allclose(aided, plain + 0.5 * metrics["feature_regression"], rtol=1e-6)
+  assert metrics["feature_regression"] > 0 and metrics["loss"] == aided
+  assert run(0.5, True)[0] == run(0.0, True)[0]
+  assert base.get_config().tasks.t2i.feature_regression == 0.0

@@ -54,12 +54,14 @@ class ImageHead(nn.Module):
   num_clusters: int
 
   @nn.compact
-  def __call__(self, hidden: Array) -> Array:
-    """hidden [..., H] -> logits [..., K] float32."""
+  def __call__(self, hidden: Array, *, with_features: bool = False) -> Array | tuple[Array, Array]:
+    """hidden [..., H] -> logits [..., K] float32, and with ``with_features`` the D-wide feature the logits
+    are read from [..., D] float32 (what ``tasks.t2i``'s feature regression fits to the target centroid)."""
     h = PredictionTransform(self.spec, name="transform")(hidden)
     feat = dense(self.spec, self.visual_feat_dim, ("embed", "visual_feat"), name="feat_proj")(h)
     logits = dense(self.spec, self.num_clusters, ("visual_feat", "clusters"), name="classifier")(feat)
-    return _constrain_3d(logits.astype(jnp.float32), ("act_batch", "act_length", "act_clusters"))
+    logits = _constrain_3d(logits.astype(jnp.float32), ("act_batch", "act_length", "act_clusters"))
+    return (logits, feat.astype(jnp.float32)) if with_features else logits
 
 
 class MatchHead(nn.Module):

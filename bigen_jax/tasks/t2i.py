@@ -31,7 +31,7 @@ def drop_captions(rng: Array, *, text_ids: Array, text_mask: Array, rate: float,
 def loss_fn(params, batch, rng, *, model, cfg, frozen, deterministic=False):
   """batch: text_ids/text_mask [B, L], cluster_ids [B, 64] (targets), boxes [B, 64, 4], dense for the
   "dense only" ablation. cfg: mask_schedule, min_masked, max_masked, label_smoothing, visual_input,
-  caption_dropout (training only), cls_id, sep_id, pad_id."""
+  caption_dropout and feature_regression (training only), cls_id, sep_id, pad_id."""
   mask_rng, dropout_rng = jax.random.split(rng)
   targets = batch["cluster_ids"]
   text_ids, text_mask = batch["text_ids"], batch["text_mask"]
@@ -43,10 +43,34 @@ def loss_fn(params, batch, rng, *, model, cfg, frozen, deterministic=False):
   visual_mask = layouts.t2i_mask(mask_rng, batch_size=targets.shape[0], num_cells=targets.shape[1],
                                schedule=cfg.mask_schedule, min_masked=cfg.min_masked,
                                max_masked=cfg.max_masked)
-  logits = apply.apply_model(
+  regression = cfg.get("feature_regression", 0.0)
+  logits, feats = apply.apply_model(
       model, params, task="t2i", rng=None if deterministic else dropout_rng,
-      head=lambda module, out: module.predict_image(out.vision),
+      head=lambda module, out: module.image_head(out.vision, with_features=True),
       text_ids=text_ids, text_mask=text_mask, boxes=batch["boxes"],
       visual_mask=visual_mask, **apply.visual_input(batch, cfg.visual_input, frozen))
   loss, metrics = losses.cross_entropy(logits, targets, visual_mask, label_smoothing=cfg.label_smoothing)
-  return loss, {**metrics, "masked_cells": visual_mask.sum(-1).mean(), "caption_dropped": dropped.mean()}
+  metrics = {**metrics, "masked_cells": visual_mask.sum(-1).mean(), "caption_dropped": dropped.mean()}
+  if regression and not deterministic:  # a training aid: evaluation reports the cross-entropy alone
+    error = feature_regression_loss(feats, targets, visual_mask, frozen["codebook"])
+    loss = loss + regression * error
+    metrics.update(feature_regression=error, loss=loss)
+  return loss, metrics
+
+
+def feature_regression_loss(feats: Array, targets: Array, weights: Array, codebook: Array) -> Array:
+  """Mean squared error between the predicted features [B, N, D] and the target clusters' centroids
+  (``codebook`` [K, D] at ``targets`` [B, N]) over the cells of ``weights`` [B, N], divided by the codebook's
+  mean square (1.0 for predicting zeros).
+
+  The cluster softmax moves one of K logits per target; this loss moves every attribute the feature space
+  spells out (in the demo world: the detector's colour, shape and size logits) at once, so what a caption
+  says of an object's colour reaches the masked cells before the K-way classifier has sorted it out.
+  """
+  codebook = jnp.asarray(codebook, jnp.float32)
+  if feats.shape[-1] != codebook.shape[-1]:
+    raise ValueError(f"--config.tasks.t2i.feature_regression needs the image head's feature as wide as the "
+                     f"codebook ({codebook.shape[-1]}), got {feats.shape[-1]}: set --config.model.image_head_dim=0")
+  error = jnp.mean(jnp.square(feats - codebook[targets]), -1) / jnp.mean(jnp.square(codebook))
+  weights = weights.astype(jnp.float32)
+  return (error * weights).sum() / jnp.maximum(weights.sum(), 1.0)
