@@ -1,28 +1,24 @@
 """``train_and_evaluate(config, workdir)``: the one training loop. Tasks are chosen per step by a schedule.
 
-Sections: context (``experiment``: data sizes, mesh, model) -> sharded state (``state``) -> input -> step
-functions -> checkpoint -> evaluators -> loop, with its metrics (``metrics``). Every process runs the same code;
-each feeds its share of the global batch.
+Sections: context (``experiment``: data sizes, mesh, model) -> sharded state (``state``) -> checkpoint -> input
+-> step functions -> evaluators -> the loop (``loop.run``: progress, metrics, checkpoints, shared with the GAN's
+trainer). Every process runs the same code; each feeds its share of the global batch.
 """
 
-import time
+from typing import Any
 
 from absl import logging
-from clu import metric_writers
-from clu import periodic_actions
 import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
 import optax
 
-from bigen_jax import checkpoint
 from bigen_jax import experiment
-from bigen_jax import fileio
+from bigen_jax import loop
 from bigen_jax import metrics as metrics_lib
 from bigen_jax import optim
 from bigen_jax import parallel
-from bigen_jax import run_config
 from bigen_jax import state as state_lib
 from bigen_jax import tasks as tasks_lib
 from bigen_jax.data import input_pipeline
@@ -71,22 +67,19 @@ def make_train_step(ctx: experiment.Context, task: str, tx: optax.GradientTransf
                  donate_argnums=(0,))
 
 
-def _profiler(config: ml_collections.ConfigDict, workdir: str) -> periodic_actions.Profile | None:
-  """A ``jax.profiler`` trace of the ``config.profile.num_steps`` steps after step ``config.profile.start_step``
-  into ``workdir/plugins/profile/<time>/`` (TensorBoard's profile tab), one file per host; None when off."""
-  cfg = config.get("profile")
-  if not cfg or not cfg.num_steps:
-    return None
-  return periodic_actions.Profile(logdir=workdir, num_profile_steps=cfg.num_steps, profile_duration_ms=0,
-                                  first_profile=cfg.start_step, every_steps=None, every_secs=None)
+def _with_frozen(step, frozen: dict[str, Any]) -> loop.Step:
+  """``step(state, batch, frozen)`` as the loop's ``(state, batch) -> (state, metrics)``."""
+  return lambda state, batch: step(state, batch, frozen)
 
 
-def _stop_trace() -> None:
-  """Ends a trace the loop left running (the run stopped inside the profiled steps)."""
-  try:
-    jax.profiler.stop_trace()
-  except RuntimeError:  # no trace running
-    pass
+def _evaluate(evaluators: list[Any]):
+  """``(state, step) -> scalars``: every evaluator's results on ``state.params``."""
+  def evaluate(state: state_lib.TrainState, step: int) -> dict[str, float]:
+    results = {}
+    for evaluator in evaluators:
+      results.update(evaluator.run(state.params, step=step))
+    return results
+  return evaluate
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state_lib.TrainState:
@@ -98,79 +91,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
 
   # The state is placed by ``out_shardings``; activations are constrained only inside the mesh context below.
   abstract, shardings, init = state_lib.create_state(ctx, tx, ctx.vocab.codebook)
-  ckpt = checkpoint.Checkpointer(fileio.join(workdir, "checkpoints"), save_every=config.checkpoint.every,
-                                 keep=config.checkpoint.keep, async_save=config.checkpoint.async_save,
-                                 fallback=config.checkpoint.get("fallback", True))
-  if ckpt.latest_step() is not None:
-    run_config.check_resume(config, workdir)
-  run_config.save(config, workdir)
+  ckpt = loop.open_run(config, workdir)
   data = input_pipeline.create_iterator(
       records_dir=config.data.records_dir, split=config.data.train_split, global_batch_size=config.batch_size,
       seed=config.seed, vocab_dir=config.data.vocab_dir, shuffle_buffer=config.data.shuffle_buffer,
       verify_checksums=config.data.verify_checksums, pad_id=ctx.tokenizer.pad_id,
       sharding=config.data.sharding)
-  if ckpt.latest_step() is not None:
-    state, data_state, start = ckpt.restore(abstract)
-    data.set_state(data_state)
-  else:
-    state, start = init(jax.random.key(config.seed)), 0
+  state, start = loop.restore_or_init(ckpt, abstract, lambda: init(jax.random.key(config.seed)), data)
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    steps = {task: make_train_step(ctx, task, tx, schedule, shardings) for task in set(cycle)}
+    steps = {task: _with_frozen(make_train_step(ctx, task, tx, schedule, shardings), frozen)
+             for task in set(cycle)}
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
     logging.info("model: %.1fM parameters; tasks cycle %s; starting at step %d", num_params / 1e6, cycle, start)
     evaluators = [eval_registry.create(name, ctx) for name in config.eval.evaluators] if config.eval.every else []
-
-    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-    writer.write_hparams(run_config.hparams(config))
-    report = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer,
-                                             every_steps=config.log_every)
-    history, stop = metrics_lib.History(workdir, start), checkpoint.StopSignal()
-    profile = _profiler(config, workdir)
     step_flops = metrics_lib.model_flops_per_example(config, cycle) * config.batch_size
-    pending, summary, t_log, step = [], {}, time.time(), start
-    last = min(config.stop_at_step or config.total_steps, config.total_steps)
-    try:
-      while step < last:
-        task = cycle[step % len(cycle)]
-        batch = ctx.batch_to_global(next(data))
-        state, metrics = steps[task](state, batch, frozen)
-        pending.append((step, task, metrics))
-        step += 1
-        report(step)
-        if profile is not None:
-          profile(step)
-        save_now = ckpt.manager.should_save(step) or step == last
-        if step % config.log_every == 0 or save_now:
-          summary = metrics_lib.summarise(pending, ckpt)
-          n, pending = len({s for s, _, _ in pending}), []
-          elapsed, t_log = time.time() - t_log, time.time()
-          summary.update({"steps_per_sec": n / elapsed, "examples_per_sec": n * config.batch_size / elapsed})
-          if config.peak_flops_per_device:
-            summary["mfu"] = step_flops * n / elapsed / (config.peak_flops_per_device * jax.device_count())
-          writer.write_scalars(step, summary)
-          history.write(step, summary)
-          eta = (config.total_steps - step) / max(summary["steps_per_sec"], 1e-9)
-          losses = "  ".join(f"{k} {v:.4f}" for k, v in sorted(summary.items()) if k.endswith("/loss"))
-          print(f"[train] step {step}/{config.total_steps}  {losses}  {summary['steps_per_sec']:.2f} steps/s  "
-                f"ETA {eta / 60:.1f} min", flush=True)
-        ckpt.save(step, state, data.get_state(), force=step == last)
-        if evaluators and step % config.eval.every == 0:
-          results = {}
-          for evaluator in evaluators:
-            results.update(evaluator.run(state.params, step=step))
-          writer.write_scalars(step, results)
-          history.write(step, results)
-        if stop.should_stop(step):
-          metrics_lib.summarise(pending, ckpt)
-          if ckpt.latest_step() != step:
-            ckpt.save(step, state, data.get_state(), force=True)
-          logging.warning("stopped by signal at step %d; checkpoint written", step)
-          break
-    finally:
-      if profile is not None:
-        _stop_trace()
-      ckpt.close()
-      writer.flush()
-      stop.restore_handlers()
-  return state
+    return loop.run(config, workdir, state=state, start=start, steps=steps, cycle=cycle, data=data,
+                    to_global=ctx.batch_to_global, ckpt=ckpt, evaluate=_evaluate(evaluators) if evaluators else None,
+                    step_flops=step_flops)

@@ -37,6 +37,10 @@ AXIS_RULES = (
     ("classes", None),
     ("norm", None),
     ("layers", None),
+    ("conv_height", None),  # conv kernels [height, width, in, out] (the SPADE GAN, bigen_jax/models/spade.py)
+    ("conv_width", None),
+    ("conv_in", None),
+    ("conv_out", None),
 )
 
 
