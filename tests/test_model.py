@@ -291,6 +291,24 @@ def test_unshared_cross_attention(one_layer):
   _close(moved.language, before.language)  # one cross layer: the words read the cells before they changed
 
 
+def test_caption_to_cells_reads_only_the_words_cells_may_see():
+  """``caption_to_cells``: the vision encoder (before any cross layer) then depends on the caption, but only on
+  words the visual queries may see: in I2T's causal layout ([CLS] only, causal words) no later word reaches it."""
+  config = model_config("tiny", caption_to_cells=True, **ONE_LAYER)
+  model, params = _init(config)
+  forward = jit(lambda p, x: model.apply({"params": p}, **x).vision_encoder)
+  inputs = _inputs(config)
+  other = dict(inputs, text_ids=inputs["text_ids"].copy())
+  other["text_ids"][:, 3] = (other["text_ids"][:, 3] + 1 - 5) % (config.vocab_size - 5) + 5
+  assert np.abs(np.asarray(forward(params, other)) - np.asarray(forward(params, inputs))).max() > 1e-3
+  causal = dict(vision_text_mask=np.eye(1, config.max_len, dtype=np.int32).repeat(2, 0),  # [CLS] only
+                text_attention=np.tril(np.ones((2, config.max_len, config.max_len), bool)))
+  _close(forward(params, dict(other, **causal)), forward(params, dict(inputs, **causal)))
+  plain_model, plain_params = _init(model_config("tiny", **ONE_LAYER))
+  plain = jit(lambda p, x: plain_model.apply({"params": p}, **x).vision_encoder)
+  _close(plain(plain_params, other), plain(plain_params, inputs))  # LXMERT: the vision encoder reads no words
+
+
 def test_flops_match_xla_cost_analysis():
   config = model_config("tiny", hidden_size=128, mlp_dim=512, visual_feat_dim=256, **ONE_LAYER)
   model, params = _init(config)

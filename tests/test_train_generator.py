@@ -138,6 +138,7 @@ def test_a_step_on_eight_devices_is_the_step_on_one(tmp_path, data):
   np.testing.assert_allclose(loss(str(tmp_path / "eight")), loss(str(tmp_path / "one")), rtol=1e-6)
 
 
+@pytest.mark.slow  # ~25 s, mostly compiling ResNet-50
 def test_perceptual_resnet_stays_frozen(tmp_path, data):
   """Two steps with a ResNet-50's perceptual loss (random, saved and read back as converted weights are): the
   loss is used, the net's variables are unchanged afterwards, and the train state holds G and D only (the net is
@@ -174,6 +175,7 @@ def test_perceptual_resnet_stays_frozen(tmp_path, data):
     assert [sum(x.size for x in jax.tree.leaves(m)) for m in (adam.mu, adam.nu)] == [counts[k]] * 2
 
 
+@pytest.mark.slow  # ~22 s: a subprocess that compiles the GAN again
 def test_command_line(tmp_path, data, records_dir):
   base = [sys.executable, "-m", "bigen_jax.train_generator", "--config",
           os.path.join(ROOT, "configs", "generator.py:tiny"), "--config.mesh.num_devices=1"]

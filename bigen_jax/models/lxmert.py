@@ -91,6 +91,14 @@ def _key_mask(mask: Array | None) -> Array | None:
   return None if mask is None else jnp.asarray(mask).astype(bool)[:, None, None, :]
 
 
+def _mean_over(x: Array, keys: Array | None) -> Array:
+  """Mean of x [B, L, H] over the positions ``keys`` ([B, 1, 1, L] bool, None = all) allows: [B, H]."""
+  if keys is None:
+    return x.mean(1)
+  weights = keys[:, 0, 0, :].astype(x.dtype)[..., None]
+  return (x * weights).sum(1) / jnp.maximum(weights.sum(1), 1.0)
+
+
 class UnifiedTransformer(nn.Module):
   """One LXMERT model for both directions (I2T and T2I), with its heads."""
   spec: LayerSpec
@@ -105,6 +113,9 @@ class UnifiedTransformer(nn.Module):
   num_cross_layers: int = 5
   scan_layers: bool = False
   remat: bool = False
+  # Adds a projection of the caption's mean (over the words the cells may see) to every cell's input before the
+  # vision encoder: a path from caption to cells that needs no learned attention (off in LXMERT).
+  caption_to_cells: bool = False
 
   def setup(self):
     s = self.spec
@@ -120,6 +131,8 @@ class UnifiedTransformer(nn.Module):
     self.vision = LayerStack(SelfLayer, num_layers=self.num_vision_layers, **stack)
     self.cross = LayerStack(CrossLayer, num_layers=self.num_cross_layers, **stack)
     self.pooler = dense(s, s.hidden_size, ("embed", "hidden"), name="pooler")
+    if self.caption_to_cells:
+      self.caption_proj = dense(s, s.hidden_size, ("embed", "hidden"), name="caption_proj")
     self.text_head = TextHead(s, self.vocab_size)
     self.image_head = ImageHead(s, self.image_head_dim or self.visual_feat_dim, self.num_clusters)
     self.match_head = MatchHead(s)
@@ -162,6 +175,8 @@ class UnifiedTransformer(nn.Module):
     vision = self.visual_embed(feats, boxes, deterministic)
     vision = constrain(vision, ("act_batch", "act_length", "act_embed"))
     lang = self.language(lang, lang_self, deterministic=deterministic)
+    if self.caption_to_cells:
+      vision = vision + self.caption_proj(_mean_over(lang, lang_keys))[:, None, :].astype(vision.dtype)
     vision = self.vision(vision, vision_keys, deterministic=deterministic)
     lang_x, vision_x = self.cross((lang, vision), lang_self, lang_keys, vision_keys, deterministic=deterministic)
     out = ModelOutput(language_encoder=lang, vision_encoder=vision, language=lang_x, vision=vision_x,
@@ -269,7 +284,7 @@ def build_model(config: ml_collections.ConfigDict) -> nn.Module:
         type_vocab_size=config.type_vocab_size, visual_feat_dim=config.visual_feat_dim,
         image_head_dim=config.get("image_head_dim", 0), num_clusters=config.num_clusters,
         num_language_layers=config.num_language_layers, num_vision_layers=config.num_vision_layers,
-        num_cross_layers=config.num_cross_layers,
+        num_cross_layers=config.num_cross_layers, caption_to_cells=config.get("caption_to_cells", False),
         scan_layers=config.scan_layers, remat=config.remat)
   return TwoModel(i2t=one(), t2i=one()) if config.get("two_model") else one()
 
