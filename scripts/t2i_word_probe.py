@@ -24,6 +24,8 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 _DENSITY = flags.DEFINE_float("density", 0.18, "Share of cells that take the colour (objects: 0.18 in the demo).")
 _BACKGROUNDS = flags.DEFINE_integer("backgrounds", 4, "Background types; > 1 puts a background word in the caption.")
 _STEPS = flags.DEFINE_integer("steps", 400, "AdamW steps (batch 32).")
+_FIXED_BACKGROUND = flags.DEFINE_bool("fixed_background", True, "The background word at the last position before "
+                                      "[SEP] (else at a random position other than the colour word's).")
 _LR = flags.DEFINE_float("lr", 1e-3, "Learning rate (constant; the demo's peak is 1e-3).")
 _EVERY = flags.DEFINE_integer("every", 100, "Report interval.")
 _CAPTION_TO_CELLS = flags.DEFINE_bool("caption_to_cells", False, "model.caption_to_cells (the caption's mean "
@@ -38,10 +40,12 @@ def make_batch(rng: np.random.Generator, size: int) -> dict[str, np.ndarray]:
   colour = rng.integers(0, COLOURS, size)
   ids = rng.integers(*FILLERS, (size, LENGTH))
   ids[:, 0], ids[:, -1] = CLS, SEP
-  ids[np.arange(size), rng.integers(1, LENGTH - 2, size)] = COLOUR_WORD + colour
+  colour_at = rng.integers(1, LENGTH - 2, size)
+  ids[np.arange(size), colour_at] = COLOUR_WORD + colour
   background = rng.integers(0, _BACKGROUNDS.value, size)
   if _BACKGROUNDS.value > 1:
-    ids[:, LENGTH - 2] = BACKGROUND_WORD + background
+    anywhere = (colour_at + rng.integers(1, LENGTH - 3, size) - 1) % (LENGTH - 2) + 1  # not the colour's place
+    ids[np.arange(size), LENGTH - 2 if _FIXED_BACKGROUND.value else anywhere] = BACKGROUND_WORD + background
   cells = np.where(rng.uniform(size=(size, 64)) < _DENSITY.value, colour[:, None], COLOURS + background[:, None])
   return dict(text_ids=ids.astype(np.int32), text_mask=np.ones_like(ids, np.int32),
               cluster_ids=cells.astype(np.int32), boxes=rng.uniform(size=(size, 64, 4)).astype(np.float32),
