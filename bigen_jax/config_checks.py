@@ -13,9 +13,22 @@ from bigen_jax import parallel
 _EVAL_BATCHES = {"captioning": "eval.captioning.batch_size", "generation": "eval.generation.batch_size"}
 
 
-def _require(ok: bool, flag: str, value, why: str) -> None:
+def require(ok: bool, flag: str, value, why: str) -> None:
+  """Raises ``ConfigError`` naming ``--config.<flag>`` and its value unless ``ok``."""
   if not ok:
     raise errors.ConfigError(f"--config.{flag}={value!r}: {why}")
+
+
+def check_loop_fields(config: ml_collections.ConfigDict) -> None:
+  """The fields ``bigen_jax.loop.run`` reads (steps, batch, logging, checkpoints, evaluation interval), checked
+  for every trainer."""
+  for flag in ("total_steps", "batch_size", "log_every", "checkpoint.every", "checkpoint.keep"):
+    value = config
+    for part in flag.split("."):
+      value = value[part]
+    require(isinstance(value, int) and value > 0, flag, value, "must be a positive integer")
+  require(config.stop_at_step >= 0, "stop_at_step", config.stop_at_step, "must be >= 0 (0: total_steps)")
+  require(config.eval.every >= 0, "eval.every", config.eval.every, "must be >= 0 (0: no evaluation)")
 
 
 def check_config(config: ml_collections.ConfigDict, num_devices: int | None = None,
@@ -24,27 +37,21 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int | None = No
   ``process_count`` processes; returns the mesh shape (data, fsdp, tensor)."""
   available = jax.device_count() if num_devices is None else num_devices
   processes = jax.process_count() if process_count is None else process_count
-  for flag in ("total_steps", "batch_size", "log_every", "checkpoint.every", "checkpoint.keep"):
-    value = config
-    for part in flag.split("."):
-      value = value[part]
-    _require(isinstance(value, int) and value > 0, flag, value, "must be a positive integer")
-  _require(config.stop_at_step >= 0, "stop_at_step", config.stop_at_step, "must be >= 0 (0: total_steps)")
-  _require(config.eval.every >= 0, "eval.every", config.eval.every, "must be >= 0 (0: no evaluation)")
+  check_loop_fields(config)
   if config.eval.every:
-    _require(config.eval.num_batches > 0, "eval.num_batches", config.eval.num_batches, "must be positive")
+    require(config.eval.num_batches > 0, "eval.num_batches", config.eval.num_batches, "must be positive")
   for name, task in config.tasks.items():
-    _require(task.weight >= 0, f"tasks.{name}.weight", task.weight, "must be >= 0")
-  _require(config.optimizer.lr > 0, "optimizer.lr", config.optimizer.lr, "must be positive")
+    require(task.weight >= 0, f"tasks.{name}.weight", task.weight, "must be >= 0")
+  require(config.optimizer.lr > 0, "optimizer.lr", config.optimizer.lr, "must be positive")
   profile = config.get("profile")
   if profile:
-    _require(profile.num_steps >= 0, "profile.num_steps", profile.num_steps, "must be >= 0 (0: no trace)")
+    require(profile.num_steps >= 0, "profile.num_steps", profile.num_steps, "must be >= 0 (0: no trace)")
     if profile.num_steps:
-      _require(profile.start_step >= 1, "profile.start_step", profile.start_step,
+      require(profile.start_step >= 1, "profile.start_step", profile.start_step,
                "must be >= 1: the trace starts after that many steps")
 
   wanted = int(config.mesh.get("num_devices") or 0)
-  _require(0 <= wanted <= available, "mesh.num_devices", wanted,
+  require(0 <= wanted <= available, "mesh.num_devices", wanted,
            f"there are {available} devices (0 uses all of them)")
   try:
     shape = parallel.mesh_shape(config, wanted or available)
@@ -53,7 +60,7 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int | None = No
   data_parallel = shape[0] * shape[1]
 
   def divisible(flag: str, batch: int) -> None:
-    _require(batch > 0 and batch % data_parallel == 0 and batch % processes == 0, flag, batch,
+    require(batch > 0 and batch % data_parallel == 0 and batch % processes == 0, flag, batch,
              f"must be a positive multiple of the {data_parallel} data-parallel devices (mesh data x fsdp = "
              f"{shape[0]} x {shape[1]}) and of the {processes} processes")
 
@@ -64,6 +71,6 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int | None = No
     for evaluator, flag in _EVAL_BATCHES.items():
       if evaluator in config.eval.evaluators:
         batch = config.eval[evaluator].batch_size
-        _require(isinstance(batch, int) and batch > 0, flag, batch,
+        require(isinstance(batch, int) and batch > 0, flag, batch,
                  "must be a positive integer (images per data-parallel device)")
   return shape

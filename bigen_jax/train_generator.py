@@ -40,6 +40,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 import optax  # pylint: disable=g-import-not-at-top
 
 from bigen_jax import cli  # pylint: disable=g-import-not-at-top
+from bigen_jax import config_checks  # pylint: disable=g-import-not-at-top
 from bigen_jax import errors  # pylint: disable=g-import-not-at-top
 from bigen_jax import fileio  # pylint: disable=g-import-not-at-top
 from bigen_jax import loop  # pylint: disable=g-import-not-at-top
@@ -70,20 +71,12 @@ class GANState:
   rng: jax.Array
 
 
-def _require(ok: bool, flag: str, value: Any, why: str) -> None:
-  if not ok:
-    raise errors.ConfigError(f"--config.{flag}={value!r}: {why}")
+_require = config_checks.require
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Raises ``ConfigError`` naming the flag for a config that cannot run on this job's devices."""
-  for flag in ("total_steps", "batch_size", "log_every", "checkpoint.every", "checkpoint.keep"):
-    value = config
-    for part in flag.split("."):
-      value = value[part]
-    _require(isinstance(value, int) and value > 0, flag, value, "must be a positive integer")
-  _require(config.stop_at_step >= 0, "stop_at_step", config.stop_at_step, "must be >= 0 (0: total_steps)")
-  _require(config.eval.every >= 0, "eval.every", config.eval.every, "must be >= 0 (0: no evaluation)")
+  config_checks.check_loop_fields(config)
   _require(config.eval.num_examples >= 0, "eval.num_examples", config.eval.num_examples, "must be >= 0")
   for net in NETS:
     lr = config.optimizer[f"{net}_lr"]

@@ -19,7 +19,6 @@ import re
 from typing import Any
 
 import flax.traverse_util
-import numpy as np
 
 from bigen_jax.convert import io as convert_io
 from bigen_jax.convert.io import ConversionError  # noqa: F401  (callers catch it from this module)
@@ -29,20 +28,6 @@ _IGNORED = re.compile(r"^(AuxLogits\.|.*\.num_batches_tracked$)")
 # (collection, last Flax name) -> last torch name
 _LEAVES = {("params", "kernel"): "weight", ("params", "scale"): "weight", ("params", "bias"): "bias",
            ("batch_stats", "mean"): "running_mean", ("batch_stats", "var"): "running_var"}
-
-
-def _numpy(value: Any) -> np.ndarray:
-  if hasattr(value, "detach"):
-    value = value.detach().cpu().float().numpy()
-  return np.asarray(value, np.float32)
-
-
-def _to_flax(name: str, value: np.ndarray) -> np.ndarray:
-  if value.ndim == 4:  # conv OIHW -> HWIO
-    return value.transpose(2, 3, 1, 0)
-  if name == "fc.weight":  # linear [out, in] -> [in, out]
-    return value.T
-  return value
 
 
 def torch_name(collection: str, path: tuple[str, ...]) -> str:
@@ -93,7 +78,7 @@ def params_from_torch(state_dict: dict[str, Any], *, variant: str | None = None)
       missing.append(name)
       continue
     used.add(name)
-    value = _to_flax(name, _numpy(state[name][1]))
+    value = convert_io.torchvision_to_flax(name, convert_io.float32_array(state[name][1]))
     if value.shape != spec.shape:
       wrong.append(f"{state[name][0]} {tuple(state[name][1].shape)} -> {collection}/{'/'.join(path)} expects "
                    f"{tuple(spec.shape)}")

@@ -61,6 +61,21 @@ def naming_file(path: str) -> Iterator[None]:
     raise ConversionError(f"{path}: {e}") from e
 
 
+def float32_array(value: Any) -> np.ndarray:
+  """A torch tensor or array as numpy float32."""
+  return np.asarray(_to_numpy(value), np.float32)
+
+
+def torchvision_to_flax(name: str, value: np.ndarray, *, linear: str = "fc.weight") -> np.ndarray:
+  """A torchvision convnet's tensor ``name`` in Flax layout: conv OIHW -> HWIO, the ``linear`` weight [out, in]
+  -> [in, out], anything else as it is."""
+  if value.ndim == 4:
+    return value.transpose(2, 3, 1, 0)
+  if name == linear:
+    return value.T
+  return value
+
+
 def _to_numpy(value: Any) -> Any:
   if hasattr(value, "detach"):  # a torch tensor: floats to float32 (bf16/fp16 have no exact numpy twin)
     value = value.detach().cpu()

@@ -14,7 +14,6 @@ import re
 from typing import Any
 
 import flax.traverse_util
-import numpy as np
 
 from bigen_jax.convert import io as convert_io
 from bigen_jax.convert.io import ConversionError  # noqa: F401  (callers catch it from this module)
@@ -30,20 +29,6 @@ _LEAVES = {("params", "kernel"): "weight", ("params", "scale"): "weight", ("para
 def torch_name(collection: str, path: tuple[str, ...]) -> str:
   """The torchvision state-dict key of the Flax variable ``collection``/``path``."""
   return ".".join(path[:-1] + (_LEAVES[(collection, path[-1])],))
-
-
-def _numpy(value: Any) -> np.ndarray:
-  if hasattr(value, "detach"):
-    value = value.detach().cpu().float().numpy()
-  return np.asarray(value, np.float32)
-
-
-def _to_flax(name: str, value: np.ndarray) -> np.ndarray:
-  if value.ndim == 4:  # conv OIHW -> HWIO
-    return value.transpose(2, 3, 1, 0)
-  if name == "fc.weight":  # linear [out, in] -> [in, out]
-    return value.T
-  return value
 
 
 def params_from_torch(state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -65,7 +50,7 @@ def params_from_torch(state_dict: dict[str, Any]) -> dict[str, Any]:
       continue
     used.add(name)
     key, tensor = state[name]
-    value = _to_flax(name, _numpy(tensor))
+    value = convert_io.torchvision_to_flax(name, convert_io.float32_array(tensor))
     if value.shape != spec.shape:
       wrong.append(f"{key} {tuple(tensor.shape)} -> {collection}/{'/'.join(path)} expects {tuple(spec.shape)}")
     flat[(collection, *path)] = value
