@@ -26,6 +26,8 @@ _BACKGROUNDS = flags.DEFINE_integer("backgrounds", 4, "Background types; > 1 put
 _STEPS = flags.DEFINE_integer("steps", 400, "AdamW steps (batch 32).")
 _FIXED_BACKGROUND = flags.DEFINE_bool("fixed_background", True, "The background word at the last position before "
                                       "[SEP] (else at a random position other than the colour word's).")
+_VARIABLE_LENGTH = flags.DEFINE_bool("variable_length", False, "Captions of 5 to 12 tokens (padding after [SEP]), "
+                                     "the background word last before [SEP], as the demo's captions name it.")
 _LR = flags.DEFINE_float("lr", 1e-3, "Learning rate (constant; the demo's peak is 1e-3).")
 _EVERY = flags.DEFINE_integer("every", 100, "Report interval.")
 _CAPTION_TO_CELLS = flags.DEFINE_bool("caption_to_cells", False, "model.caption_to_cells (the caption's mean "
@@ -39,15 +41,18 @@ def make_batch(rng: np.random.Generator, size: int) -> dict[str, np.ndarray]:
   """Captions, cell targets (colour c -> code c, background b -> code 8 + b) and random boxes."""
   colour = rng.integers(0, COLOURS, size)
   ids = rng.integers(*FILLERS, (size, LENGTH))
-  ids[:, 0], ids[:, -1] = CLS, SEP
-  colour_at = rng.integers(1, LENGTH - 2, size)
-  ids[np.arange(size), colour_at] = COLOUR_WORD + colour
+  length = rng.integers(5, LENGTH + 1, size) if _VARIABLE_LENGTH.value else np.full(size, LENGTH)
+  rows = np.arange(size)
+  ids[:, 0], ids[rows, length - 1] = CLS, SEP
+  ids[np.arange(LENGTH)[None] >= length[:, None]] = PAD
+  colour_at = rng.integers(1, length - 2)
+  ids[rows, colour_at] = COLOUR_WORD + colour
   background = rng.integers(0, _BACKGROUNDS.value, size)
   if _BACKGROUNDS.value > 1:
-    anywhere = (colour_at + rng.integers(1, LENGTH - 3, size) - 1) % (LENGTH - 2) + 1  # not the colour's place
-    ids[np.arange(size), LENGTH - 2 if _FIXED_BACKGROUND.value else anywhere] = BACKGROUND_WORD + background
+    anywhere = (colour_at + rng.integers(1, length - 3) - 1) % (length - 2) + 1  # not the colour's place
+    ids[rows, length - 2 if _FIXED_BACKGROUND.value else anywhere] = BACKGROUND_WORD + background
   cells = np.where(rng.uniform(size=(size, 64)) < _DENSITY.value, colour[:, None], COLOURS + background[:, None])
-  return dict(text_ids=ids.astype(np.int32), text_mask=np.ones_like(ids, np.int32),
+  return dict(text_ids=ids.astype(np.int32), text_mask=(ids != PAD).astype(np.int32),
               cluster_ids=cells.astype(np.int32), boxes=rng.uniform(size=(size, 64, 4)).astype(np.float32),
               colour=colour)
 
