@@ -29,6 +29,7 @@ _FIXED_BACKGROUND = flags.DEFINE_bool("fixed_background", True, "The background 
 _VARIABLE_LENGTH = flags.DEFINE_bool("variable_length", False, "Captions of 5 to 12 tokens (padding after [SEP]), "
                                      "the background word last before [SEP], as the demo's captions name it.")
 _LR = flags.DEFINE_float("lr", 1e-3, "Learning rate (constant; the demo's peak is 1e-3).")
+_CROSS_LR_SCALE = flags.DEFINE_float("cross_lr_scale", 1.0, "Learning rate multiplier of the cross layers alone.")
 _EVERY = flags.DEFINE_integer("every", 100, "Report interval.")
 _CAPTION_TO_CELLS = flags.DEFINE_bool("caption_to_cells", False, "model.caption_to_cells (the caption's mean "
                                       "added to every cell).")
@@ -60,6 +61,7 @@ def make_batch(rng: np.random.Generator, size: int) -> dict[str, np.ndarray]:
 def main(argv):
   del argv
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import flax.traverse_util  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
@@ -79,7 +81,9 @@ def main(argv):
                    caption_dropout=0.0))
   task = ml_collections.FrozenConfigDict(task)
   frozen = {"codebook": jnp.asarray(np.random.default_rng(0).normal(size=(clusters, 8)), jnp.float32)}
-  tx = optax.adamw(_LR.value, weight_decay=0.01)
+  labels = flax.traverse_util.path_aware_map(lambda path, _: "cross" if path[0] == "cross" else "rest", params)
+  tx = optax.multi_transform({"cross": optax.adamw(_LR.value * _CROSS_LR_SCALE.value, weight_decay=0.01),
+                              "rest": optax.adamw(_LR.value, weight_decay=0.01)}, labels)
   opt_state = tx.init(params)
 
   @jax.jit
@@ -99,7 +103,8 @@ def main(argv):
 
   fixed = make_batch(np.random.default_rng(99), 64)
   rng = np.random.default_rng(0)
-  print(f"density {_DENSITY.value}, {_BACKGROUNDS.value} background(s), lr {_LR.value}, caption_to_cells "
+  print(f"density {_DENSITY.value}, {_BACKGROUNDS.value} background(s), lr {_LR.value} (cross x{_CROSS_LR_SCALE.value}), "
+        f"caption_to_cells "
         f"{_CAPTION_TO_CELLS.value}: P(named colour) is {_DENSITY.value / COLOURS:.4f} without reading the word, "
         f"{_DENSITY.value:.4f} when read")
   for i in range(_STEPS.value + 1):
