@@ -138,8 +138,7 @@ def create_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rul
   """(abstract ``GANState`` with shardings, the shardings, ``init(rng)`` placing a new state on the mesh).
 
   optimizers: ``make_optimizers``' {net: (Adam, schedule)}. Param and spectral shardings follow the logical-axis
-  names of ``spade`` through ``rules``; each Adam state is sharded like its params. Call ``init`` outside the
-  mesh context (``spade`` boxes its spectral vectors with logical, not mesh, axis names).
+  names of ``spade`` through ``rules``; each Adam state is sharded like its params.
   """
   model = config.model
   txs = {net: tx for net, (tx, _) in optimizers.items()}
