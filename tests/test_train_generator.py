@@ -110,6 +110,7 @@ def test_resume_is_exact(tmp_path, data, straight):
   assert losses(workdir) == losses(straight[0])
 
 
+@pytest.mark.slow  # ~40 s: keeps the default suite near its 20-minute budget; `make test-all` runs it
 def test_a_step_on_eight_devices_is_the_step_on_one(tmp_path, data):
   """One step with the batch over data x fsdp = 2 x 2 and D's ACGAN head over tensor = 2 is the step of one
   device: the same losses, gradients (Adam's first moment: with b1 = 0 it is the step's gradient) and spectral
