@@ -35,16 +35,6 @@ def torch_name(collection: str, path: tuple[str, ...]) -> str:
   return ".".join(path[:-1] + (_LEAVES[(collection, path[-1])],))
 
 
-def _strip(state_dict: dict[str, Any]) -> dict[str, tuple[str, Any]]:
-  """name without ``module.`` -> (original key, tensor), ignored keys dropped."""
-  state = {}
-  for key, value in state_dict.items():
-    name = key[len("module."):] if key.startswith("module.") else key
-    if not _IGNORED.match(name):
-      state[name] = (key, value)
-  return state
-
-
 def _describe(variant: str) -> str:
   return {"fid": "pytorch-fid's FID Inception (pt_inception-2015-12-05, 1008 classes)",
           "torchvision": "torchvision's inception_v3"}[variant]
@@ -53,7 +43,7 @@ def _describe(variant: str) -> str:
 def detect_variant(state_dict: dict[str, Any]) -> str | None:
   """"fid" when ``fc.weight`` has 1008 outputs, "torchvision" for any other width; None without ``fc.weight``
   (the conversion then reports it missing)."""
-  state = _strip(state_dict)
+  state = convert_io.strip_module_prefix(state_dict, _IGNORED)
   if "fc.weight" not in state:
     return None
   return inception.variant_for(int(state["fc.weight"][1].shape[0]))
@@ -66,30 +56,18 @@ def params_from_torch(state_dict: dict[str, Any], *, variant: str | None = None)
   docstring for the naming and the errors."""
   if variant is not None and variant not in inception.VARIANTS:
     raise ValueError(f"unknown Inception variant {variant!r}: expected one of {inception.VARIANTS}")
-  state = _strip(state_dict)
+  state = convert_io.strip_module_prefix(state_dict, _IGNORED)
   detected = detect_variant(state_dict)
   num_classes = int(state["fc.weight"][1].shape[0]) if "fc.weight" in state else 0
   model = inception.InceptionV3(variant=detected or variant or "torchvision", num_classes=num_classes)
   expected = flax.traverse_util.flatten_dict(inception.abstract_variables(model))
-  flat, used, missing, wrong = {}, set(), [], []
-  for (collection, *path), spec in expected.items():
-    name = torch_name(collection, tuple(path))
-    if name not in state:
-      missing.append(name)
-      continue
-    used.add(name)
-    value = convert_io.torchvision_to_flax(name, convert_io.float32_array(state[name][1]))
-    if value.shape != spec.shape:
-      wrong.append(f"{state[name][0]} {tuple(state[name][1].shape)} -> {collection}/{'/'.join(path)} expects "
-                   f"{tuple(spec.shape)}")
-    flat[(collection, *path)] = value
-  unknown = sorted(state[k][0] for k in state if k not in used)
-  convert_io.raise_if_foreign("inception_v3", [key for key, _ in state.values()], len(used))
+  flat, used, unknown, missing, wrong = convert_io.match_torchvision(expected, state, torch_name)
+  convert_io.raise_if_foreign("inception_v3", [key for key, _ in state.values()], used)
   if variant is not None and detected is not None and detected != variant:
     raise ConversionError(f"a state dict of {_describe(detected)} (fc.weight has {num_classes} outputs), not of "
                           f"{_describe(variant)}: the two pool differently, so it would compute wrong features; "
                           f"convert it as variant {detected!r} (tools/convert_inception.py --variant={detected})")
   convert_io.raise_if_mismatched("inception_v3", [
       ("unknown keys (no counterpart in InceptionV3)", unknown),
-      ("keys missing from the state dict", sorted(missing)), ("shape mismatches", wrong)])
+      ("keys missing from the state dict", missing), ("shape mismatches", wrong)])
   return flax.traverse_util.unflatten_dict(flat)

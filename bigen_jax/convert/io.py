@@ -9,7 +9,7 @@ import io
 import os
 import pickletools
 import re
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 import warnings
 import zipfile
 
@@ -74,6 +74,43 @@ def torchvision_to_flax(name: str, value: np.ndarray, *, linear: str = "fc.weigh
   if name == linear:
     return value.T
   return value
+
+
+def strip_module_prefix(state_dict: dict[str, Any], ignored: re.Pattern) -> dict[str, tuple[str, Any]]:
+  """{name without a leading ``module.`` (DataParallel): (the key as found, tensor)}, names ``ignored`` matches
+  dropped."""
+  state = {}
+  for key, value in state_dict.items():
+    name = key[len("module."):] if key.startswith("module.") else key
+    if not ignored.match(name):
+      state[name] = (key, value)
+  return state
+
+
+def match_torchvision(expected: dict[tuple[str, ...], Any], state: dict[str, tuple[str, Any]],
+                      torch_name: Callable[[str, tuple[str, ...]], str]
+                      ) -> tuple[dict[tuple[str, ...], np.ndarray], int, list[str], list[str], list[str]]:
+  """A torchvision convnet's tensors placed at the Flax variables they fill.
+
+  expected: the flattened abstract variables {(collection, *path): ShapeDtypeStruct}; state: {torch name:
+  (key as found in the file, tensor)}; torch_name(collection, path) names a variable's tensor. Returns (flat
+  float32 variables in Flax layout, how many tensors were used, unknown keys, missing torch names, shape
+  mismatches), each list sorted or in variable order, for ``raise_if_foreign`` / ``raise_if_mismatched``.
+  """
+  flat, used, missing, wrong = {}, set(), [], []
+  for (collection, *path), spec in expected.items():
+    name = torch_name(collection, tuple(path))
+    if name not in state:
+      missing.append(name)
+      continue
+    used.add(name)
+    key, tensor = state[name]
+    value = torchvision_to_flax(name, float32_array(tensor))
+    if value.shape != spec.shape:
+      wrong.append(f"{key} {tuple(tensor.shape)} -> {collection}/{'/'.join(path)} expects {tuple(spec.shape)}")
+    flat[(collection, *path)] = value
+  unknown = sorted(key for name, (key, _) in state.items() if name not in used)
+  return flat, len(used), unknown, sorted(missing), wrong
 
 
 def _to_numpy(value: Any) -> Any:

@@ -35,28 +35,12 @@ def params_from_torch(state_dict: dict[str, Any]) -> dict[str, Any]:
   """{"params", "batch_stats"} (numpy float32) of ``ResNet50(num_classes=<fc.weight's outputs>)`` from a
   torchvision ``resnet50`` state dict (torch tensors or numpy arrays). See the module docstring for the naming
   and the errors."""
-  state = {}
-  for key, value in state_dict.items():
-    name = key[len("module."):] if key.startswith("module.") else key
-    if not _IGNORED.match(name):
-      state[name] = (key, value)
+  state = convert_io.strip_module_prefix(state_dict, _IGNORED)
   num_classes = int(state["fc.weight"][1].shape[0]) if "fc.weight" in state else resnet.NUM_CLASSES
   expected = flax.traverse_util.flatten_dict(resnet.abstract_variables(resnet.ResNet50(num_classes=num_classes)))
-  flat, used, missing, wrong = {}, set(), [], []
-  for (collection, *path), spec in expected.items():
-    name = torch_name(collection, tuple(path))
-    if name not in state:
-      missing.append(name)
-      continue
-    used.add(name)
-    key, tensor = state[name]
-    value = convert_io.torchvision_to_flax(name, convert_io.float32_array(tensor))
-    if value.shape != spec.shape:
-      wrong.append(f"{key} {tuple(tensor.shape)} -> {collection}/{'/'.join(path)} expects {tuple(spec.shape)}")
-    flat[(collection, *path)] = value
-  unknown = sorted(key for name, (key, _) in state.items() if name not in used)
-  convert_io.raise_if_foreign(_WHAT, [key for key, _ in state.values()], len(used))
+  flat, used, unknown, missing, wrong = convert_io.match_torchvision(expected, state, torch_name)
+  convert_io.raise_if_foreign(_WHAT, [key for key, _ in state.values()], used)
   convert_io.raise_if_mismatched(_WHAT, [
       ("unknown keys (no counterpart in ResNet50)", unknown),
-      ("keys missing from the state dict", sorted(missing)), ("shape mismatches", wrong)])
+      ("keys missing from the state dict", missing), ("shape mismatches", wrong)])
   return flax.traverse_util.unflatten_dict(flat)
