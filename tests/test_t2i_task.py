@@ -27,6 +27,22 @@ def _captions(batch: int, length: int = 8, seed: int = 0):
   return jnp.asarray(ids, jnp.int32), jnp.asarray(index <= n + 1, jnp.int32)
 
 
+def _tiny_model_and_batch(size: int):
+  """The tiny model (64 cells) with params, a batch of ``size`` random captions, cluster ids and boxes, and a
+  random frozen codebook: (model, params, batch, frozen)."""
+  config = model_config.get_config("tiny")
+  config.num_cells = 64
+  model = lxmert.build_model(config)
+  params = nn.unbox(jax.jit(lambda: lxmert.init_params(model, config, jax.random.key(0)))())
+  rng = np.random.default_rng(1)
+  text_ids, text_mask = _captions(size, length=config.max_len)
+  batch = dict(text_ids=text_ids, text_mask=text_mask,
+               cluster_ids=jnp.asarray(rng.integers(0, config.num_clusters, (size, 64)), jnp.int32),
+               boxes=jnp.asarray(rng.uniform(size=(size, 64, 4)), jnp.float32))
+  codebook = rng.normal(size=(config.num_clusters, config.visual_feat_dim))
+  return model, params, batch, {"codebook": jnp.asarray(codebook, jnp.float32)}
+
+
 def test_null_captions():
   text_ids, _ = _captions(3)
   ids, mask = layouts.null_captions(text_ids, **IDS)
@@ -55,19 +71,9 @@ def test_drop_captions_rate_and_rows():
 def results():
   """(loss, metrics) of one batch of 256 under several caption_dropout / deterministic settings, same rng,
   compiled as one program."""
-  config = model_config.get_config("tiny")
-  config.num_cells = 64
-  model = lxmert.build_model(config)
-  params = nn.unbox(jax.jit(lambda: lxmert.init_params(model, config, jax.random.key(0)))())
-  rng = np.random.default_rng(1)
-  text_ids, text_mask = _captions(256, length=config.max_len)
-  batch = dict(text_ids=text_ids, text_mask=text_mask,
-               cluster_ids=jnp.asarray(rng.integers(0, config.num_clusters, (256, 64)), jnp.int32),
-               boxes=jnp.asarray(rng.uniform(size=(256, 64, 4)), jnp.float32))
-  null_ids, null_mask = layouts.null_captions(text_ids, **IDS)
+  model, params, batch, frozen = _tiny_model_and_batch(256)
+  null_ids, null_mask = layouts.null_captions(batch["text_ids"], **IDS)
   all_null = {**batch, "text_ids": null_ids, "text_mask": null_mask}
-  codebook = rng.normal(size=(config.num_clusters, config.visual_feat_dim))
-  frozen = {"codebook": jnp.asarray(codebook, jnp.float32)}
   runs = {"p0.5": (batch, 0.5, False), "p0": (batch, 0.0, False), "p0.5 deterministic": (batch, 0.5, True),
           "p1": (batch, 1.0, False), "p1 deterministic": (batch, 1.0, True),
           "p0 deterministic": (batch, 0.0, True), "null captions p0": (all_null, 0.0, False)}
@@ -117,16 +123,7 @@ def test_feature_regression_loss_by_hand():
 
 
 def test_feature_regression_is_added_in_training_only():
-  config = model_config.get_config("tiny")
-  config.num_cells = 64
-  model = lxmert.build_model(config)
-  params = nn.unbox(jax.jit(lambda: lxmert.init_params(model, config, jax.random.key(0)))())
-  rng = np.random.default_rng(1)
-  text_ids, text_mask = _captions(4, length=config.max_len)
-  batch = dict(text_ids=text_ids, text_mask=text_mask,
-               cluster_ids=jnp.asarray(rng.integers(0, config.num_clusters, (4, 64)), jnp.int32),
-               boxes=jnp.asarray(rng.uniform(size=(4, 64, 4)), jnp.float32))
-  frozen = {"codebook": jnp.asarray(rng.normal(size=(config.num_clusters, config.visual_feat_dim)), jnp.float32)}
+  model, params, batch, frozen = _tiny_model_and_batch(4)
 
   def run(weight, deterministic):
     cfg = ml_collections.ConfigDict(base.get_config().tasks.t2i.to_dict())
