@@ -54,6 +54,12 @@ class History:
       fileio.write_atomic(self.path, "".join(line + "\n" for line in self.lines))
 
 
+def read_history(workdir: str) -> list[dict[str, float]]:
+  """The rows ``History`` logged in ``workdir/metrics.jsonl``, in order: {"step": s, <metric>: value, ...}."""
+  text = epath.Path(fileio.join(workdir, HISTORY_NAME)).read_text()
+  return [json.loads(line) for line in text.splitlines() if line]
+
+
 def summarise(pending: list[tuple[int, str, dict]], ckpt: checkpoint.Checkpointer) -> dict[str, float]:
   """Means of the metrics since the last log, per task; stops on a non-finite loss, naming the newest
   checkpoint that still verifies."""

@@ -180,9 +180,7 @@ def train_stage1(out, steps, detector):
   config = demo_config(out, steps, detector)
   workdir = os.path.join(out, "train")
   state = train.train_and_evaluate(config, workdir)
-  with open(os.path.join(workdir, metrics.HISTORY_NAME)) as f:
-    rows = [json.loads(line) for line in f]
-  return state, experiment.resolve_config(config)[0], rows
+  return state, experiment.resolve_config(config)[0], metrics.read_history(workdir)
 
 
 def caption_sheet(state, config, tok, path, n=12):

@@ -103,12 +103,7 @@ def variant_config(name: str, out: str, steps: int):
   config.eval.every = 0
   if steps:
     config.total_steps = steps
-  for key, value in VARIANTS[name][1].items():
-    node = config
-    *path, leaf = key.split(".")
-    for part in path:
-      node = node[part]
-    node[leaf] = value
+  config.update_from_flattened_dict(VARIANTS[name][1])
   return config
 
 

@@ -56,8 +56,7 @@ def _config(data, variant):
 
 def _trained_tasks(workdir):
   """{step: the task trained at that step} from the run's history."""
-  with open(os.path.join(workdir, metrics_lib.HISTORY_NAME)) as f:
-    rows = [json.loads(line) for line in f]
+  rows = metrics_lib.read_history(workdir)
   out = {}
   for row in rows:
     for key, value in row.items():

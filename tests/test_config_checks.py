@@ -12,12 +12,7 @@ from configs import demo
 
 def _config(**kw):
   config = demo.get_config("tiny")
-  for key, value in kw.items():
-    *path, leaf = key.split(".")
-    node = config
-    for p in path:
-      node = node[p]
-    node[leaf] = value
+  config.update_from_flattened_dict(kw)
   return config
 
 

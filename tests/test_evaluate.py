@@ -52,8 +52,7 @@ def run(tmp_path_factory):
 
 def test_evaluate_writes_results_and_matches_plain_decoding(run):
   config, workdir, params = run
-  with open(os.path.join(workdir, metrics_lib.HISTORY_NAME)) as f:
-    logged = [json.loads(line) for line in f]
+  logged = metrics_lib.read_history(workdir)
   assert any("captioning/CIDEr-D" in r and "generation/cell_accuracy" in r for r in logged)  # the trainer ran them
   results, step = evaluate.evaluate(config, workdir, evaluators=["captioning", "generation"])
   assert step == 2

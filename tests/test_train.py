@@ -52,24 +52,14 @@ def _overrides(data, **kw):
 
 def _config(data, **kw):
   config = demo.get_config("tiny")
-  for key, value in _overrides(data, **kw).items():
-    *path, leaf = key.split(".")
-    node = config
-    for p in path:
-      node = node[p]
-    node[leaf] = value
+  config.update_from_flattened_dict(_overrides(data, **kw))
   return config
-
-
-def _history(workdir):
-  with open(os.path.join(workdir, metrics_lib.HISTORY_NAME)) as f:
-    return [json.loads(line) for line in f]
 
 
 def _losses(workdir):
   """{step: loss} of the task trained at that step."""
   out = {}
-  for row in _history(workdir):
+  for row in metrics_lib.read_history(workdir):
     for key, value in row.items():
       if key.endswith("/loss") and not key.startswith("validation_loss"):
         out[row["step"]] = value
@@ -86,7 +76,7 @@ def _wait_for_step(workdir, proc, step, timeout=300):
   path = os.path.join(workdir, metrics_lib.HISTORY_NAME)
   deadline = time.time() + timeout
   while time.time() < deadline:
-    if os.path.exists(path) and any(r["step"] >= step for r in _history(workdir)):
+    if os.path.exists(path) and any(r["step"] >= step for r in metrics_lib.read_history(workdir)):
       return
     if proc.poll() is not None:
       raise AssertionError(f"run ended early:\n{proc.stderr.read().decode()[-3000:]}")
@@ -97,7 +87,7 @@ def _wait_for_step(workdir, proc, step, timeout=300):
 def test_train_end_to_end(tmp_path, data):
   workdir = str(tmp_path / "run")
   train.train_and_evaluate(_config(data, **{"eval.every": 3}), workdir)
-  rows = _history(workdir)
+  rows = metrics_lib.read_history(workdir)
   losses = _losses(workdir)
   assert sorted(losses) == [1, 2, 3, 4, 5, 6]
   assert all(np.isfinite(v) for v in losses.values())
@@ -126,7 +116,7 @@ def test_joint_schedule_sums_the_tasks(tmp_path, data):
                             "total_steps": 2})
   state = train.train_and_evaluate(config, workdir)
   assert int(state.step) == 2
-  for row in (r for r in _history(workdir) if "lr" in r):
+  for row in (r for r in metrics_lib.read_history(workdir) if "lr" in r):
     assert {"i2t/loss", "t2i/loss", "itm/loss", "joint/loss"} <= set(row)
     want = row["i2t/loss"] + 2 * row["t2i/loss"] + row["itm/loss"]
     assert abs(row["joint/loss"] - want) < 1e-4 * abs(want)
@@ -163,7 +153,7 @@ def test_sigkill_resume_is_exact_and_sigterm_checkpoints(tmp_path, data):
     time.sleep(0.02)
   proc.kill()
   assert proc.wait() == -signal.SIGKILL
-  killed_at = max(r["step"] for r in _history(workdir))
+  killed_at = max(r["step"] for r in metrics_lib.read_history(workdir))
   assert killed_at < 40
 
   proc = subprocess.Popen(_command(data, workdir, **settings), cwd=ROOT, stdout=subprocess.DEVNULL,

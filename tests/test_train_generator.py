@@ -2,7 +2,6 @@
 trains, logs, checkpoints and draws; a resume is bit-exact; a step on 8 devices is the step on one; the
 perceptual ResNet-50 stays frozen; the command line runs and reports user errors in one line."""
 
-import json
 import os
 import subprocess
 import sys
@@ -37,18 +36,8 @@ def _config(data, **overrides):
   config.data.update(dict(records_dir=data["records_dir"], vocab_dir=data["vocab_dir"]))
   config.mesh.num_devices = 1
   config.eval.num_examples = 0
-  for key, value in overrides.items():
-    *path, leaf = key.split(".")
-    node = config
-    for part in path:
-      node = node[part]
-    node[leaf] = value
+  config.update_from_flattened_dict(overrides)
   return config
-
-
-def _history(workdir):
-  with open(os.path.join(workdir, metrics_lib.HISTORY_NAME)) as f:
-    return [json.loads(line) for line in f]
 
 
 def _initial_state(config):
@@ -77,14 +66,14 @@ def straight(tmp_path_factory, data):
 def test_trains_logs_checkpoints_and_draws(data, straight):
   workdir, state = straight
   assert int(state.step) == 4
-  rows = [r for r in _history(workdir) if "gan/loss" in r]
+  rows = [r for r in metrics_lib.read_history(workdir) if "gan/loss" in r]
   assert [r["step"] for r in rows] == [1, 2, 3, 4]
   for row in rows:
     for name in ("gan/loss", "gan/discriminator/loss", "gan/generator/loss", "gan/generator/feature_matching",
                  "gan/discriminator/acgan_real", "gan/generator/acgan"):
       assert np.isfinite(row[name]), (name, row)
     assert row["gan/generator/lr"] == pytest.approx(4e-4) and row["gan/discriminator/lr"] == pytest.approx(1e-4)
-  assert [r["step"] for r in _history(workdir) if "samples/l1" in r] == [2, 4]
+  assert [r["step"] for r in metrics_lib.read_history(workdir) if "samples/l1" in r] == [2, 4]
   for step in (2, 4):
     assert os.path.isdir(os.path.join(workdir, "checkpoints", str(step)))
     assert os.path.getsize(os.path.join(workdir, "samples", f"step_{step:06d}.png")) > 0
@@ -106,7 +95,7 @@ def test_resume_is_exact(tmp_path, data, straight):
   assert int(resumed.step) == 4
   for field in ("params", "spectral", "opt_state", "rng"):
     _assert_equal_trees(getattr(resumed, field), getattr(straight[1], field))
-  losses = lambda w: [(r["step"], r["gan/loss"]) for r in _history(w) if "gan/loss" in r]
+  losses = lambda w: [(r["step"], r["gan/loss"]) for r in metrics_lib.read_history(w) if "gan/loss" in r]
   assert losses(workdir) == losses(straight[0])
 
 
@@ -135,7 +124,7 @@ def test_a_step_on_eight_devices_is_the_step_on_one(tmp_path, data):
       np.testing.assert_allclose(p8[above_noise], p1[above_noise], rtol=0, atol=1e-6)
     for u1, u8 in zip(jax.tree.leaves(one.spectral[net]), jax.tree.leaves(eight.spectral[net])):
       np.testing.assert_allclose(u8, u1, rtol=0, atol=1e-5)
-  loss = lambda w: [r["gan/loss"] for r in _history(w) if "gan/loss" in r]
+  loss = lambda w: [r["gan/loss"] for r in metrics_lib.read_history(w) if "gan/loss" in r]
   np.testing.assert_allclose(loss(str(tmp_path / "eight")), loss(str(tmp_path / "one")), rtol=1e-6)
 
 
