@@ -26,6 +26,10 @@ CONFIG_NAME = "config.json"
 MAY_CHANGE = ("stop_at_step", "log_every", "eval", "checkpoint.every", "checkpoint.keep", "checkpoint.async_save",
               "checkpoint.fallback", "peak_flops_per_device", "distributed", "mesh", "axis_rules",
               "data.verify_checksums", "allow_config_change", "profile")
+# Fields added after runs were first saved, with the value that does what the code did before they existed (the
+# code reads each with that default): a saved config without the field matches a new one that holds this value.
+ADDED_FIELDS = {"model.shared_cross_attention": True, "model.image_head_dim": 0, "model.caption_to_cells": False,
+                "tasks.i2t.layout": "mask", "tasks.t2i.feature_regression": 0.0}
 # Saved in place of this process's launch settings (process 0's id and coordinator would make an evaluation wait
 # for processes that never come).
 LAUNCH = {"num_processes": 1, "process_id": 0, "coordinator_address": "", "auto": False}
@@ -91,8 +95,10 @@ def load(workdir: str) -> ml_collections.ConfigDict:
 
 
 def changed_fields(saved: ml_collections.ConfigDict, new: ml_collections.ConfigDict) -> list[str]:
-  """``"name: old -> new"`` for every field that differs and matters to a resume (not in ``MAY_CHANGE``)."""
+  """``"name: old -> new"`` for every field that differs and matters to a resume (not in ``MAY_CHANGE``); a field
+  the saved config predates counts as its ``ADDED_FIELDS`` value."""
   old, now = flatten(saved), flatten(new)
+  old = {**{k: v for k, v in ADDED_FIELDS.items() if k not in old and k in now}, **old}
   out = []
   for name in sorted(set(old) | set(now)):
     if any(name == p or name.startswith(p + ".") for p in MAY_CHANGE):

@@ -75,6 +75,18 @@ def test_flatten_compare_and_round_trip(tmp_path, config):
     run_config.load(str(tmp_path / "nowhere"))
 
 
+def test_a_saved_config_older_than_a_field_matches_its_old_behaviour(config):
+  """A config saved before ``model.caption_to_cells`` existed resumes under a config that leaves it off (what
+  the older code did), and not under one that turns it on."""
+  older = config.copy_and_resolve_references()
+  del older.model["caption_to_cells"]
+  assert "model.caption_to_cells" not in run_config.flatten(older)
+  assert run_config.changed_fields(older, config) == []
+  on = config.copy_and_resolve_references()
+  on.model.caption_to_cells = True
+  assert run_config.changed_fields(older, on) == ["model.caption_to_cells: false -> true"]
+
+
 def test_resume_with_a_changed_config_stops_unless_allowed(tmp_path, config):
   workdir = str(tmp_path / "run")
   train.train_and_evaluate(config, workdir)
