@@ -43,6 +43,9 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int | None = No
   for name, task in config.tasks.items():
     require(task.weight >= 0, f"tasks.{name}.weight", task.weight, "must be >= 0")
   require(config.optimizer.lr > 0, "optimizer.lr", config.optimizer.lr, "must be positive")
+  code_bag = config.tasks.t2i.get("code_bag", 0.0)
+  require(not code_bag or config.model.get("code_bag_head", ""), "tasks.t2i.code_bag", code_bag,
+          "needs --config.model.code_bag_head=codes or features (the head it trains)")
   profile = config.get("profile")
   if profile:
     require(profile.num_steps >= 0, "profile.num_steps", profile.num_steps, "must be >= 0 (0: no trace)")

@@ -29,7 +29,8 @@ MAY_CHANGE = ("stop_at_step", "log_every", "eval", "checkpoint.every", "checkpoi
 # Fields added after runs were first saved, with the value that does what the code did before they existed (the
 # code reads each with that default): a saved config without the field matches a new one that holds this value.
 ADDED_FIELDS = {"model.shared_cross_attention": True, "model.image_head_dim": 0, "model.caption_to_cells": False,
-                "tasks.i2t.layout": "mask", "tasks.t2i.feature_regression": 0.0}
+                "tasks.i2t.layout": "mask", "tasks.t2i.feature_regression": 0.0, "model.code_bag_head": "",
+                "tasks.t2i.code_bag": 0.0, "image_head_codebook_std": 0.0}
 # Saved in place of this process's launch settings (process 0's id and coordinator would make an evaluation wait
 # for processes that never come).
 LAUNCH = {"num_processes": 1, "process_id": 0, "coordinator_address": "", "auto": False}

@@ -101,7 +101,7 @@ def create_state(ctx: Context, tx: optax.GradientTransformation, codebook: np.nd
     if init_params is not None:
       params = jax.tree.map(lambda p, x: x.astype(p.dtype), params, init_params)
     elif codebook is not None:
-      params = heads.init_image_head_from_codebook(params, codebook)
+      params = heads.init_image_head_from_codebook(params, codebook, config.get("image_head_codebook_std", 0.0))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       rng=jax.random.key_data(state_rng))
 

@@ -34,6 +34,9 @@ def get_config(model: str = "paper") -> ml_collections.ConfigDict:
   config.model.num_cells = 64
   config.init_from = ""  # params of tools/convert_lxmert.py (orbax dir or .npz)
   config.init_image_head_from_codebook = True
+  # > 0: the codebook's feature columns standardised and scaled to this std first (models/heads.py); 0: the
+  # centroids as they are (the paper's code)
+  config.image_head_codebook_std = 0.0
 
   # task_schedule "cycle" (the paper): one task per step, the cycle repeats ``weight`` steps of each task in
   # this order (strict alternation); "joint": every step minimises the sum over tasks of weight * loss.
@@ -45,7 +48,11 @@ def get_config(model: str = "paper") -> ml_collections.ConfigDict:
                caption_dropout=0.0,  # P(caption -> null caption [CLS] [SEP]): trains classifier-free guidance
                # weight of an auxiliary loss: the image head's D-wide feature regressed on the target cluster's
                # centroid (masked cells; MSE over the codebook's mean square); 0 in the paper
-               feature_regression=0.0),
+               feature_regression=0.0,
+               # weight of an auxiliary loss: every masked cell predicts which codes the whole image contains
+               # (model.code_bag_head; cross-entropy to the uniform distribution over the image's distinct
+               # codes); 0 in the paper
+               code_bag=0.0),
       # Image-text matching (X-LXMERT's objective) as an auxiliary task: off (weight 0) in the paper's stage 1.
       itm=dict(weight=0, visual_input="dense", mismatch_rate=0.5),
   ))

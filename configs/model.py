@@ -55,6 +55,7 @@ def _paper() -> ml_collections.ConfigDict:
       shared_cross_attention=True,  # one cross-attention module for both directions (LXMERT's code)
       image_head_dim=0,  # the image head's bottleneck before the cluster logits (0: visual_feat_dim, the paper's)
       caption_to_cells=False,  # the caption's mean added to every cell's input (not in LXMERT)
+      code_bag_head="",  # "codes" / "features": a dense head on the cells for tasks.t2i.code_bag (not in LXMERT)
       visual_pos_dim=4,
       num_clusters=10000,
       hidden_size=768,

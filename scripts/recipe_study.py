@@ -80,6 +80,11 @@ VARIANTS = {
                                   "model.hidden_size": 64, "model.num_heads": 2, "model.mlp_dim": 256}),
     "demo_t2i_weight2": ("configs/demo.py with the T2I loss weighted 2 in the joint sum", {"tasks.t2i.weight": 2}),
     "demo_init_0.088": ("configs/demo.py with weights drawn N(0, 1/sqrt(128))", {"model.init_std": 0.088}),
+    "demo_feature_bag": ("configs/demo.py with T2I's feature bag (every masked cell regresses the mean standardised "
+                         "centroid of the image's codes) and the image head's classifier started from the "
+                         "standardised codebook x 0.3",
+                         {"model.code_bag_head": "features", "tasks.t2i.code_bag": 1.0,
+                          "init_image_head_from_codebook": True, "image_head_codebook_std": 0.3}),
 }
 KEYS = ("validation_loss/i2t/loss", "validation_loss/i2t/gap", "validation_loss/t2i/loss", "validation_loss/t2i/gap",
         "captioning/CIDEr-D", "captioning/semantic/accuracy", "captioning/distinct_captions",

@@ -256,6 +256,11 @@ def test_image_head_from_codebook(one_layer):
   assert isinstance(boxed["image_head"]["classifier"]["kernel"], nn.Partitioned)
   with pytest.raises(ValueError, match="codebook"):
     heads.init_image_head_from_codebook(params, codebook[:, :3])
+  scaled = codebook * np.arange(1, config.visual_feat_dim + 1) + 3.0  # columns of different scales and means
+  kernel = np.asarray(heads.init_image_head_from_codebook(params, scaled, std=0.3)["image_head"]["classifier"]["kernel"])
+  np.testing.assert_allclose(kernel.mean(1), 0.0, atol=1e-5)
+  np.testing.assert_allclose(kernel.std(1), 0.3, rtol=1e-4)
+  np.testing.assert_allclose(kernel, 0.3 * ((codebook - codebook.mean(0)) / codebook.std(0)).T, rtol=1e-3, atol=1e-4)
 
 
 def test_two_model_variant(one_layer):

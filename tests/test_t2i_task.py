@@ -136,3 +136,64 @@ def test_feature_regression_is_added_in_training_only():
   assert metrics["feature_regression"] > 0 and metrics["loss"] == aided
   assert run(0.5, True)[0] == run(0.0, True)[0]
   assert base.get_config().tasks.t2i.feature_regression == 0.0
+
+
+def test_code_bag_losses_by_hand():
+  """Both bags count each distinct code of the image once, whatever the number of cells it covers."""
+  rng = np.random.default_rng(0)
+  targets = np.array([[1, 1, 1, 4, 2], [0, 0, 3, 3, 3]])
+  weights = np.array([[1, 1, 0, 0, 1], [0, 1, 1, 1, 1]], np.float32)
+  logits = rng.normal(size=(2, 5, 6)).astype(np.float32)
+  bag = np.zeros((2, 6))
+  bag[0, [1, 2, 4]] = 1 / 3
+  bag[1, [0, 3]] = 1 / 2
+  log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  want = -(bag[:, None, :] * log_p).sum(-1)
+  got = t2i.code_bag_loss(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(weights))
+  np.testing.assert_allclose(got, (want * weights).sum() / weights.sum(), rtol=1e-5)
+
+  codebook = rng.normal(size=(6, 3)).astype(np.float32) * [1.0, 5.0, 0.1] + 2.0
+  standard = (codebook - codebook.mean(0)) / codebook.std(0)
+  mean = bag @ standard
+  feats = rng.normal(size=(2, 5, 3)).astype(np.float32)
+  want = ((feats - mean[:, None, :]) ** 2).mean(-1)
+  got = t2i.feature_bag_loss(jnp.asarray(feats), jnp.asarray(targets), jnp.asarray(weights), codebook)
+  np.testing.assert_allclose(got, (want * weights).sum() / weights.sum(), rtol=1e-5)
+  exact = t2i.feature_bag_loss(jnp.asarray(np.broadcast_to(mean[:, None], (2, 5, 3))), jnp.asarray(targets),
+                               jnp.asarray(weights), codebook)
+  assert float(exact) < 1e-10
+
+
+@pytest.mark.parametrize("head", ["codes", "features"])
+def test_code_bag_is_added_in_training_only(head):
+  config = model_config.get_config("tiny")
+  config.num_cells = 64
+  config.code_bag_head = head
+  model = lxmert.build_model(config)
+  params = nn.unbox(jax.jit(lambda: lxmert.init_params(model, config, jax.random.key(0)))())
+  width = config.num_clusters if head == "codes" else config.visual_feat_dim
+  assert params["code_bag_head"]["kernel"].shape == (config.hidden_size, width)
+  _, _, batch, frozen = _tiny_model_and_batch(4)
+
+  def run(weight, deterministic):
+    cfg = ml_collections.ConfigDict(base.get_config().tasks.t2i.to_dict())
+    cfg.update(dict(code_bag=weight, mask_id=MASK, **IDS))
+    return t2i.loss_fn(params, batch, jax.random.key(3), model=model, cfg=ml_collections.FrozenConfigDict(cfg),
+                       frozen=frozen, deterministic=deterministic)
+
+  (plain, _), (aided, metrics) = run(0.0, False), run(0.5, False)
+  np.testing.assert_allclose(aided, plain + 0.5 * metrics["code_bag"], rtol=1e-6)
+  assert metrics["code_bag"] > 0 and metrics["loss"] == aided
+  assert run(0.5, True)[0] == run(0.0, True)[0]
+  assert base.get_config().tasks.t2i.code_bag == 0.0
+
+
+def test_code_bag_needs_its_head():
+  from bigen_jax import config_checks, errors  # pylint: disable=g-import-not-at-top
+  from configs import demo  # pylint: disable=g-import-not-at-top
+  config = demo.get_config("tiny")
+  config.tasks.t2i.code_bag = 1.0
+  with pytest.raises(errors.ConfigError, match="code_bag_head"):
+    config_checks.check_config(config)
+  config.model.code_bag_head = "features"
+  config_checks.check_config(config)

@@ -74,17 +74,22 @@ class MatchHead(nn.Module):
     return dense(self.spec, 2, ("embed", "classes"), name="dense")(pooled).astype(jnp.float32)
 
 
-def init_image_head_from_codebook(params: Any, codebook: Any) -> Any:
+def init_image_head_from_codebook(params: Any, codebook: Any, std: float = 0.0) -> Any:
   """Returns ``params`` with the image head's D->K layer set to the codebook: kernel = codebook^T, bias 0.
 
   params: the model's params (``{"image_head": ...}``, or a two-model tree ``{"i2t": ..., "t2i": ...}``);
   codebook [K, D] with D = the model's visual feature size. Logit k is then <feature, centroid_k>: the
   score of cluster k for a predicted feature, as in X-LXMERT where ``out_cluster.weight`` is the centroids.
+  ``std`` > 0: each feature column of the codebook standardised (mean 0, std 1 over the K codes), times
+  ``std``: the logits start at the scale of a random init, and clusters that share an attribute (a colour) share
+  a direction of the feature, so one gradient step moves all of them.
   """
   if "image_head" not in params:
-    return {k: init_image_head_from_codebook(v, codebook) for k, v in params.items()}
+    return {k: init_image_head_from_codebook(v, codebook, std) for k, v in params.items()}
   classifier = params["image_head"]["classifier"]
   codebook = jnp.asarray(codebook, jnp.float32)  # numpy or traced (an argument of the jitted init)
+  if std:
+    codebook = std * (codebook - codebook.mean(0)) / jnp.maximum(codebook.std(0), 1e-6)
   kernel = classifier["kernel"]
   value = getattr(kernel, "value", kernel)
   if value.shape != codebook.T.shape:

@@ -116,6 +116,9 @@ class UnifiedTransformer(nn.Module):
   # Adds a projection of the caption's mean (over the words the cells may see) to every cell's input before the
   # vision encoder: a path from caption to cells that needs no learned attention (off in LXMERT).
   caption_to_cells: bool = False
+  # A dense head on the cells (``predict_code_bag``) for T2I's code-bag auxiliary (``tasks.t2i.code_bag``):
+  # "codes" (H->K logits), "features" (H->D, the bag's mean feature), "" none.
+  code_bag_head: str = ""
 
   def setup(self):
     s = self.spec
@@ -136,6 +139,10 @@ class UnifiedTransformer(nn.Module):
     self.text_head = TextHead(s, self.vocab_size)
     self.image_head = ImageHead(s, self.image_head_dim or self.visual_feat_dim, self.num_clusters)
     self.match_head = MatchHead(s)
+    if self.code_bag_head:
+      width, names = ((self.num_clusters, ("embed", "clusters")) if self.code_bag_head == "codes" else
+                      (self.visual_feat_dim, ("embed", "visual_feat")))
+      self.code_bag = dense(s, width, names, name="code_bag_head")
 
   def __call__(self, text_ids: Array, text_mask: Array | None = None, *, boxes: Array,
                visual_feats: Array | None = None, cluster_ids: Array | None = None,
@@ -184,6 +191,8 @@ class UnifiedTransformer(nn.Module):
     init = self.is_initializing()
     if init:
       self.predict_match(out.pooled)
+      if self.code_bag_head:
+        self.predict_code_bag(vision_x)
     return out.replace(text_logits=self.predict_text(lang_x) if text_logits or init else None,
                        image_logits=self.predict_image(vision_x) if image_logits or init else None)
 
@@ -216,6 +225,11 @@ class UnifiedTransformer(nn.Module):
   def predict_match(self, pooled: Array) -> Array:
     """pooled [B, H] -> image-text matching logits [B, 2] float32."""
     return self.match_head(pooled)
+
+  def predict_code_bag(self, hidden: Array) -> Array:
+    """Cells' hidden [B, M, H] -> what the whole image contains, float32: logits [B, M, K] of its codes
+    ("codes"), or the mean feature [B, M, D] of its codes ("features")."""
+    return self.code_bag(hidden).astype(jnp.float32)
 
 
 class TwoModel(nn.Module):
@@ -285,6 +299,7 @@ def build_model(config: ml_collections.ConfigDict) -> nn.Module:
         image_head_dim=config.get("image_head_dim", 0), num_clusters=config.num_clusters,
         num_language_layers=config.num_language_layers, num_vision_layers=config.num_vision_layers,
         num_cross_layers=config.num_cross_layers, caption_to_cells=config.get("caption_to_cells", False),
+        code_bag_head=config.get("code_bag_head", ""),
         scan_layers=config.scan_layers, remat=config.remat)
   return TwoModel(i2t=one(), t2i=one()) if config.get("two_model") else one()
 

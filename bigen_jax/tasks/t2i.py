@@ -9,6 +9,7 @@ decodes against (``sampling.image_tokens``).
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from bigen_jax.models import apply
 from bigen_jax.tasks import layouts
@@ -31,7 +32,7 @@ def drop_captions(rng: Array, *, text_ids: Array, text_mask: Array, rate: float,
 def loss_fn(params, batch, rng, *, model, cfg, frozen, deterministic=False):
   """batch: text_ids/text_mask [B, L], cluster_ids [B, 64] (targets), boxes [B, 64, 4], dense for the
   "dense only" ablation. cfg: mask_schedule, min_masked, max_masked, label_smoothing, visual_input,
-  caption_dropout and feature_regression (training only), cls_id, sep_id, pad_id."""
+  caption_dropout, feature_regression and code_bag (training only), cls_id, sep_id, pad_id."""
   mask_rng, dropout_rng = jax.random.split(rng)
   targets = batch["cluster_ids"]
   text_ids, text_mask = batch["text_ids"], batch["text_mask"]
@@ -44,18 +45,61 @@ def loss_fn(params, batch, rng, *, model, cfg, frozen, deterministic=False):
                                schedule=cfg.mask_schedule, min_masked=cfg.min_masked,
                                max_masked=cfg.max_masked)
   regression = cfg.get("feature_regression", 0.0)
-  logits, feats = apply.apply_model(
-      model, params, task="t2i", rng=None if deterministic else dropout_rng,
-      head=lambda module, out: module.image_head(out.vision, with_features=True),
+  code_bag = 0.0 if deterministic else cfg.get("code_bag", 0.0)  # training aids: evaluation reports the CE alone
+
+  def head(module, out):
+    logits, feats = module.image_head(out.vision, with_features=True)
+    return logits, feats, module.predict_code_bag(out.vision) if code_bag else None
+
+  logits, feats, bag_logits = apply.apply_model(
+      model, params, task="t2i", rng=None if deterministic else dropout_rng, head=head,
       text_ids=text_ids, text_mask=text_mask, boxes=batch["boxes"],
       visual_mask=visual_mask, **apply.visual_input(batch, cfg.visual_input, frozen))
   loss, metrics = losses.cross_entropy(logits, targets, visual_mask, label_smoothing=cfg.label_smoothing)
   metrics = {**metrics, "masked_cells": visual_mask.sum(-1).mean(), "caption_dropped": dropped.mean()}
-  if regression and not deterministic:  # a training aid: evaluation reports the cross-entropy alone
+  if regression and not deterministic:
     error = feature_regression_loss(feats, targets, visual_mask, frozen["codebook"])
     loss = loss + regression * error
     metrics.update(feature_regression=error, loss=loss)
+  if code_bag:
+    error = (code_bag_loss(bag_logits, targets, visual_mask) if bag_logits.shape[-1] != frozen["codebook"].shape[-1]
+             else feature_bag_loss(bag_logits, targets, visual_mask, frozen["codebook"]))
+    loss = loss + code_bag * error
+    metrics.update(code_bag=error, loss=loss)
   return loss, metrics
+
+
+def code_bag_loss(logits: Array, targets: Array, weights: Array) -> Array:
+  """Cross-entropy of every cell's ``logits`` [B, N, K] against the image's code bag: the uniform distribution
+  over the distinct codes of ``targets`` [B, N]; mean over the cells of ``weights`` [B, N].
+
+  Why: a caption says which objects an image holds, not which cells they cover, so each cell's own target
+  depends on the caption only through the few cells an object covers (18% in the demo world), and a model
+  trained on it alone stays on the codes' marginal (``scripts/t2i_word_probe.py``). Which codes the image
+  contains depends on the caption at every cell, and a code counts once however many cells it covers, so the
+  background's codes do not drown the objects'.
+  """
+  b = targets.shape[0]
+  present = jnp.zeros((b, logits.shape[-1]), jnp.float32).at[jnp.arange(b)[:, None], targets].set(1.0)
+  bag = present / present.sum(-1, keepdims=True)
+  error = optax.softmax_cross_entropy(logits.astype(jnp.float32), bag[:, None, :])
+  weights = weights.astype(jnp.float32)
+  return (error * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+
+
+def feature_bag_loss(feats: Array, targets: Array, weights: Array, codebook: Array) -> Array:
+  """Mean squared error of every cell's ``feats`` [B, N, D] against the mean of the image's distinct codes'
+  centroids, the codebook standardised per feature column (``codebook`` [K, D]; ``targets`` [B, N]); mean over
+  the cells of ``weights`` [B, N]. The code bag of ``code_bag_loss`` in feature space, where codes that share an
+  attribute share a direction."""
+  codebook = jnp.asarray(codebook, jnp.float32)
+  codebook = (codebook - codebook.mean(0)) / jnp.maximum(codebook.std(0), 1e-6)
+  b = targets.shape[0]
+  present = jnp.zeros((b, codebook.shape[0]), jnp.float32).at[jnp.arange(b)[:, None], targets].set(1.0)
+  mean = (present @ codebook) / present.sum(-1, keepdims=True)
+  error = jnp.mean(jnp.square(feats - mean[:, None, :]), -1)
+  weights = weights.astype(jnp.float32)
+  return (error * weights).sum() / jnp.maximum(weights.sum(), 1.0)
 
 
 def feature_regression_loss(feats: Array, targets: Array, weights: Array, codebook: Array) -> Array:
