@@ -85,6 +85,10 @@ VARIANTS = {
                          "standardised codebook x 0.3",
                          {"model.code_bag_head": "features", "tasks.t2i.code_bag": 1.0,
                           "init_image_head_from_codebook": True, "image_head_codebook_std": 0.3}),
+    "demo_feature_bag3_w4": ("demo_feature_bag with the feature bag weighted 3, decoded with guidance w = 4",
+                             {"model.code_bag_head": "features", "tasks.t2i.code_bag": 3.0,
+                              "init_image_head_from_codebook": True, "image_head_codebook_std": 0.3,
+                              "eval.generation.variants.guidance.guidance": 4.0}),
 }
 KEYS = ("validation_loss/i2t/loss", "validation_loss/i2t/gap", "validation_loss/t2i/loss", "validation_loss/t2i/gap",
         "captioning/CIDEr-D", "captioning/semantic/accuracy", "captioning/distinct_captions",

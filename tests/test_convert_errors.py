@@ -85,7 +85,9 @@ def test_converter_tools_exit_2_with_one_line(tmp_path):
         f"--config={os.path.join(ROOT, 'configs', 'model.py')}:tiny", "--verbose"],
        f"error: {tmp_path / 'params.pth'}: not a PyTorch checkpoint: it is a JSON file", True),
       (["convert_inception.py", f"--torch_weights={tmp_path / 'linear.pth'}", f"--out={tmp_path / 'out.npz'}"],
-       f"error: {tmp_path / 'linear.pth'}: not a state dict of inception_v3", False)]
+       f"error: {tmp_path / 'linear.pth'}: not a state dict of inception_v3", False),
+      (["convert_clip.py", f"--checkpoint={tmp_path / 'linear.pth'}", f"--out={tmp_path / 'out.npz'}"],
+       f"error: {tmp_path / 'linear.pth'}: not a state dict of open_clip CLIP", False)]
   for args, start, verbose in runs:
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", args[0]), *args[1:]], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)

@@ -6,10 +6,12 @@ from typing import Callable
 
 
 def limit_threads(threads: int | None) -> int:
-  """Gives XLA (before JAX starts) and PyTorch the same number of CPU threads (default: all cores)."""
-  threads = threads or os.cpu_count()
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=true "
-                             f"intra_op_parallelism_threads={threads}").strip()
+  """Pins this process (before JAX starts) to its first ``threads`` CPU cores and gives PyTorch as many threads:
+  both frameworks then run on the same cores (default: all of them). XLA has no thread-count flag on CPU; it
+  sizes its pool from the cores this process may use."""
+  available = sorted(os.sched_getaffinity(0))
+  threads = min(threads or len(available), len(available))
+  os.sched_setaffinity(0, available[:threads])
   import torch  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(threads)
   return threads
