@@ -80,11 +80,20 @@ VARIANTS = {
                                   "model.hidden_size": 64, "model.num_heads": 2, "model.mlp_dim": 256}),
     "demo_t2i_weight2": ("configs/demo.py with the T2I loss weighted 2 in the joint sum", {"tasks.t2i.weight": 2}),
     "demo_init_0.088": ("configs/demo.py with weights drawn N(0, 1/sqrt(128))", {"model.init_std": 0.088}),
+    "demo_2026-12-06": ("configs/demo.py before the feature bag (third session of 2026-12-06): no T2I auxiliary, "
+                        "the image head's classifier from random init, guidance w = 2",
+                        {"model.code_bag_head": "", "tasks.t2i.code_bag": 0.0, "init_image_head_from_codebook": False,
+                         "image_head_codebook_std": 0.0, "eval.generation.variants.guidance.guidance": 2.0}),
     "demo_feature_bag": ("configs/demo.py with T2I's feature bag (every masked cell regresses the mean standardised "
                          "centroid of the image's codes) and the image head's classifier started from the "
                          "standardised codebook x 0.3",
                          {"model.code_bag_head": "features", "tasks.t2i.code_bag": 1.0,
-                          "init_image_head_from_codebook": True, "image_head_codebook_std": 0.3}),
+                          "init_image_head_from_codebook": True, "image_head_codebook_std": 0.3,
+                          "eval.generation.variants.guidance.guidance": 2.0}),
+    "demo_feature_bag2_w4": ("demo_feature_bag with the feature bag weighted 2, decoded with guidance w = 4",
+                             {"model.code_bag_head": "features", "tasks.t2i.code_bag": 2.0,
+                              "init_image_head_from_codebook": True, "image_head_codebook_std": 0.3,
+                              "eval.generation.variants.guidance.guidance": 4.0}),
     "demo_feature_bag3_w4": ("demo_feature_bag with the feature bag weighted 3, decoded with guidance w = 4",
                              {"model.code_bag_head": "features", "tasks.t2i.code_bag": 3.0,
                               "init_image_head_from_codebook": True, "image_head_codebook_std": 0.3,
