@@ -122,20 +122,28 @@ def test_feature_regression_loss_by_hand():
     t2i.feature_regression_loss(jnp.zeros((2, 5, 4)), jnp.asarray(targets), jnp.asarray(weights), codebook)
 
 
-def test_feature_regression_is_added_in_training_only():
-  model, params, batch, frozen = _tiny_model_and_batch(4)
-
+def _aided_loss(model, params, batch, frozen, field: str):
+  """``run(weight, deterministic)``: T2I's (loss, metrics) on ``batch`` with ``tasks.t2i.<field>`` = weight."""
   def run(weight, deterministic):
     cfg = ml_collections.ConfigDict(base.get_config().tasks.t2i.to_dict())
-    cfg.update(dict(feature_regression=weight, mask_id=MASK, **IDS))
+    cfg.update({field: weight, "mask_id": MASK, **IDS})
     return t2i.loss_fn(params, batch, jax.random.key(3), model=model, cfg=ml_collections.FrozenConfigDict(cfg),
                        frozen=frozen, deterministic=deterministic)
+  return run
 
+
+def _assert_added_in_training_only(run, field: str):
+  """The auxiliary ``field`` adds weight x its metric to the training loss, and nothing in evaluation."""
   (plain, _), (aided, metrics) = run(0.0, False), run(0.5, False)
-  np.testing.assert_allclose(aided, plain + 0.5 * metrics["feature_regression"], rtol=1e-6)
-  assert metrics["feature_regression"] > 0 and metrics["loss"] == aided
+  np.testing.assert_allclose(aided, plain + 0.5 * metrics[field], rtol=1e-6)
+  assert metrics[field] > 0 and metrics["loss"] == aided
   assert run(0.5, True)[0] == run(0.0, True)[0]
-  assert base.get_config().tasks.t2i.feature_regression == 0.0
+  assert base.get_config().tasks.t2i[field] == 0.0
+
+
+def test_feature_regression_is_added_in_training_only():
+  run = _aided_loss(*_tiny_model_and_batch(4), "feature_regression")
+  _assert_added_in_training_only(run, "feature_regression")
 
 
 def test_code_bag_losses_by_hand():
@@ -174,18 +182,7 @@ def test_code_bag_is_added_in_training_only(head):
   width = config.num_clusters if head == "codes" else config.visual_feat_dim
   assert params["code_bag_head"]["kernel"].shape == (config.hidden_size, width)
   _, _, batch, frozen = _tiny_model_and_batch(4)
-
-  def run(weight, deterministic):
-    cfg = ml_collections.ConfigDict(base.get_config().tasks.t2i.to_dict())
-    cfg.update(dict(code_bag=weight, mask_id=MASK, **IDS))
-    return t2i.loss_fn(params, batch, jax.random.key(3), model=model, cfg=ml_collections.FrozenConfigDict(cfg),
-                       frozen=frozen, deterministic=deterministic)
-
-  (plain, _), (aided, metrics) = run(0.0, False), run(0.5, False)
-  np.testing.assert_allclose(aided, plain + 0.5 * metrics["code_bag"], rtol=1e-6)
-  assert metrics["code_bag"] > 0 and metrics["loss"] == aided
-  assert run(0.5, True)[0] == run(0.0, True)[0]
-  assert base.get_config().tasks.t2i.code_bag == 0.0
+  _assert_added_in_training_only(_aided_loss(model, params, batch, frozen, "code_bag"), "code_bag")
 
 
 def test_code_bag_needs_its_head():

@@ -74,6 +74,12 @@ class MatchHead(nn.Module):
     return dense(self.spec, 2, ("embed", "classes"), name="dense")(pooled).astype(jnp.float32)
 
 
+def standardise_columns(codebook: Any) -> Array:
+  """codebook [K, D] with each feature column shifted to mean 0 and scaled to std 1 over the K codes (float32)."""
+  codebook = jnp.asarray(codebook, jnp.float32)
+  return (codebook - codebook.mean(0)) / jnp.maximum(codebook.std(0), 1e-6)
+
+
 def init_image_head_from_codebook(params: Any, codebook: Any, std: float = 0.0) -> Any:
   """Returns ``params`` with the image head's D->K layer set to the codebook: kernel = codebook^T, bias 0.
 
@@ -89,7 +95,7 @@ def init_image_head_from_codebook(params: Any, codebook: Any, std: float = 0.0) 
   classifier = params["image_head"]["classifier"]
   codebook = jnp.asarray(codebook, jnp.float32)  # numpy or traced (an argument of the jitted init)
   if std:
-    codebook = std * (codebook - codebook.mean(0)) / jnp.maximum(codebook.std(0), 1e-6)
+    codebook = std * standardise_columns(codebook)
   kernel = classifier["kernel"]
   value = getattr(kernel, "value", kernel)
   if value.shape != codebook.T.shape:

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from bigen_jax.models import apply
+from bigen_jax.models import heads
 from bigen_jax.tasks import layouts
 from bigen_jax.tasks import losses
 
@@ -49,9 +50,14 @@ def loss_fn(params, batch, rng, *, model, cfg, frozen, deterministic=False):
 
   def head(module, out):
     logits, feats = module.image_head(out.vision, with_features=True)
-    return logits, feats, module.predict_code_bag(out.vision) if code_bag else None
+    if not code_bag:
+      return logits, feats, None
+    bag = module.predict_code_bag(out.vision)
+    if module.code_bag_head == "codes":
+      return logits, feats, code_bag_loss(bag, targets, visual_mask)
+    return logits, feats, feature_bag_loss(bag, targets, visual_mask, frozen["codebook"])
 
-  logits, feats, bag_logits = apply.apply_model(
+  logits, feats, bag_error = apply.apply_model(
       model, params, task="t2i", rng=None if deterministic else dropout_rng, head=head,
       text_ids=text_ids, text_mask=text_mask, boxes=batch["boxes"],
       visual_mask=visual_mask, **apply.visual_input(batch, cfg.visual_input, frozen))
@@ -62,10 +68,8 @@ def loss_fn(params, batch, rng, *, model, cfg, frozen, deterministic=False):
     loss = loss + regression * error
     metrics.update(feature_regression=error, loss=loss)
   if code_bag:
-    error = (code_bag_loss(bag_logits, targets, visual_mask) if bag_logits.shape[-1] != frozen["codebook"].shape[-1]
-             else feature_bag_loss(bag_logits, targets, visual_mask, frozen["codebook"]))
-    loss = loss + code_bag * error
-    metrics.update(code_bag=error, loss=loss)
+    loss = loss + code_bag * bag_error
+    metrics.update(code_bag=bag_error, loss=loss)
   return loss, metrics
 
 
@@ -79,12 +83,8 @@ def code_bag_loss(logits: Array, targets: Array, weights: Array) -> Array:
   contains depends on the caption at every cell, and a code counts once however many cells it covers, so the
   background's codes do not drown the objects'.
   """
-  b = targets.shape[0]
-  present = jnp.zeros((b, logits.shape[-1]), jnp.float32).at[jnp.arange(b)[:, None], targets].set(1.0)
-  bag = present / present.sum(-1, keepdims=True)
-  error = optax.softmax_cross_entropy(logits.astype(jnp.float32), bag[:, None, :])
-  weights = weights.astype(jnp.float32)
-  return (error * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+  bag = _code_bag(targets, logits.shape[-1])
+  return _cell_mean(optax.softmax_cross_entropy(logits.astype(jnp.float32), bag[:, None, :]), weights)
 
 
 def feature_bag_loss(feats: Array, targets: Array, weights: Array, codebook: Array) -> Array:
@@ -92,12 +92,20 @@ def feature_bag_loss(feats: Array, targets: Array, weights: Array, codebook: Arr
   centroids, the codebook standardised per feature column (``codebook`` [K, D]; ``targets`` [B, N]); mean over
   the cells of ``weights`` [B, N]. The code bag of ``code_bag_loss`` in feature space, where codes that share an
   attribute share a direction."""
-  codebook = jnp.asarray(codebook, jnp.float32)
-  codebook = (codebook - codebook.mean(0)) / jnp.maximum(codebook.std(0), 1e-6)
+  codebook = heads.standardise_columns(codebook)
+  mean = _code_bag(targets, codebook.shape[0]) @ codebook
+  return _cell_mean(jnp.mean(jnp.square(feats - mean[:, None, :]), -1), weights)
+
+
+def _code_bag(targets: Array, num_codes: int) -> Array:
+  """float32 [B, K]: the uniform distribution over the distinct codes of each row of ``targets`` [B, N]."""
   b = targets.shape[0]
-  present = jnp.zeros((b, codebook.shape[0]), jnp.float32).at[jnp.arange(b)[:, None], targets].set(1.0)
-  mean = (present @ codebook) / present.sum(-1, keepdims=True)
-  error = jnp.mean(jnp.square(feats - mean[:, None, :]), -1)
+  present = jnp.zeros((b, num_codes), jnp.float32).at[jnp.arange(b)[:, None], targets].set(1.0)
+  return present / present.sum(-1, keepdims=True)
+
+
+def _cell_mean(error: Array, weights: Array) -> Array:
+  """The mean of ``error`` [B, N] over the cells of ``weights`` [B, N]."""
   weights = weights.astype(jnp.float32)
   return (error * weights).sum() / jnp.maximum(weights.sum(), 1.0)
 
@@ -116,5 +124,4 @@ def feature_regression_loss(feats: Array, targets: Array, weights: Array, codebo
     raise ValueError(f"--config.tasks.t2i.feature_regression needs the image head's feature as wide as the "
                      f"codebook ({codebook.shape[-1]}), got {feats.shape[-1]}: set --config.model.image_head_dim=0")
   error = jnp.mean(jnp.square(feats - codebook[targets]), -1) / jnp.mean(jnp.square(codebook))
-  weights = weights.astype(jnp.float32)
-  return (error * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+  return _cell_mean(error, weights)
