@@ -34,7 +34,7 @@ def get_config(arg: str = "demo"):
   # x 0.3 (raw centroids give logits too large for a short run to move), so that what the cells learn of a colour
   # moves every code of that colour. Without them the generated objects ignore the caption (README, issue 10).
   config.model.code_bag_head = "features"
-  config.tasks.t2i.code_bag = 3.0
+  config.tasks.t2i.code_bag = 2.0
   config.init_image_head_from_codebook = True
   config.image_head_codebook_std = 0.3
   config.batch_size = 32

@@ -57,7 +57,9 @@ EVAL_KEYS = ("validation_loss/i2t/gap", "validation_loss/t2i/gap", "captioning/B
              "generation/reference/fid_recognizer", "generation/semantic/accuracy",
              "generation/reference/semantic/accuracy", "generation/preview_reference/semantic/accuracy",
              "generation/r_precision_easy", "generation/reference/r_precision_easy", "generation/r_precision_hard",
-             "generation/reference/r_precision_hard", "generation/sampling/semantic/accuracy",
+             "generation/reference/r_precision_hard", "generation/real/semantic/accuracy",
+             "generation/real/r_precision_easy", "generation/real/r_precision_hard",
+             "generation/sampling/semantic/accuracy",
              "generation/sampling/r_precision_easy", "generation/sampling/r_precision_hard",
              "generation/guidance/semantic/accuracy", "generation/guidance/r_precision_easy",
              "generation/guidance/r_precision_hard")

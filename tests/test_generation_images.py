@@ -188,3 +188,5 @@ def test_scenes_records_load_the_recogniser_and_never_train_it(setup, tmp_path):
   for key in ("generation/fid_recognizer", "generation/reference/fid_recognizer"):
     assert np.isfinite(results[key]), key
   assert results["generation/semantic/accuracy"] == 0.0  # the fixture's captions are not scene captions
+  assert "generation/real/semantic/accuracy" in results and "generation/real/r_precision_hard" in results
+  assert not any(k.startswith("generation/real/fid") for k in results)  # real against real is no distance

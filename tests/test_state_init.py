@@ -61,7 +61,11 @@ def test_codebook_is_an_argument_not_a_constant(data, tmp_path):
   assert ctx.vocab.codebook.size > MAX_CONSTANT_ELEMENTS  # 64 x 32: the check below would see it
   assert _largest_constant(init.lower(jax.random.key(0)).as_text()) <= MAX_CONSTANT_ELEMENTS
   state = init(jax.random.key(0))
-  np.testing.assert_allclose(np.asarray(state.params["image_head"]["classifier"]["kernel"]), ctx.vocab.codebook.T)
+  codebook, std = np.asarray(ctx.vocab.codebook, np.float64), ctx.config.image_head_codebook_std
+  assert std > 0  # the demo's standardised init (a raw codebook when 0)
+  expected = std * (codebook - codebook.mean(0)) / codebook.std(0)
+  np.testing.assert_allclose(np.asarray(state.params["image_head"]["classifier"]["kernel"]), expected.T,
+                             rtol=1e-4, atol=1e-5)
 
 
 def test_init_from_params_are_arguments_not_constants(data, tmp_path):

@@ -124,13 +124,20 @@ def test_joint_schedule_sums_the_tasks(tmp_path, data):
     tasks_lib.task_cycle(config.tasks, "sometimes")
 
 
-def test_eight_devices_give_the_losses_of_one(tmp_path, data):
-  one = str(tmp_path / "one")
-  train.train_and_evaluate(_config(data), one)
+@pytest.fixture(scope="module")
+def single_losses(tmp_path_factory, data):
+  """{step: loss} of the tiny config on one device: the reference of the parallel runs."""
+  workdir = str(tmp_path_factory.mktemp("single"))
+  train.train_and_evaluate(_config(data), workdir)
+  return _losses(workdir)
+
+
+@pytest.mark.slow  # tests/test_coco_path.py checks an 8-device fsdp mesh against one device in the default suite
+def test_eight_devices_give_the_losses_of_one(tmp_path, data, single_losses):
   eight = str(tmp_path / "eight")
   train.train_and_evaluate(_config(data, **{"mesh.num_devices": 8, "mesh.data": 2, "mesh.fsdp": 2,
                                             "mesh.tensor": 2}), eight)
-  a, b = _losses(one), _losses(eight)
+  a, b = single_losses, _losses(eight)
   assert a.keys() == b.keys()
   np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], rtol=0, atol=1e-5)
 
@@ -176,9 +183,7 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_give_the_losses_of_one(tmp_path, data):
-  single = str(tmp_path / "single")
-  train.train_and_evaluate(_config(data), single)
+def test_two_processes_give_the_losses_of_one(tmp_path, data, single_losses):
   workdir = str(tmp_path / "multi")
   port = _free_port()
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1 "
@@ -190,7 +195,7 @@ def test_two_processes_give_the_losses_of_one(tmp_path, data):
       cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for i in range(2)]
   for p in procs:
     assert p.wait(timeout=600) == 0, p.stderr.read().decode()[-3000:]
-  a, b = _losses(single), _losses(workdir)
+  a, b = single_losses, _losses(workdir)
   assert a.keys() == b.keys()
   np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], rtol=0, atol=1e-5)
 

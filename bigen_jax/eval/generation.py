@@ -6,7 +6,9 @@ cluster's nearest training cell) or by the records' world when its plug-in draws
 captioned-scenes world with ``scene_decoder_heads`` set, the scene decoder: the detector's heads read the
 tokens, the world's renderer draws them); the patch preview is then kept as the ``preview_reference/`` baseline
 row. The same drawing applied
-to the true cluster ids gives the ``reference/`` row, the best any token decoder can score through it.
+to the true cluster ids gives the ``reference/`` row, the best any token decoder can score through it; with a
+world reader, the ``real/`` row reads the real images (semantic accuracy and R-precision): the ceiling of the
+reader and its negatives themselves.
 Metrics:
 
   cell_accuracy            decoded ids equal the image's true ids (a strict, token-level number)
@@ -144,6 +146,10 @@ class Evaluator:
     self.real_features = eval_set.gather(self._features(self.data["images"]), self.data["counts"])
     self.true_drawings = self.draw(self.data["cluster_ids"])
     self.reference = self.score_images(self.true_drawings)
+    self.real = None  # the real images read by the same reader: the ceiling of semantic accuracy and R-precision
+    if self.reader is not None:
+      self.real = {k: v for k, v in self.score_images(self.data["images"]).items()
+                   if k.startswith(("semantic/", "r_precision"))}
     self.preview_reference = None
     if self.drawer is not None:  # the patch preview stays as a baseline row
       self.preview_reference = self.score_images(preview.render_preview(self.data["cluster_ids"], self.table))
@@ -217,6 +223,8 @@ class Evaluator:
         decoded[_key(settings)] = images, self.score_images(images, {"cell_accuracy": correct})
     images, out = decoded[_key(self.settings[""])]
     out = {**out, **{f"reference/{k}": v for k, v in self.reference.items()}}
+    if self.real is not None:
+      out.update({f"real/{k}": v for k, v in self.real.items()})
     if self.preview_reference is not None:
       out.update({f"preview_reference/{k}": v for k, v in self.preview_reference.items()})
     variants = {name: decoded[_key(settings)] for name, settings in self.settings.items() if name}
