@@ -88,6 +88,10 @@ def get_config(model: str = "paper") -> ml_collections.ConfigDict:
       # (tools/train_scene_recognizer.py; default WORKDIR/scene_recognizer); scene_decoder_heads (<detector>.heads.npz)
       # draws tokens with the scene decoder
       scene_decoder_heads=""))
+  # The frozen CLIP of CLIPScore, CLIP R-precision (generation) and CLIP-S (captioning), bigen_jax/eval/clip_scorer.py:
+  # path "" off; a bigen_jax.train_clip run directory, or params of tools/convert_clip.py with their clip_config
+  # variant (e.g. "ViT-B-32-quickgelu" for OpenAI's weights).
+  config.eval.clip = ml_collections.ConfigDict(dict(path="", variant="", batch_size=64))
   # A jax.profiler trace of the num_steps steps after step start_step (>= 1: the first step compiles) into
   # WORKDIR/plugins/profile (TensorBoard's profile tab); num_steps 0: off.
   config.profile = ml_collections.ConfigDict(dict(start_step=10, num_steps=0))

@@ -12,10 +12,13 @@ Stages (each resumable: re-running skips finished work):
   7. train      stage 1 (alternating I2T / T2I) of a small model: configs/demo.py, checkpoints, metrics
   8. captions   loss curves (PNG) and greedy captions of validation images (PNG grid)
   9. recogniser train (once) the scene recogniser that reads generated images back into scene graphs
+  9b clip       train (once, cached, resumable) a small CLIP contrastively on the training pairs
+                (bigen_jax.train_clip, configs/clip.py:demo): the world's stand-in for OpenAI's CLIP
   10. evaluate  captioning and generation evaluators on the validation split (bigen_jax.evaluate): COCO
-                caption metrics, truth of captions, images decoded by argmax mask-predict, MaskGIT sampling
-                and classifier-free guidance, drawn by the scene decoder (the patch preview as a baseline):
-                FID, semantic accuracy, R-precision; a markdown table and a caption -> image PNG grid
+                caption metrics, truth of captions, CLIP-S, images decoded by argmax mask-predict, MaskGIT
+                sampling and classifier-free guidance, drawn by the scene decoder (the patch preview as a
+                baseline): FID, semantic accuracy, R-precision, CLIPScore and CLIP R-precision; a markdown table
+                and a caption -> image PNG grid
 
 Writes OUT/summary.json and OUT/summary.md, and prints the summary table.
 """
@@ -62,7 +65,12 @@ EVAL_KEYS = ("validation_loss/i2t/gap", "validation_loss/t2i/gap", "captioning/B
              "generation/sampling/semantic/accuracy",
              "generation/sampling/r_precision_easy", "generation/sampling/r_precision_hard",
              "generation/guidance/semantic/accuracy", "generation/guidance/r_precision_easy",
-             "generation/guidance/r_precision_hard")
+             "generation/guidance/r_precision_hard", "captioning/clip_s", "captioning/clip_s_reference",
+             "generation/clip_score", "generation/real/clip_score", "generation/reference/clip_score",
+             "generation/guidance/clip_score", "generation/clip_r_precision_easy",
+             "generation/real/clip_r_precision_easy", "generation/guidance/clip_r_precision_easy",
+             "generation/clip_r_precision_hard", "generation/real/clip_r_precision_hard",
+             "generation/guidance/clip_r_precision_hard")
 
 
 class Timer:
@@ -159,7 +167,7 @@ def contact_sheet(records_dir, vocab_dir, tok, k, path, n=8):
   return viz.save_png(sheet, path)
 
 
-def demo_config(out, steps, detector=""):
+def demo_config(out, steps, detector="", clip_dir=""):
   """configs/demo.py pointed at the demo's files under ``out`` (and the scenes detector's heads, which draw
   generated tokens)."""
   from configs import demo as demo_configs  # pylint: disable=g-import-not-at-top
@@ -171,6 +179,7 @@ def demo_config(out, steps, detector=""):
   if detector:
     from bigen_jax.worlds.scenes import scene_decoder  # pylint: disable=g-import-not-at-top
     config.eval.generation.scene_decoder_heads = detector + scene_decoder.HEADS_SUFFIX
+  config.eval.clip.path = clip_dir
   if steps:
     config.total_steps = steps
   return config
@@ -297,9 +306,17 @@ def main(argv):
   held = report["heldout"]
   summary["scene recogniser (held-out scenes): captions judged true, objects found"] = (
       f"{held['caption_accuracy']:.3f}, recall {held['recall']:.3f} precision {held['precision']:.3f}")
+  with timer.stage("9b clip"):
+    from bigen_jax import train_clip  # pylint: disable=g-import-not-at-top
+    clip_dir = os.path.join(out, "clip")
+    _, report = train_clip.load_or_train(clip_dir, records_dir=dirs["records"])
+  summary["demo CLIP (held-out): R@1 among 100, above hard negatives, CLIP-S real / shuffled pairs"] = (
+      f"{report['r_precision_easy']:.3f}, {report['r_precision_hard']:.3f}, "
+      f"{report['clip_s_real']:.3f} / {report['clip_s_shuffled']:.3f}")
   with timer.stage("10 evaluate"):
     from bigen_jax import evaluate  # pylint: disable=g-import-not-at-top
-    results, step = evaluate.evaluate(demo_config(out, _TRAIN_STEPS.value, detector), os.path.join(out, "train"),
+    results, step = evaluate.evaluate(demo_config(out, _TRAIN_STEPS.value, detector, clip_dir),
+                                      os.path.join(out, "train"),
                                       evaluators=["validation_loss", "captioning", "generation"])
   for key in EVAL_KEYS:
     if key in results:

@@ -10,6 +10,7 @@ import shutil
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 import pytest
@@ -22,9 +23,11 @@ from bigen_jax.data import images as images_lib
 from bigen_jax.data import records
 from bigen_jax.data import tokenizer
 from bigen_jax.data import vocab
+from bigen_jax.eval import captioning
 from bigen_jax.eval import eval_set
 from bigen_jax.eval import fid
 from bigen_jax.eval import generation
+from bigen_jax.models import clip
 from bigen_jax.models import inception
 from bigen_jax.models import lxmert
 from bigen_jax.worlds.scenes import recognizer
@@ -190,3 +193,39 @@ def test_scenes_records_load_the_recogniser_and_never_train_it(setup, tmp_path):
   assert results["generation/semantic/accuracy"] == 0.0  # the fixture's captions are not scene captions
   assert "generation/real/semantic/accuracy" in results and "generation/real/r_precision_hard" in results
   assert not any(k.startswith("generation/real/fid") for k in results)  # real against real is no distance
+
+
+@pytest.mark.filterwarnings("ignore:Matrix is singular")
+def test_clip_scores_join_both_evaluators(setup, tmp_path):
+  """``config.eval.clip`` with converted params of a random tiny CLIP: ``generation`` reports CLIPScore (100 x
+  max(cos, 0)) and CLIP R-precision, ``captioning`` CLIP-S (2.5 x max(cos, 0)) of its captions and of the
+  references; each equals the mean computed here through ``clip.frozen_similarity`` on the same pictures."""
+  config, workdir, params, _ = setup
+  model = clip.build_model(clip.clip_config("tiny"))
+  clip_params = jax.device_get(nn.unbox(clip.init_params(model, jax.random.key(3))))
+  path = str(tmp_path / "clip.npz")
+  convert_io.save_params(clip_params, path)
+  config = config.copy_and_resolve_references()
+  config.eval.clip.update(dict(path=path, variant="tiny", batch_size=4))
+  ctx = experiment.build_context(config, workdir)
+
+  def cosines(images, texts):
+    pixels = clip.preprocess(jnp.asarray(images), image_size=model.image_size)
+    ids = clip.tokenize(texts, context_length=model.context_length)
+    return np.asarray(clip.frozen_similarity(clip_params, pixels, ids, model=model))
+
+  with jax.set_mesh(ctx.mesh), nn.logical_axis_rules(ctx.rules):
+    gen = generation.Evaluator(ctx)
+    results = gen.run(params, step=0)
+    drawn = gen.draw(gen.generate(params))
+    cap = captioning.Evaluator(ctx)
+    captions = cap.captions(params)
+    cap_results = cap.run(params, step=0)
+  want = np.mean(100 * np.maximum(cosines(drawn, gen.captions), 0))
+  np.testing.assert_allclose(results["generation/clip_score"], want, rtol=1e-4)
+  assert "generation/clip_r_precision_hard" in results  # word swaps: these captions have none, so no trials
+  images = eval_set.load(config, split="validation", image_size=model.image_size)["images"]
+  references = [refs[0] for refs in cap.data["references"]]
+  for name, texts in (("clip_s", captions), ("clip_s_reference", references)):
+    want = np.mean(2.5 * np.maximum(cosines(images, texts), 0))
+    np.testing.assert_allclose(cap_results[f"captioning/{name}"], want, rtol=1e-4, err_msg=name)

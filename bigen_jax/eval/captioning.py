@@ -8,13 +8,20 @@ global batch is that x the data-parallel devices), spice (False skips it). Each 
 share of the eval set (``eval_set``); process 0 gathers the captions, runs the Java scorers and writes
 ``workdir/eval/captions_<step>.json`` ({image_id: {"caption", "references"}}, any filesystem ``etils.epath``
 reaches); every process returns its results.
+
+With ``config.eval.clip`` (``clip_scorer``): ``clip_s``, Hessel et al.'s reference-free CLIP-S = 2.5 x max(cos, 0)
+of each image and its generated caption, and ``clip_s_reference``, the same for its first reference caption (what
+a caption true of the image scores under this CLIP). Each process embeds its own images.
 """
 
 import jax
+import numpy as np
 
 from bigen_jax import fileio
 from bigen_jax.data import records
 from bigen_jax.eval import caption_metrics
+from bigen_jax.eval import clip_score
+from bigen_jax.eval import clip_scorer
 from bigen_jax.eval import eval_set
 from bigen_jax.eval import sources
 from bigen_jax.models import apply
@@ -47,7 +54,14 @@ class Evaluator:
   def __init__(self, ctx):
     self.ctx, self.cfg = ctx, ctx.config.eval.captioning
     self.split = ctx.config.data.eval_split
-    self.data = eval_set.load(ctx.config, split=self.split, num_examples=self.cfg.num_examples)
+    config = ctx.config
+    self.clip = clip_scorer.ClipScorer.from_config(config.eval.clip) if config.eval.get("clip") else None
+    size = self.clip.model.image_size if self.clip is not None else 0
+    self.data = eval_set.load(config, split=self.split, num_examples=self.cfg.num_examples, image_size=size)
+    self.image_emb = None  # the whole eval set's CLIP image embeddings [N, E], on process 0
+    if self.clip is not None:
+      self.image_emb = eval_set.gather({"emb": self.clip.image_embeddings(self.data.pop("images"))},
+                                       self.data["counts"])["emb"]
     self.plugin = sources.plugin(records.read_manifest(ctx.config.data.records_dir).get("source", {}))
     self.batch_size = eval_set.global_batch_size(ctx, self.cfg.batch_size)
     self.decode = decode_fn(ctx, self.cfg)
@@ -76,6 +90,10 @@ class Evaluator:
     if self.plugin is not None:
       semantic = self.plugin.caption_metrics(texts, split=self.split, indices=indices)
       out.update({f"{NAME}/semantic/{k}": float(v) for k, v in semantic.items()})
+    if self.clip is not None:
+      for name, captions in (("clip_s", texts), ("clip_s_reference", [r[0] for r in refs])):
+        scores = clip_score.captioning_clip_score(self.image_emb, self.clip.text_embeddings(captions))
+        out[f"{NAME}/{name}"] = float(np.mean(scores))
     if self.ctx.workdir:
       fileio.write_json_atomic(fileio.join(self.ctx.workdir, "eval", f"captions_{step}.json"),
                                {i: {"caption": t, "references": r} for i, t, r in zip(ids, texts, refs)})

@@ -21,7 +21,9 @@ Metrics:
                            applies torchvision's ImageNet normalisation, as torchvision does for them
   semantic/...             the world's reader reads each drawn image: do the caption's claims hold?
   r_precision_easy/_hard   the caption against 99 random captions / the world's hard negatives, ranked by it
-  (CLIPScore joins when the JAX CLIP arrives; the scorer is the only thing that changes.)
+  clip_score               with ``config.eval.clip`` (``clip_scorer``): 100 x max(cos, 0) of image and caption
+  clip_r_precision_easy/_hard  the same R-precision ranked by CLIP's cosine (hard negatives: the world's, else
+                           ``r_precision.swap_negatives``' word swaps)
 
 Real images are compared at the size of the drawings (128x128: 8 cells of 16 px in the preview; the scene
 decoder's renders): every stored image, whatever its size and aspect ratio, is resized whole to that square
@@ -55,6 +57,8 @@ from bigen_jax import errors
 from bigen_jax import fileio
 from bigen_jax import viz
 from bigen_jax.data import records
+from bigen_jax.eval import clip_score
+from bigen_jax.eval import clip_scorer
 from bigen_jax.eval import eval_set
 from bigen_jax.eval import fid
 from bigen_jax.eval import r_precision
@@ -67,8 +71,9 @@ from bigen_jax.tasks import layouts
 NAME = "generation"
 DECODER_FIELDS = ("order", "num_steps", "temperature", "schedule", "choice_temperature", "guidance")
 VARIANT_METRICS = ("cell_accuracy", "fid_recognizer", "fid", "fid_torchvision", "semantic/accuracy",
-                   "r_precision_easy", "r_precision_hard")
-RESERVED_NAMES = ("", "reference", "preview_reference", "semantic")  # prefixes the main decoder's metrics use
+                   "r_precision_easy", "r_precision_hard", "clip_score", "clip_r_precision_easy",
+                   "clip_r_precision_hard")
+RESERVED_NAMES = ("", "reference", "preview_reference", "real", "semantic")  # prefixes the main decoder's metrics use
 
 
 def decoder_settings(cfg) -> dict[str, dict]:
@@ -131,7 +136,8 @@ class Evaluator:
       key = _key(settings)
       if key not in self.decoders:
         self.decoders[key] = decode_fn(ctx, settings)
-    self.negatives = None  # the world's hard negatives and their contexts, for R-precision
+    self.clip = clip_scorer.ClipScorer.from_config(config.eval.clip) if config.eval.get("clip") else None
+    self.negatives = (r_precision.swap_negatives, None)  # hard negatives and their contexts, for R-precision
     if self.reader is not None:
       index = eval_set.gather({"index": self.data["index"]}, self.data["counts"])["index"]
       self.negatives = self.plugin.hard_negatives(split=split, indices=index)
@@ -149,7 +155,7 @@ class Evaluator:
     self.real = None  # the real images read by the same reader: the ceiling of semantic accuracy and R-precision
     if self.reader is not None:
       self.real = {k: v for k, v in self.score_images(self.data["images"]).items()
-                   if k.startswith(("semantic/", "r_precision"))}
+                   if k.startswith(("semantic/", "r_precision", "clip"))}
     self.preview_reference = None
     if self.drawer is not None:  # the patch preview stays as a baseline row
       self.preview_reference = self.score_images(preview.render_preview(self.data["cluster_ids"], self.table))
@@ -178,6 +184,8 @@ class Evaluator:
     outputs.update({f"mean/{k}": np.asarray(v, np.float32) for k, v in (extra or {}).items()})
     if self.reader is not None:
       outputs.update({f"read/{k}": np.asarray(v, np.float32) for k, v in self.reader.read(images).items()})
+    if self.clip is not None:
+      outputs["clip/image"] = self.clip.image_embeddings(images)
     gathered = eval_set.gather(outputs, self.data["counts"])
     return eval_set.broadcast_json(self._metrics(gathered) if jax.process_index() == 0 else None)
 
@@ -194,15 +202,24 @@ class Evaluator:
       out.update({f"semantic/{k}": float(v) for k, v in semantic.items()})
       score_fn = lambda index, texts: self.reader.caption_scores(  # noqa: E731
           {k: v[index] for k, v in read.items()}, texts)
-      index = np.arange(len(self.all_captions))
-      if len(set(self.all_captions)) > self.cfg.r_precision_negatives:
-        easy = r_precision.easy(index, self.all_captions, score_fn, num_negatives=self.cfg.r_precision_negatives,
-                                seed=self.ctx.config.seed)
-        out.update(easy.metrics("r_precision_easy"))
-      negatives_fn, contexts = self.negatives
-      hard = r_precision.hard(index, self.all_captions, score_fn, negatives_fn=negatives_fn, contexts=contexts,
-                              seed=self.ctx.config.seed)
-      out.update(hard.metrics("r_precision_hard"))
+      out.update(self._r_precision(score_fn, "r_precision"))
+    if "clip/image" in gathered:
+      image_emb = gathered["clip/image"]
+      text_emb = self.clip.text_embeddings(self.all_captions)
+      out["clip_score"] = float(np.mean(clip_score.clip_score(image_emb, text_emb)))
+      out.update(self._r_precision(self.clip.score_fn(image_emb), "clip_r_precision"))
+    return out
+
+  def _r_precision(self, score_fn, prefix: str) -> dict[str, float]:
+    """``<prefix>_easy`` (when the eval set has more distinct captions than negatives) and ``<prefix>_hard`` of
+    the whole eval set's images, ranked by ``score_fn(index, texts)``."""
+    out, index, seed = {}, np.arange(len(self.all_captions)), self.ctx.config.seed
+    if len(set(self.all_captions)) > self.cfg.r_precision_negatives:
+      out.update(r_precision.easy(index, self.all_captions, score_fn, num_negatives=self.cfg.r_precision_negatives,
+                                  seed=seed).metrics(f"{prefix}_easy"))
+    negatives_fn, contexts = self.negatives
+    out.update(r_precision.hard(index, self.all_captions, score_fn, negatives_fn=negatives_fn, contexts=contexts,
+                                seed=seed).metrics(f"{prefix}_hard"))
     return out
 
   def generate(self, params, variant: str = "") -> np.ndarray:
