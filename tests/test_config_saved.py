@@ -150,6 +150,7 @@ def test_evaluate_reads_the_saved_config_and_restores_only_params(tmp_path, conf
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), jax.device_get(state.params))
 
 
+@pytest.mark.slow  # the CLI over the saved-config path test_evaluate_reads_the_saved_config_... checks in-process
 def test_evaluate_cli_uses_the_saved_config_with_overrides(tmp_path, config):
   workdir = str(tmp_path / "run")
   run = config.copy_and_resolve_references()

@@ -99,6 +99,7 @@ def test_train_end_to_end(tmp_path, data):
   assert not os.path.exists(os.path.join(workdir, "plugins"))  # no profile unless asked
 
 
+@pytest.mark.slow  # a jax.profiler trace of a tiny run: the default suite keeps under 20 minutes
 def test_profile_writes_a_trace(tmp_path, data):
   """config.profile: one jax.profiler trace of steps 2..3 into the workdir, where TensorBoard looks."""
   workdir = str(tmp_path / "run")
