@@ -58,7 +58,7 @@ class Evaluator:
     self.clip = clip_scorer.ClipScorer.from_config(config.eval.clip) if config.eval.get("clip") else None
     size = self.clip.model.image_size if self.clip is not None else 0
     self.data = eval_set.load(config, split=self.split, num_examples=self.cfg.num_examples, image_size=size)
-    self.image_emb = None  # the whole eval set's CLIP image embeddings [N, E], on process 0
+    self.image_emb = None  # the whole eval set's CLIP image embeddings [N, E] (gathered: process 0 scores them)
     if self.clip is not None:
       self.image_emb = eval_set.gather({"emb": self.clip.image_embeddings(self.data.pop("images"))},
                                        self.data["counts"])["emb"]
