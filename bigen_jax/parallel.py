@@ -7,7 +7,7 @@ table of the config (``configs/model.py: AXIS_RULES``) maps those names to mesh 
 
   mesh = parallel.make_mesh(config)
   rules = parallel.axis_rules(config)
-  shardings = parallel.logical_shardings(abstract_params, mesh, rules)
+  shardings = parallel.param_shardings(boxed_abstract_params, mesh, rules)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     params = jax.jit(init_fn, out_shardings=shardings)(rng)
 """
@@ -20,6 +20,7 @@ import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 import ml_collections
 import numpy as np
+import optax
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -56,6 +57,20 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh, rules: Sequence[tuple[str,
   """NamedShardings for a tree of (boxed) params or their ``jax.eval_shape`` (unnamed leaves: replicated)."""
   specs = nn.get_partition_spec(abstract_tree)
   return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def param_shardings(boxed_params: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> Any:
+  """NamedShardings of boxed (abstract) params from their logical axis names, each fitted to its shape
+  (``fit_shardings``): the layout every trainer's state starts from."""
+  return fit_shardings(nn.unbox(boxed_params), logical_shardings(boxed_params, mesh, rules))
+
+
+def opt_state_shardings(tx: Any, abstract_params: Any, params_shardings: Any, mesh: Mesh) -> Any:
+  """Shardings of ``tx``'s state for params ``abstract_params``: moments sharded like their params
+  (``params_shardings``), everything else (counts, schedule state) replicated."""
+  replicated = NamedSharding(mesh, PartitionSpec())
+  return optax.tree_utils.tree_map_params(tx, lambda _, sh: sh, jax.eval_shape(tx.init, abstract_params),
+                                          params_shardings, transform_non_params=lambda _: replicated)
 
 
 def data_sharding(mesh: Mesh) -> NamedSharding:

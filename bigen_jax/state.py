@@ -36,10 +36,7 @@ def load_init_params(path: str, abstract: Any, scan_layers: bool) -> Any:
   flat = flax.traverse_util.flatten_dict(params)
   if scan_layers and not any("layers" in k for k in flat):
     params = lxmert.stack_layers(params)
-  want = flax.traverse_util.flatten_dict(abstract)
-  have = flax.traverse_util.flatten_dict(params)
-  missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
-  bad = [k for k in set(want) & set(have) if tuple(have[k].shape) != tuple(want[k].shape)]
+  missing, extra, bad = convert_io.param_tree_mismatches(abstract, params)
   if missing or extra or bad:
     raise errors.ConfigError(f"--config.init_from={path} does not fit the model: missing {missing[:5]}, unexpected "
                      f"{extra[:5]}, shape mismatch {bad[:5]}")
@@ -50,8 +47,7 @@ def param_layout(ctx: Context) -> tuple[Any, Any]:
   """(abstract params, each a ``ShapeDtypeStruct`` with its sharding; the shardings) of ``ctx``'s model."""
   boxed = lxmert.abstract_params(ctx.model, ctx.config.model)
   abstract = nn.unbox(boxed)
-  shardings = parallel.fit_shardings(
-      abstract, nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), ctx.mesh, ctx.rules))
+  shardings = parallel.param_shardings(boxed, ctx.mesh, ctx.rules)
   return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract,
                       shardings), shardings
 
@@ -88,10 +84,8 @@ def create_state(ctx: Context, tx: optax.GradientTransformation, codebook: np.nd
   """
   config, model = ctx.config, ctx.model
   abstract_params, param_sh = param_layout(ctx)
-  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  opt_sh = parallel.opt_state_shardings(tx, abstract_params, param_sh, ctx.mesh)
   replicated = jax.sharding.NamedSharding(ctx.mesh, jax.sharding.PartitionSpec())
-  opt_sh = optax.tree_utils.tree_map_params(tx, lambda _, sh: sh, abstract_opt, param_sh,
-                                            transform_non_params=lambda _: replicated)
   shardings = TrainState(step=replicated, params=param_sh, opt_state=opt_sh, rng=replicated)
   use_codebook = not config.init_from and config.init_image_head_from_codebook
 

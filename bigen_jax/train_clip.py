@@ -161,11 +161,9 @@ def create_state(model: clip.CLIP, mesh: jax.sharding.Mesh, rules, tx: optax.Gra
   """(abstract ``CLIPState`` with shardings, the shardings, ``init(rng)`` placing a new state on the mesh).
   Param shardings follow the model's logical axis names through ``rules``; AdamW's state is sharded like them."""
   boxed = clip.abstract_params(model)
-  plain = nn.unbox(boxed)
-  params_sh = parallel.fit_shardings(plain, nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules))
+  params_sh = parallel.param_shardings(boxed, mesh, rules)
+  opt_sh = parallel.opt_state_shardings(tx, nn.unbox(boxed), params_sh, mesh)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  opt_sh = optax.tree_utils.tree_map_params(tx, lambda _, sh: sh, jax.eval_shape(tx.init, plain), params_sh,
-                                            transform_non_params=lambda _: replicated)
   shardings = CLIPState(step=replicated, params=params_sh, opt_state=opt_sh, rng=replicated)
 
   def init(rng):
@@ -365,10 +363,8 @@ def load_clip(path: str, variant: str = "") -> tuple[clip.CLIP, Any, ml_collecti
   model = clip.build_model(model_config)
   from bigen_jax.convert import io as convert_io  # pylint: disable=g-import-not-at-top
   params = convert_io.load_params(path)
-  want = flax.traverse_util.flatten_dict(_plain_abstract_params(model))
-  have = flax.traverse_util.flatten_dict(params)
-  bad = sorted("/".join(k) for k in set(want) | set(have)
-               if k not in want or k not in have or tuple(want[k].shape) != tuple(np.shape(have[k])))
+  bad = sorted("/".join(k) for keys in convert_io.param_tree_mismatches(_plain_abstract_params(model), params)
+               for k in keys)
   if bad:
     raise errors.UserError(f"{path} does not hold params of CLIP {variant!r}: {len(bad)} names or shapes differ "
                            f"(e.g. {bad[:3]})")

@@ -149,12 +149,10 @@ def create_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rul
 
   boxed = jax.eval_shape(boxed_variables, jax.random.key(0))
   plain = nn.unbox(boxed)
-  var_sh = parallel.fit_shardings(plain, nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules))
+  var_sh = parallel.param_shardings(boxed, mesh, rules)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   params_sh = {net: var_sh[net]["params"] for net in NETS}
-  opt_sh = {net: optax.tree_utils.tree_map_params(
-      txs[net], lambda _, sh: sh, jax.eval_shape(txs[net].init, plain[net]["params"]), params_sh[net],
-      transform_non_params=lambda _: replicated) for net in NETS}
+  opt_sh = {net: parallel.opt_state_shardings(txs[net], plain[net]["params"], params_sh[net], mesh) for net in NETS}
   shardings = GANState(step=replicated, params=params_sh, spectral={net: var_sh[net]["spectral"] for net in NETS},
                        opt_state=opt_sh, rng=replicated)
 

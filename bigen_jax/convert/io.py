@@ -42,6 +42,15 @@ def raise_if_mismatched(what: str, groups: list[tuple[str, list[str]]]) -> None:
     raise ConversionError(f"cannot convert the {what} state dict: " + "; ".join(parts))
 
 
+def param_tree_mismatches(want: Any, have: Any) -> tuple[list[tuple], list[tuple], list[tuple]]:
+  """(missing, unexpected, misshaped): the flattened names (key tuples, sorted) where params ``have`` differ from
+  the model's tree ``want`` (arrays or ``ShapeDtypeStruct``s): absent, extra, or of another shape."""
+  want, have = flax.traverse_util.flatten_dict(want), flax.traverse_util.flatten_dict(have)
+  missing, unexpected = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+  misshaped = sorted(k for k in set(want) & set(have) if tuple(np.shape(have[k])) != tuple(want[k].shape))
+  return missing, unexpected, misshaped
+
+
 def raise_if_foreign(what: str, keys: list[str], used: int) -> None:
   """Raises ``ConversionError`` when none of the state dict's ``keys`` is a parameter of the model ``what``:
   the state dict of another model, told apart from a near miss that ``raise_if_mismatched`` details."""
