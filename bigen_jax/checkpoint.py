@@ -171,7 +171,12 @@ class Checkpointer:
   def restore_params(self, abstract_params: Any, step: int | None = None) -> tuple[Any, int]:
     """Restores only ``state.params`` of ``step`` (as ``restore`` chooses it) into the shapes/shardings of
     ``abstract_params``: evaluation never reads the optimiser moments (twice the parameters' size)."""
-    target = {"params": abstract_params}
+    fields, step = self.restore_fields({"params": abstract_params}, step)
+    return fields["params"], step
+
+  def restore_fields(self, target: dict[str, Any], step: int | None = None) -> tuple[dict[str, Any], int]:
+    """Restores only the state's subtrees ``target`` names ({field: abstract subtree}, e.g. {"params":
+    {"generator": ...}, "spectral": {"generator": ...}}) of ``step`` (as ``restore`` chooses it)."""
     restore_args = ocp.checkpoint_utils.construct_restore_args(target)
 
     def read(candidate):
@@ -179,7 +184,7 @@ class Checkpointer:
       # restore, and a manager keeps the handler type of its first use.
       with ocp.PyTreeCheckpointer() as reader:
         return reader.restore(epath.Path(self.step_dir(candidate)) / "state", args=ocp.args.PyTreeRestore(
-            target, restore_args=restore_args, partial_restore=True))["params"]
+            target, restore_args=restore_args, partial_restore=True))
 
     return self._first_good(step, read)
 

@@ -30,7 +30,8 @@ MAY_CHANGE = ("stop_at_step", "log_every", "eval", "checkpoint.every", "checkpoi
 # code reads each with that default): a saved config without the field matches a new one that holds this value.
 ADDED_FIELDS = {"model.shared_cross_attention": True, "model.image_head_dim": 0, "model.caption_to_cells": False,
                 "tasks.i2t.layout": "mask", "tasks.t2i.feature_regression": 0.0, "model.code_bag_head": "",
-                "tasks.t2i.code_bag": 0.0, "image_head_codebook_std": 0.0}
+                "tasks.t2i.code_bag": 0.0, "image_head_codebook_std": 0.0, "loss_weights.reconstruction": 0.0,
+                "eval.generation.generator_dir": ""}
 # Saved in place of this process's launch settings (process 0's id and coordinator would make an evaluation wait
 # for processes that never come).
 LAUNCH = {"num_processes": 1, "process_id": 0, "coordinator_address": "", "auto": False}
@@ -90,9 +91,23 @@ def load(workdir: str) -> ml_collections.ConfigDict:
     raise errors.ConfigError(f"{path} does not exist: pass the run's --config (the run predates saved configs, "
                              "or --workdir is not a training run's directory)")
   try:
-    return ml_collections.ConfigDict(_tuples(fileio.read_json(path)))
+    config = ml_collections.ConfigDict(_tuples(fileio.read_json(path)))
   except ValueError as e:
     raise errors.ConfigError(f"{path} is not a config saved by bigen_jax.train: {e}") from e
+  return with_added_fields(config)
+
+
+def with_added_fields(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """``config`` with each ``ADDED_FIELDS`` entry it predates set to its value (where the field's parent exists),
+  so that an older run reads as the code ran it and takes the newer fields' flags (e.g. evaluators' options)."""
+  for name, value in ADDED_FIELDS.items():
+    parent, _, leaf = name.rpartition(".")
+    node = config
+    for part in parent.split(".") if parent else ():
+      node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
+    if isinstance(node, ml_collections.ConfigDict) and leaf not in node:
+      node[leaf] = value
+  return config
 
 
 def changed_fields(saved: ml_collections.ConfigDict, new: ml_collections.ConfigDict) -> list[str]:

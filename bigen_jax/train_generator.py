@@ -39,6 +39,7 @@ from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 import optax  # pylint: disable=g-import-not-at-top
 
+from bigen_jax import checkpoint  # pylint: disable=g-import-not-at-top
 from bigen_jax import cli  # pylint: disable=g-import-not-at-top
 from bigen_jax import config_checks  # pylint: disable=g-import-not-at-top
 from bigen_jax import errors  # pylint: disable=g-import-not-at-top
@@ -46,6 +47,7 @@ from bigen_jax import fileio  # pylint: disable=g-import-not-at-top
 from bigen_jax import loop  # pylint: disable=g-import-not-at-top
 from bigen_jax import optim  # pylint: disable=g-import-not-at-top
 from bigen_jax import parallel  # pylint: disable=g-import-not-at-top
+from bigen_jax import run_config  # pylint: disable=g-import-not-at-top
 from bigen_jax import viz  # pylint: disable=g-import-not-at-top
 from bigen_jax.data import images as images_lib  # pylint: disable=g-import-not-at-top
 from bigen_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
@@ -169,12 +171,6 @@ def create_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rul
   return abstract, shardings, jax.jit(init, out_shardings=shardings)
 
 
-def centroid_grid(codebook: jax.Array, cluster_ids: jax.Array) -> jax.Array:
-  """codebook [K, D], cluster_ids int [B, 64] (cells row-major) -> the quantised grid [B, 8, 8, D] float32."""
-  grid = jnp.take(codebook, cluster_ids, axis=0).astype(jnp.float32)
-  return grid.reshape(cluster_ids.shape[0], records.GRID, records.GRID, codebook.shape[-1])
-
-
 def _halves(out: spade.DiscriminatorOutput, n: int) -> tuple[spade.DiscriminatorOutput, spade.DiscriminatorOutput]:
   """D's outputs on [real; fake] (2n images) -> (on real, on fake)."""
   return jax.tree.map(lambda x: x[:n], out), jax.tree.map(lambda x: x[n:], out)
@@ -199,7 +195,7 @@ def make_train_step(config: ml_collections.ConfigDict, optimizers: dict[str, tup
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     real = batch["image"].astype(jnp.float32) / 127.5 - 1.0
     ids = batch["cluster_ids"]
-    grid = centroid_grid(frozen["codebook"], ids)
+    grid = spade.centroid_grid(frozen["codebook"], ids)
     n = real.shape[0]
     fake, g_spectral = generator.apply(
         {"params": state.params["generator"], "spectral": state.spectral["generator"]}, grid, update_stats=True,
@@ -298,7 +294,7 @@ class Samples:
     pairs = image_pairs(batch, config.model.image_size)
     self.real, self.cluster_ids, self.k = pairs["image"], pairs["cluster_ids"], vocab.k
     self.captions = [row[0].decode("utf-8", "replace") for row in batch["captions"]]
-    self.grid = np.asarray(centroid_grid(jnp.asarray(vocab.codebook), jnp.asarray(self.cluster_ids)))
+    self.grid = np.asarray(spade.centroid_grid(jnp.asarray(vocab.codebook), jnp.asarray(self.cluster_ids)))
     self.rng = jax.random.key(config.seed)
     self.workdir = workdir
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -363,6 +359,25 @@ def train_generator(config: ml_collections.ConfigDict, workdir: str) -> GANState
                                                                     step % config.eval.every == 0):
       samples(state, step)
   return state
+
+
+def load_generator(workdir: str) -> dict[str, Any]:
+  """G's frozen variables {"params", "spectral"} (numpy, on the host: a jit places them, inside a mesh or not) of
+  the newest good checkpoint of the run in ``workdir`` (its saved config gives the widths):
+  ``spade.decode_image``'s ``gen_params``. D and the optimiser moments are not read."""
+  config = run_config.load(workdir)
+  if "loss_weights" not in config or "gen_width" not in config.get("model", {}):
+    raise errors.ConfigError(f"{run_config.saved_path(workdir)} is not a config of bigen_jax.train_generator")
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  boxed = jax.eval_shape(lambda: spade.init_generator(config.model, jax.random.key(0)))
+  plain = jax.tree.map(lambda x: getattr(x, "value", x), boxed, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), plain)
+  ckpt = checkpoint.Checkpointer(fileio.join(workdir, "checkpoints"), save_every=1, async_save=False, create=False)
+  try:
+    fields, _ = ckpt.restore_fields({field: {"generator": abstract[field]} for field in ("params", "spectral")})
+  finally:
+    ckpt.close()
+  return jax.device_get({field: fields[field]["generator"] for field in ("params", "spectral")})
 
 
 def main() -> None:

@@ -87,7 +87,10 @@ def get_config(model: str = "paper") -> ml_collections.ConfigDict:
       # captioned scenes (bigen_jax/worlds/scenes/plugin.py): recognizer_dir holds the scene recogniser
       # (tools/train_scene_recognizer.py; default WORKDIR/scene_recognizer); scene_decoder_heads (<detector>.heads.npz)
       # draws tokens with the scene decoder
-      scene_decoder_heads=""))
+      scene_decoder_heads="",
+      # a bigen_jax.train_generator run directory: its frozen SPADE generator draws the true tokens (gan_reference/)
+      # and every decoder's tokens (gan/, <variant>/gan/) beside the drawer above; "" off
+      generator_dir=""))
   # The frozen CLIP of CLIPScore, CLIP R-precision (generation) and CLIP-S (captioning), bigen_jax/eval/clip_scorer.py:
   # path "" off; a bigen_jax.train_clip run directory, or params of tools/convert_clip.py with their clip_config
   # variant (e.g. "ViT-B-32-quickgelu" for OpenAI's weights).

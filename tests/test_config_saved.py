@@ -87,6 +87,18 @@ def test_a_saved_config_older_than_a_field_matches_its_old_behaviour(config):
   assert run_config.changed_fields(older, on) == ["model.caption_to_cells: false -> true"]
 
 
+def test_loading_an_older_saved_config_adds_the_fields_it_predates(tmp_path, config):
+  """``run_config.load`` of a config saved before ``eval.generation.generator_dir`` existed holds it with its
+  ``ADDED_FIELDS`` value (so ``--config.eval.generation.generator_dir`` can override it); fields whose parent is
+  absent (the GAN's ``loss_weights``) are not added."""
+  older = config.copy_and_resolve_references()
+  del older.eval.generation["generator_dir"]
+  run_config.save(older, str(tmp_path))
+  loaded = run_config.load(str(tmp_path))
+  assert loaded.eval.generation.generator_dir == "" and "loss_weights" not in loaded
+  assert run_config.flatten(loaded) == run_config.flatten(config)
+
+
 def test_resume_with_a_changed_config_stops_unless_allowed(tmp_path, config):
   workdir = str(tmp_path / "run")
   train.train_and_evaluate(config, workdir)

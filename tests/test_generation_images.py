@@ -18,6 +18,8 @@ import pytest
 from bigen_jax import errors
 from bigen_jax import experiment
 from bigen_jax import fileio
+from bigen_jax import text_to_image
+from bigen_jax import train_generator
 from bigen_jax.convert import io as convert_io
 from bigen_jax.data import images as images_lib
 from bigen_jax.data import records
@@ -30,8 +32,10 @@ from bigen_jax.eval import generation
 from bigen_jax.models import clip
 from bigen_jax.models import inception
 from bigen_jax.models import lxmert
+from bigen_jax.models import spade
 from bigen_jax.worlds.scenes import recognizer
 from configs import demo
+from configs import generator as generator_config
 
 SPLITS = {"train": 16, "validation": 6}
 SHAPES = ((48, 80), (96, 40), (64, 64))  # (height, width) of record i: SHAPES[i % 3]
@@ -229,3 +233,69 @@ def test_clip_scores_join_both_evaluators(setup, tmp_path):
   for name, texts in (("clip_s", captions), ("clip_s_reference", references)):
     want = np.mean(2.5 * np.maximum(cosines(images, texts), 0))
     np.testing.assert_allclose(cap_results[f"captioning/{name}"], want, rtol=1e-4, err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def gan_dir(setup, tmp_path_factory):
+  """A tiny SPADE generator (32 px) trained 2 steps on the fixture's records."""
+  config = generator_config.get_config("tiny")
+  config.data.update(dict(records_dir=setup[0].data.records_dir, vocab_dir=setup[0].data.vocab_dir))
+  config.update_from_flattened_dict({"mesh.num_devices": 1, "eval.num_examples": 0, "total_steps": 2})
+  workdir = str(tmp_path_factory.mktemp("gan"))
+  train_generator.train_generator(config, workdir)
+  return workdir
+
+
+@pytest.mark.filterwarnings("ignore:Matrix is singular")
+def test_the_frozen_generator_draws_beside_the_drawer(setup, gan_dir, inception_calls):
+  """``generator_dir``: the trained generator (``load_generator``: G of its newest checkpoint) draws the true
+  tokens (``gan_reference/``) and every decoder's tokens (``gan/``, ``<variant>/gan/``), resized to the drawings'
+  side; its FID is the one of those pictures; the reconstructions PNG is written."""
+  config, workdir, params, weights = setup
+  variants = {"sampling": dict(order="maskgit", temperature=1.0, num_steps=2)}
+  ctx, gen = _evaluator(setup, inception_weights=weights["fid"], generator_dir=gan_dir, variants=variants)
+  gen_variables = train_generator.load_generator(gan_dir)
+  ids = gen.data["cluster_ids"]
+  padded = np.concatenate([ids, ids[:1].repeat(gen.batch_size - len(ids), axis=0)])  # one batch of the evaluator's
+  grid = spade.centroid_grid(jnp.asarray(ctx.vocab.codebook, jnp.float32), jnp.asarray(padded))
+  want = np.asarray(spade.to_uint8(jax.jit(spade.decode_image)(gen_variables, grid, jax.random.fold_in(
+      jax.random.key(config.seed), 0))))[:len(ids)]
+  assert want.shape == (len(ids), 32, 32, 3)
+  want = np.stack([eval_set.square_image(x, gen.image_size) for x in want])
+  np.testing.assert_array_equal(gen.gan_drawings, want)
+  features = inception_calls[0]  # (variant, transform, shapes); recompute the distance from the fake features
+  fake_fn = fid.inception_features_fn(convert_io.load_params(weights["fid"]))
+  np.testing.assert_allclose(gen.gan_reference["fid"], fid.fid_from_features(fake_fn(want),
+                                                                             fake_fn(gen.data["images"])), rtol=1e-6)
+  assert features[0] == "fid"
+  with jax.set_mesh(ctx.mesh), nn.logical_axis_rules(ctx.rules):
+    results = gen.run(params, step=3)
+  for key in ("gan_reference/fid", "gan/fid", "sampling/gan/fid", "fid", "sampling/fid"):
+    assert np.isfinite(results[f"generation/{key}"]), key
+  assert results["generation/gan_reference/fid"] == pytest.approx(gen.gan_reference["fid"])
+  for name in ("generation_3.png", "reconstructions_3.png"):
+    assert os.path.getsize(os.path.join(workdir, "eval", name)) > 0
+
+
+def test_caption_to_pixels_is_decoding_then_drawing(setup, gan_dir):
+  """``text_to_image.caption_to_pixels`` (jitted whole) equals T2I decoding then the frozen generator with the
+  keys it splits, and the same key gives the same pictures."""
+  config, workdir, params, _ = setup
+  ctx = experiment.build_context(config, workdir)
+  gen_variables = train_generator.load_generator(gan_dir)
+  settings = dict(order="maskgit", num_steps=2, temperature=1.0, schedule="cosine", choice_temperature=1.0,
+                  guidance=2.0)
+  data = eval_set.load(config, split="validation", image_size=32)
+  batch = {k: jnp.asarray(data[k][:4]) for k in ("text_ids", "text_mask", "boxes")}
+  rng = jax.random.key(5)
+  with jax.set_mesh(ctx.mesh), nn.logical_axis_rules(ctx.rules):
+    fn = jax.jit(text_to_image.caption_to_pixels(ctx, settings))
+    ids, pixels = fn(params, gen_variables, batch, rng)
+    again = fn(params, gen_variables, batch, rng)
+    token_rng, noise_rng = jax.random.split(rng)
+    want_ids = text_to_image.token_decoder(ctx, settings)(params, batch, token_rng)
+    want = text_to_image.generator_drawer(ctx.frozen["codebook"])(gen_variables, want_ids, noise_rng)
+  np.testing.assert_array_equal(ids, want_ids)
+  np.testing.assert_array_equal(pixels, spade.to_uint8(want))
+  assert pixels.dtype == np.uint8 and pixels.shape == (4, 32, 32, 3)
+  np.testing.assert_array_equal(again[1], pixels)

@@ -129,6 +129,13 @@ def test_losses_on_known_inputs():
   with pytest.raises(ValueError, match="perceptual_fn"):
     spade_losses.generator_loss(fake=_output(fake), real=_output(real), cluster_ids=ids, weights=WEIGHTS,
                                 perceptual_fn=lambda f, r: 0.0)
+  assert "reconstruction" not in g_metrics  # the paper's weight is 0
+  l1_loss, l1_metrics = spade_losses.generator_loss(
+      fake=_output(fake[:, None], features=shifted), real=_output(real[:, None], features=feats),
+      cluster_ids=ids, weights={**WEIGHTS, "reconstruction": 2.0},
+      fake_images=jnp.full((2, 4, 4, 3), 0.25), real_images=jnp.zeros((2, 4, 4, 3)).at[0].set(1.0))
+  np.testing.assert_allclose(l1_metrics["reconstruction"], (0.75 + 0.25) / 2, rtol=1e-6)
+  np.testing.assert_allclose(l1_loss, 0.75 + np.log(2) + 10 * 3.0 + 2.0 * 0.5, rtol=1e-6)
 
 
 def test_gan_steps_overfit_the_discriminator():

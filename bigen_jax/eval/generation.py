@@ -1,14 +1,16 @@
 """Caption -> image evaluation (METHOD.md §8): decode the grid of cluster ids from each eval caption, draw it,
 and score the pictures.
 
-Until the image generator exists, images are drawn by the preview decoder (``sampling.preview``: each
-cluster's nearest training cell) or by the records' world when its plug-in draws tokens (``sources``: in the
-captioned-scenes world with ``scene_decoder_heads`` set, the scene decoder: the detector's heads read the
-tokens, the world's renderer draws them); the patch preview is then kept as the ``preview_reference/`` baseline
-row. The same drawing applied
-to the true cluster ids gives the ``reference/`` row, the best any token decoder can score through it; with a
-world reader, the ``real/`` row reads the real images (semantic accuracy and R-precision): the ceiling of the
-reader and its negatives themselves.
+Images are drawn by the preview decoder (``sampling.preview``: each cluster's nearest training cell) or by the
+records' world when its plug-in draws tokens (``sources``: in the captioned-scenes world with
+``scene_decoder_heads`` set, the scene decoder: the detector's heads read the tokens, the world's renderer draws
+them); the patch preview is then kept as the ``preview_reference/`` baseline row. The same drawing applied to the
+true cluster ids gives the ``reference/`` row, the best any token decoder can score through it; with a world
+reader, the ``real/`` row reads the real images (semantic accuracy and R-precision): the ceiling of the reader and
+its negatives themselves. With ``generator_dir`` (a ``bigen_jax.train_generator`` run), the frozen SPADE
+generator (``text_to_image.generator_drawer``) draws too: the true tokens as ``gan_reference/`` (held-out images
+rebuilt from their tokens), each decoder's tokens as ``gan/`` and ``<variant>/gan/``; ``reconstructions_<step>.png``
+shows real | preview | scene decoder | GAN.
 Metrics:
 
   cell_accuracy            decoded ids equal the image's true ids (a strict, token-level number)
@@ -55,6 +57,7 @@ import numpy as np
 
 from bigen_jax import errors
 from bigen_jax import fileio
+from bigen_jax import text_to_image
 from bigen_jax import viz
 from bigen_jax.data import records
 from bigen_jax.eval import clip_score
@@ -64,16 +67,16 @@ from bigen_jax.eval import fid
 from bigen_jax.eval import r_precision
 from bigen_jax.eval import sources
 from bigen_jax.models import inception
+from bigen_jax.models import spade
 from bigen_jax.sampling import preview
-from bigen_jax.sampling import registry as decoders
-from bigen_jax.tasks import layouts
 
 NAME = "generation"
-DECODER_FIELDS = ("order", "num_steps", "temperature", "schedule", "choice_temperature", "guidance")
+DECODER_FIELDS = text_to_image.DECODER_FIELDS
 VARIANT_METRICS = ("cell_accuracy", "fid_recognizer", "fid", "fid_torchvision", "semantic/accuracy",
                    "r_precision_easy", "r_precision_hard", "clip_score", "clip_r_precision_easy",
                    "clip_r_precision_hard")
-RESERVED_NAMES = ("", "reference", "preview_reference", "real", "semantic")  # prefixes the main decoder's metrics use
+# Prefixes the main decoder's metrics use.
+RESERVED_NAMES = ("", "reference", "preview_reference", "real", "semantic", "gan", "gan_reference")
 
 
 def decoder_settings(cfg) -> dict[str, dict]:
@@ -92,22 +95,8 @@ def decoder_settings(cfg) -> dict[str, dict]:
 
 def decode_fn(ctx, settings):
   """A jitted ``(params, batch, rng) -> cluster ids [B, M]`` with the decoder ``settings`` (a mapping of
-  ``DECODER_FIELDS``: the order names an image-token decoder of ``sampling.registry``); with guidance the null
-  captions are built from the tokenizer's ids."""
-  decoder = decoders.image_decoder(settings["order"], settings, flag="--config.eval.generation.order")
-  tok = ctx.tokenizer
-
-  def decode(params, batch, rng):
-    null = {}
-    if settings["guidance"]:
-      null_ids, null_mask = layouts.null_captions(batch["text_ids"], cls_id=tok.cls_id, sep_id=tok.sep_id,
-                                                  pad_id=tok.pad_id)
-      null = {"null_text_ids": null_ids, "null_text_mask": null_mask}
-    ids, _ = decoder(params, rng, model=ctx.model, text_ids=batch["text_ids"], text_mask=batch["text_mask"],
-                     boxes=batch["boxes"], codebook=ctx.frozen["codebook"], **null)
-    return ids
-
-  return jax.jit(decode, out_shardings=ctx.batch_sharding())
+  ``DECODER_FIELDS``): ``text_to_image.token_decoder``."""
+  return jax.jit(text_to_image.token_decoder(ctx, settings), out_shardings=ctx.batch_sharding())
 
 
 class Evaluator:
@@ -159,6 +148,14 @@ class Evaluator:
     self.preview_reference = None
     if self.drawer is not None:  # the patch preview stays as a baseline row
       self.preview_reference = self.score_images(preview.render_preview(self.data["cluster_ids"], self.table))
+    self.gan, self.gan_drawings, self.gan_reference = None, None, None  # the frozen SPADE generator, if given
+    if self.cfg.get("generator_dir"):
+      from bigen_jax import train_generator  # pylint: disable=g-import-not-at-top
+      self.gan = train_generator.load_generator(self.cfg.generator_dir)
+      draw = text_to_image.generator_drawer(ctx.frozen["codebook"])
+      self._gan_draw = jax.jit(lambda variables, ids, rng: spade.to_uint8(draw(variables, ids, rng)))
+      self.gan_drawings = self.draw_gan(self.data["cluster_ids"])
+      self.gan_reference = self.score_images(self.gan_drawings)
 
   def draw(self, cluster_ids: np.ndarray) -> np.ndarray:
     """Cluster ids [N, M] -> pictures [N, H, W, 3]: the world's token drawer when its plug-in has one (the
@@ -166,6 +163,19 @@ class Evaluator:
     if self.drawer is not None:
       return self.drawer(cluster_ids)
     return preview.render_preview(cluster_ids, self.table)
+
+  def draw_gan(self, cluster_ids: np.ndarray) -> np.ndarray:
+    """Cluster ids [N, M] -> the frozen generator's pictures uint8 [N, H, W, 3], resized to the drawings' side
+    when the generator's differs (``eval_set.square_image``). Batch i's noise is ``fold_in(seed key, i)``."""
+    rng, out = jax.random.key(self.ctx.config.seed), []
+    for i, start in enumerate(range(0, len(cluster_ids), self.batch_size)):
+      ids = cluster_ids[start:start + self.batch_size]
+      padded = np.concatenate([ids, np.repeat(ids[:1], self.batch_size - len(ids), axis=0)])  # one compiled shape
+      out.append(np.asarray(self._gan_draw(self.gan, padded, jax.random.fold_in(rng, i)))[:len(ids)])
+    images = np.concatenate(out)
+    if images.shape[1] != self.image_size:
+      images = np.stack([eval_set.square_image(x, self.image_size) for x in images])
+    return images
 
   def _features(self, images: np.ndarray) -> dict[str, np.ndarray]:
     """FID metric name -> features [N, D] (float32) of ``images`` in its feature space."""
@@ -231,37 +241,58 @@ class Evaluator:
                                 self.data, ("text_ids", "text_mask", "boxes"), self.batch_size)
 
   def run(self, params, *, step: int) -> dict[str, float]:
-    decoded = {}  # settings -> (images, metrics): a variant equal to another is decoded and scored once
+    # settings -> (images, metrics, GAN images, their metrics): a variant equal to another is decoded and scored once
+    decoded = {}
     for variant, settings in self.settings.items():
       if _key(settings) not in decoded:
         ids = self.generate(params, variant)
         images = self.draw(ids)
         correct = (ids == self.data["cluster_ids"]).mean(axis=1)
-        decoded[_key(settings)] = images, self.score_images(images, {"cell_accuracy": correct})
-    images, out = decoded[_key(self.settings[""])]
-    out = {**out, **{f"reference/{k}": v for k, v in self.reference.items()}}
-    if self.real is not None:
-      out.update({f"real/{k}": v for k, v in self.real.items()})
-    if self.preview_reference is not None:
-      out.update({f"preview_reference/{k}": v for k, v in self.preview_reference.items()})
+        gan_images = self.draw_gan(ids) if self.gan is not None else None
+        decoded[_key(settings)] = (images, self.score_images(images, {"cell_accuracy": correct}), gan_images,
+                                   self.score_images(gan_images) if gan_images is not None else {})
+    images, out, gan_images, gan_metrics = decoded[_key(self.settings[""])]
+    rows = {"reference": self.reference, "real": self.real, "preview_reference": self.preview_reference,
+            "gan_reference": self.gan_reference, "gan": gan_metrics}
+    out = {**out, **{f"{row}/{k}": v for row, metrics in rows.items() for k, v in (metrics or {}).items()}}
     variants = {name: decoded[_key(settings)] for name, settings in self.settings.items() if name}
-    for name, (_, metrics) in variants.items():
+    for name, (_, metrics, _, gan) in variants.items():
       out.update({f"{name}/{k}": metrics[k] for k in VARIANT_METRICS if k in metrics})
+      out.update({f"{name}/gan/{k}": gan[k] for k in VARIANT_METRICS if k in gan})
     if self.ctx.workdir and jax.process_index() == 0 and self.cfg.grid_images:
-      self.save_grid(images, step, variants={name: v[0] for name, v in variants.items()})
+      columns = {"generated": images, **{name: v[0] for name, v in variants.items()}}
+      if self.gan is not None:
+        columns.update({"GAN": gan_images, **{f"{name} GAN": v[2] for name, v in variants.items()}})
+        self.save_reconstructions(step)
+      self.save_grid(step, columns)
     return {f"{NAME}/{k}": float(v) for k, v in out.items()}
 
-  def save_grid(self, images: np.ndarray, step: int, *, variants: dict[str, np.ndarray] | None = None) -> str:
+  def save_grid(self, step: int, columns: dict[str, np.ndarray]) -> str:
     """PNG of this process's first images (process 0: the eval set's first): caption | real image | drawing of
-    its true tokens | drawing of the generated tokens [n, H, W, 3] | one drawing per ``variants`` (name ->
-    images [n, H, W, 3]). Returns its path (``workdir/eval``, through ``etils.epath``)."""
-    variants = variants or {}
-    k = min(self.cfg.grid_images, len(images))
-    rows = [[self.data["images"][i], self.true_drawings[i], images[i], *(v[i] for v in variants.values())]
-            for i in range(k)]
-    labels = " | ".join(("real", "true tokens", "generated", *variants))
+    its true tokens (and the generator's, with one) | one column per ``columns`` (label -> drawings of generated
+    tokens [n, H, W, 3]). Returns its path (``workdir/eval``, through ``etils.epath``)."""
+    first = {"real": self.data["images"], "true tokens": self.true_drawings}
+    if self.gan_drawings is not None:
+      first["true tokens GAN"] = self.gan_drawings
+    return self._save_sheet({**first, **columns}, f"generation_{step}.png")
+
+  def save_reconstructions(self, step: int) -> str:
+    """PNG of the held-out images rebuilt from their true tokens: real | patch preview | the world's drawing
+    (when it has one) | the frozen generator's. Returns its path (``workdir/eval``)."""
+    columns = {"real": self.data["images"],
+               "preview": preview.render_preview(self.data["cluster_ids"][:self.cfg.grid_images], self.table)}
+    if self.drawer is not None:
+      columns["scene decoder"] = self.true_drawings
+    columns["GAN"] = self.gan_drawings
+    return self._save_sheet(columns, f"reconstructions_{step}.png")
+
+  def _save_sheet(self, columns: dict[str, np.ndarray], name: str) -> str:
+    """The first ``grid_images`` images of every column (label -> [n, H, W, 3]), one row per caption."""
+    k = min([self.cfg.grid_images] + [len(v) for v in columns.values()])
+    rows = [[v[i] for v in columns.values()] for i in range(k)]
+    labels = " | ".join(columns)
     sheet = viz.captioned_grid(rows, [f"{c}  ({labels})" for c in self.captions[:k]], tile=160, wrap=40)
-    return viz.save_png(sheet, fileio.join(self.ctx.workdir, "eval", f"generation_{step}.png"))
+    return viz.save_png(sheet, fileio.join(self.ctx.workdir, "eval", name))
 
 
 def _key(settings: dict) -> tuple:

@@ -58,7 +58,8 @@ def spade_config(variant: str = "paper", **overrides: Any) -> ml_collections.Con
   config = ml_collections.ConfigDict(dict(
       image_size=256, feature_dim=2048, bottleneck=256, gen_width=32, spade_hidden=32, disc_width=64,
       num_clusters=10000, power_iterations=1,
-      loss_weights=dict(adversarial=1.0, acgan=1.0, feature_matching=10.0, perceptual=10.0),
+      loss_weights=dict(adversarial=1.0, acgan=1.0, feature_matching=10.0, perceptual=10.0,
+                        reconstruction=0.0),
       gen_lr=4e-4, disc_lr=1e-4, b1=0.0, b2=0.999, batch_size=96, num_epochs=60))
   if variant == "demo":
     config.update(dict(image_size=128, feature_dim=27, bottleneck=64, disc_width=32, num_clusters=1024,
@@ -326,6 +327,13 @@ def generator_from_variables(variables: Any) -> Generator:
   return Generator(width=params["stem"]["kernel"].shape[-1], bottleneck=params["bottleneck"]["kernel"].shape[-1],
                    spade_hidden=params["block_0"]["norm_0"]["shared"]["kernel"].shape[-1],
                    num_blocks=sum(name.startswith("block_") for name in params))
+
+
+def centroid_grid(codebook: Array, cluster_ids: Array) -> Array:
+  """codebook [K, D], cluster_ids int [B, 64] (cells row-major) -> the quantised grid [B, 8, 8, D] float32: what
+  the generator reads."""
+  grid = jnp.take(codebook, cluster_ids, axis=0).astype(jnp.float32)
+  return grid.reshape(cluster_ids.shape[0], GRID, GRID, codebook.shape[-1])
 
 
 def decode_image(gen_params: Any, centroid_grid: Array, rng: Array) -> Array:

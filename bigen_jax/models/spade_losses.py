@@ -3,9 +3,10 @@
 Hinge adversarial loss (Lim & Ye 2017) on D's per-cell logits; ACGAN cross-entropy of each cell's cluster id,
 for D on real and fake images (Odena et al. 2017) and for G on fake ones; discriminator feature matching (L1
 between D's block features on real and fake images, summed over blocks as pix2pixHD and SPADE do); and an
-optional perceptual loss ``perceptual_fn(fake, real) -> scalar`` (the paper's: ImageNet ResNet-50 features).
-``weights`` is the config's ``loss_weights`` (adversarial, acgan, feature_matching, perceptual; paper
-1/1/10/10). The caller stops the gradient into G for D's loss (D sees stop_gradient(fake images)).
+optional perceptual loss ``perceptual_fn(fake, real) -> scalar`` (the paper's: ImageNet ResNet-50 features);
+and an optional pixel L1 reconstruction (not the paper's: it lets a small generator learn a simple world in a
+few hundred CPU steps, where no pretrained ResNet-50 exists). ``weights`` is the config's ``loss_weights``
+(adversarial, acgan, feature_matching, perceptual, reconstruction; paper 1/1/10/10/0). The caller stops the gradient into G for D's loss (D sees stop_gradient(fake images)).
 """
 
 from typing import Callable, Mapping, Sequence
@@ -58,7 +59,8 @@ def generator_loss(*, fake: DiscriminatorOutput, real: DiscriminatorOutput, clus
                    fake_images: Array | None = None, real_images: Array | None = None
                    ) -> tuple[Array, dict[str, Array]]:
   """G's loss: adversarial * hinge + acgan * CE on fake + feature_matching * FM (+ perceptual *
-  perceptual_fn(fake_images, real_images) when given; images [B, S, S, 3]) -> (scalar, metrics)."""
+  perceptual_fn(fake_images, real_images) when given; + reconstruction * mean |fake_images - real_images| when
+  its weight is set; images [B, S, S, 3] in [-1, 1]) -> (scalar, metrics)."""
   hinge = generator_hinge_loss(fake_logits=fake.logits)
   acgan = acgan_loss(class_logits=fake.class_logits, cluster_ids=cluster_ids)
   matching = feature_matching_loss(real_features=real.features, fake_features=fake.features)
@@ -69,5 +71,10 @@ def generator_loss(*, fake: DiscriminatorOutput, real: DiscriminatorOutput, clus
       raise ValueError("perceptual_fn needs fake_images and real_images")
     metrics["perceptual"] = perceptual_fn(fake_images, real_images)
     loss = loss + weights["perceptual"] * metrics["perceptual"]
+  if weights.get("reconstruction", 0.0):
+    if fake_images is None or real_images is None:
+      raise ValueError("the reconstruction loss needs fake_images and real_images")
+    metrics["reconstruction"] = jnp.mean(jnp.abs(fake_images - real_images))
+    loss = loss + weights["reconstruction"] * metrics["reconstruction"]
   metrics["loss"] = loss
   return loss, metrics
