@@ -72,7 +72,7 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str, *, step: in
   from bigen_jax import checkpoint, experiment, fileio, run_config, state  # pylint: disable=g-import-not-at-top
   from bigen_jax.eval import registry  # pylint: disable=g-import-not-at-top
   checkpoint_steps(workdir, step)
-  ctx = experiment.build_context(run_config.load(workdir) if config is None else config, workdir)
+  ctx = experiment.build_context(run_config.get_config(workdir) if config is None else config, workdir)
   abstract_params, _ = state.param_layout(ctx)
   ckpt = checkpoint.Checkpointer(fileio.join(workdir, "checkpoints"), save_every=1, async_save=False,
                                  create=False)

@@ -91,15 +91,17 @@ def load(workdir: str) -> ml_collections.ConfigDict:
     raise errors.ConfigError(f"{path} does not exist: pass the run's --config (the run predates saved configs, "
                              "or --workdir is not a training run's directory)")
   try:
-    config = ml_collections.ConfigDict(_tuples(fileio.read_json(path)))
+    return ml_collections.ConfigDict(_tuples(fileio.read_json(path)))
   except ValueError as e:
     raise errors.ConfigError(f"{path} is not a config saved by bigen_jax.train: {e}") from e
-  return with_added_fields(config)
 
 
 def with_added_fields(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """``config`` with each ``ADDED_FIELDS`` entry it predates set to its value (where the field's parent exists),
-  so that an older run reads as the code ran it and takes the newer fields' flags (e.g. evaluators' options)."""
+  """A stage-1 ``config`` (``bigen_jax.train``'s: it has ``tasks``) with each ``ADDED_FIELDS`` entry it predates
+  set to its value (where the field's parent exists), so that an older run reads as the code ran it and takes the
+  newer fields' flags (e.g. evaluators' options). Other trainers' configs are returned as they are."""
+  if "tasks" not in config:
+    return config
   for name, value in ADDED_FIELDS.items():
     parent, _, leaf = name.rpartition(".")
     node = config
@@ -138,5 +140,6 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 
 def get_config(workdir: str) -> ml_collections.ConfigDict:
-  """Config-file entry point: ``--config=bigen_jax/run_config.py:<workdir>``."""
-  return load(workdir)
+  """Config-file entry point, ``--config=bigen_jax/run_config.py:<workdir>``: the saved config of the run, with
+  the fields it predates (``with_added_fields``), so that flags can set them."""
+  return with_added_fields(load(workdir))

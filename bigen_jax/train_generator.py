@@ -361,6 +361,24 @@ def train_generator(config: ml_collections.ConfigDict, workdir: str) -> GANState
   return state
 
 
+def load_or_train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """G's frozen variables (``load_generator``) of the run in ``workdir``: read back when its newest checkpoint is
+  at ``config.total_steps`` (the config checked against the saved one), otherwise trained or resumed there
+  first (``train_generator``); make demo's step."""
+  directory, done = fileio.join(workdir, "checkpoints"), False
+  if epath.Path(directory).exists():
+    ckpt = checkpoint.Checkpointer(directory, save_every=1, async_save=False, create=False)
+    try:
+      done = ckpt.latest_step() == config.total_steps
+    finally:
+      ckpt.close()
+  if done:
+    run_config.check_resume(resolve_config(config)[0], workdir)
+  else:
+    train_generator(config, workdir)
+  return load_generator(workdir)
+
+
 def load_generator(workdir: str) -> dict[str, Any]:
   """G's frozen variables {"params", "spectral"} (numpy, on the host: a jit places them, inside a mesh or not) of
   the newest good checkpoint of the run in ``workdir`` (its saved config gives the widths):

@@ -6,8 +6,8 @@ tools/convert_clip.py instead).
       --config.data.records_dir=demo_out/records
 
 Variants: ``demo`` (the 128-px scenes of ``make demo`` resized to 64 px in 16-px patches, two 2-layer 128-wide
-towers, 500 steps of 64 pairs: about 3 minutes on 2 shared CPU cores; held out, R@1 among 100 captions 0.18 and
-hard negatives 0.68: colour and number are learnt, shape, size and relations not yet), ``tiny`` (32 px, seconds;
+towers, 300 steps of 64 pairs: about a minute on 2 CPU cores, make demo's budget; at 500 steps, held out, R@1
+among 100 captions 0.18 and hard negatives 0.68: colour and number are learnt, shape, size and relations not yet), ``tiny`` (32 px, seconds;
 tests). The mesh, checkpoint, profile and distributed fields are ``configs/base.py``'s. ``model`` is a
 ``bigen_jax.models.clip.clip_config`` (open_clip's BPE vocabulary; its context_length is the tokenizer's too).
 """
@@ -38,9 +38,9 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
       lr=1e-3, schedule="warmup_cosine", warmup_fraction=0.05, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.1,
       clip_norm=1.0))
   config.batch_size = 64
-  config.total_steps = 500
+  config.total_steps = 300
   config.log_every = 50
-  config.checkpoint.every = 250
+  config.checkpoint.every = 150
   # Held-out numbers (train_clip.evaluate_clip) on the first eval.num_examples images of data.eval_split (0: all),
   # every eval.every steps (0: only the final report); R@1 among 1 + eval.num_negatives captions.
   config.eval = ml_collections.ConfigDict(dict(every=0, num_examples=0, num_negatives=99, batch_size=64))

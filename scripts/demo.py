@@ -14,11 +14,14 @@ Stages (each resumable: re-running skips finished work):
   9. recogniser train (once) the scene recogniser that reads generated images back into scene graphs
   9b clip       train (once, cached, resumable) a small CLIP contrastively on the training pairs
                 (bigen_jax.train_clip, configs/clip.py:demo): the world's stand-in for OpenAI's CLIP
+  9c generator  train (once, cached, resumable) the SPADE image generator on (image, token grid) pairs
+                (bigen_jax.train_generator, configs/generator.py:demo: 64 px, 200 steps)
   10. evaluate  captioning and generation evaluators on the validation split (bigen_jax.evaluate): COCO
                 caption metrics, truth of captions, CLIP-S, images decoded by argmax mask-predict, MaskGIT
-                sampling and classifier-free guidance, drawn by the scene decoder (the patch preview as a
-                baseline): FID, semantic accuracy, R-precision, CLIPScore and CLIP R-precision; a markdown table
-                and a caption -> image PNG grid
+                sampling and classifier-free guidance, drawn by the scene decoder and by the SPADE generator
+                (the patch preview as a baseline): FID, semantic accuracy, R-precision, CLIPScore and CLIP
+                R-precision; a markdown table, a caption -> image PNG grid and the held-out images rebuilt from
+                their true tokens (real | preview | scene decoder | GAN)
 
 Writes OUT/summary.json and OUT/summary.md, and prints the summary table.
 """
@@ -70,7 +73,11 @@ EVAL_KEYS = ("validation_loss/i2t/gap", "validation_loss/t2i/gap", "captioning/B
              "generation/guidance/clip_score", "generation/clip_r_precision_easy",
              "generation/real/clip_r_precision_easy", "generation/guidance/clip_r_precision_easy",
              "generation/clip_r_precision_hard", "generation/real/clip_r_precision_hard",
-             "generation/guidance/clip_r_precision_hard")
+             "generation/guidance/clip_r_precision_hard", "generation/preview_reference/fid_recognizer",
+             "generation/gan_reference/semantic/accuracy", "generation/gan_reference/fid_recognizer",
+             "generation/gan_reference/r_precision_hard", "generation/guidance/gan/semantic/accuracy",
+             "generation/guidance/gan/r_precision_hard", "generation/guidance/gan/fid_recognizer",
+             "generation/guidance/gan/clip_score")
 
 
 class Timer:
@@ -167,7 +174,7 @@ def contact_sheet(records_dir, vocab_dir, tok, k, path, n=8):
   return viz.save_png(sheet, path)
 
 
-def demo_config(out, steps, detector="", clip_dir=""):
+def demo_config(out, steps, detector="", clip_dir="", generator_dir=""):
   """configs/demo.py pointed at the demo's files under ``out`` (and the scenes detector's heads, which draw
   generated tokens)."""
   from configs import demo as demo_configs  # pylint: disable=g-import-not-at-top
@@ -180,6 +187,7 @@ def demo_config(out, steps, detector="", clip_dir=""):
     from bigen_jax.worlds.scenes import scene_decoder  # pylint: disable=g-import-not-at-top
     config.eval.generation.scene_decoder_heads = detector + scene_decoder.HEADS_SUFFIX
   config.eval.clip.path = clip_dir
+  config.eval.generation.generator_dir = generator_dir
   if steps:
     config.total_steps = steps
   return config
@@ -313,9 +321,17 @@ def main(argv):
   summary["demo CLIP (held-out): R@1 among 100, above hard negatives, CLIP-S real / shuffled pairs"] = (
       f"{report['r_precision_easy']:.3f}, {report['r_precision_hard']:.3f}, "
       f"{report['clip_s_real']:.3f} / {report['clip_s_shuffled']:.3f}")
+  with timer.stage("9c generator"):
+    from bigen_jax import train_generator  # pylint: disable=g-import-not-at-top
+    from configs import generator as generator_configs  # pylint: disable=g-import-not-at-top
+    generator_dir = os.path.join(out, "generator")
+    gan_config = generator_configs.get_config("demo")
+    gan_config.data.update(dict(records_dir=dirs["records"], vocab_dir=dirs["vocab"]))
+    train_generator.load_or_train(gan_config, generator_dir)
+  summary["SPADE generator (64 px, %d steps)" % gan_config.total_steps] = os.path.relpath(generator_dir)
   with timer.stage("10 evaluate"):
     from bigen_jax import evaluate  # pylint: disable=g-import-not-at-top
-    results, step = evaluate.evaluate(demo_config(out, _TRAIN_STEPS.value, detector, clip_dir),
+    results, step = evaluate.evaluate(demo_config(out, _TRAIN_STEPS.value, detector, clip_dir, generator_dir),
                                       os.path.join(out, "train"),
                                       evaluators=["validation_loss", "captioning", "generation"])
   for key in EVAL_KEYS:
@@ -323,6 +339,8 @@ def main(argv):
       summary[f"eval {key}"] = f"{results[key]:.3f}"
   summary["evaluation table"] = os.path.relpath(os.path.join(out, "train", "eval", f"results_{step}.md"))
   summary["caption -> image grid"] = os.path.relpath(os.path.join(out, "train", "eval", f"generation_{step}.png"))
+  summary["held-out images rebuilt from their tokens (real | preview | scene decoder | GAN)"] = os.path.relpath(
+      os.path.join(out, "train", "eval", f"reconstructions_{step}.png"))
   for name, secs in timer.times.items():
     summary[f"time: {name}"] = f"{secs}s"
   summary["time: total"] = f"{timer.total}s"

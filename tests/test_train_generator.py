@@ -86,6 +86,19 @@ def test_trains_logs_checkpoints_and_draws(data, straight):
       assert any(not np.array_equal(a, b) for a, b in zip(before, after)), (net, tree)
 
 
+def test_load_or_train_reads_a_finished_run_back(data, straight, monkeypatch):
+  """A run at its total_steps is read back, not trained (G's params and spectral vectors of its last state); a
+  changed config is refused, naming the field."""
+  workdir, state = straight
+  config = _config(data, **{"eval.every": 2, "eval.num_examples": 2})
+  monkeypatch.setattr(tg, "train_generator", lambda *args: pytest.fail("a finished run was trained again"))
+  variables = tg.load_or_train(config, workdir)
+  _assert_equal_trees(variables, {"params": state.params["generator"], "spectral": state.spectral["generator"]})
+  config.optimizer.generator_lr = 1e-3
+  with pytest.raises(errors.ConfigError, match="generator_lr"):
+    tg.load_or_train(config, workdir)
+
+
 def test_resume_is_exact(tmp_path, data, straight):
   """4 steps straight == 2 steps, stop, resume to 4: params, spectral vectors, Adam states, rng and the logged
   losses bitwise (the second half starts from the checkpoint of step 2; samples change nothing)."""
