@@ -379,9 +379,9 @@ def load_or_train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   return load_generator(workdir)
 
 
-def load_generator(workdir: str) -> dict[str, Any]:
+def load_generator(workdir: str, step: int | None = None) -> dict[str, Any]:
   """G's frozen variables {"params", "spectral"} (numpy, on the host: a jit places them, inside a mesh or not) of
-  the newest good checkpoint of the run in ``workdir`` (its saved config gives the widths):
+  the newest good checkpoint of the run in ``workdir`` (or of ``step``; its saved config gives the widths):
   ``spade.decode_image``'s ``gen_params``. D and the optimiser moments are not read."""
   config = run_config.load(workdir)
   if "loss_weights" not in config or "gen_width" not in config.get("model", {}):
@@ -392,7 +392,8 @@ def load_generator(workdir: str) -> dict[str, Any]:
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), plain)
   ckpt = checkpoint.Checkpointer(fileio.join(workdir, "checkpoints"), save_every=1, async_save=False, create=False)
   try:
-    fields, _ = ckpt.restore_fields({field: {"generator": abstract[field]} for field in ("params", "spectral")})
+    fields, _ = ckpt.restore_fields({field: {"generator": abstract[field]} for field in ("params", "spectral")},
+                                    step)
   finally:
     ckpt.close()
   return jax.device_get({field: fields[field]["generator"] for field in ("params", "spectral")})

@@ -149,13 +149,18 @@ class Evaluator:
     if self.drawer is not None:  # the patch preview stays as a baseline row
       self.preview_reference = self.score_images(preview.render_preview(self.data["cluster_ids"], self.table))
     self.gan, self.gan_drawings, self.gan_reference = None, None, None  # the frozen SPADE generator, if given
+    draw = text_to_image.generator_drawer(ctx.frozen["codebook"])
+    self._gan_draw = jax.jit(lambda variables, ids, rng: spade.to_uint8(draw(variables, ids, rng)))
     if self.cfg.get("generator_dir"):
       from bigen_jax import train_generator  # pylint: disable=g-import-not-at-top
-      self.gan = train_generator.load_generator(self.cfg.generator_dir)
-      draw = text_to_image.generator_drawer(ctx.frozen["codebook"])
-      self._gan_draw = jax.jit(lambda variables, ids, rng: spade.to_uint8(draw(variables, ids, rng)))
-      self.gan_drawings = self.draw_gan(self.data["cluster_ids"])
-      self.gan_reference = self.score_images(self.gan_drawings)
+      self.set_generator(train_generator.load_generator(self.cfg.generator_dir))
+
+  def set_generator(self, variables) -> None:
+    """Draws with the frozen generator ``variables`` (G's {"params", "spectral"}) from now on, and scores its
+    drawings of the true tokens (``gan_reference``)."""
+    self.gan = variables
+    self.gan_drawings = self.draw_gan(self.data["cluster_ids"])
+    self.gan_reference = self.score_images(self.gan_drawings)
 
   def draw(self, cluster_ids: np.ndarray) -> np.ndarray:
     """Cluster ids [N, M] -> pictures [N, H, W, 3]: the world's token drawer when its plug-in has one (the
