@@ -27,7 +27,9 @@ stream with that epoch's seed. This is what makes every position resumable from 
 ``{"epoch", "batch_in_epoch"}``: restoring rebuilds the epoch and skips the consumed serialized records before
 parsing. (``shuffle().repeat()`` would carry one random stream through all epochs, so an epoch's order would
 depend on every earlier one.) The buffer of epoch ``e + 1`` fills in the background while the last batches of
-epoch ``e`` are consumed, so only the first epoch after a start or a resume waits for a fill. Memory: the
+epoch ``e`` are consumed, so only the first epoch after a start or a resume waits for a fill; the finished
+epoch's iterator is read to its end in a daemon thread (ending a tf.data iterator waits for its threads: 20-60 s
+on 2 cores busy with XLA when the training thread did it). Memory: the
 buffer holds serialized records, ``shuffle_buffer`` x the mean record size of the split (the manifest's bytes
 / examples; e.g. about 0.3 MB for COCO: 64 x 1024 float16 cells, 128 KB, and a stored 256-px PNG; 3 GB for
 10,000 records), twice that at epoch ends while the next epoch's buffer fills (``shuffle_buffer_bytes``,
