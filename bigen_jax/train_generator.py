@@ -16,6 +16,9 @@ pass of the D update. Frozen inputs (the codebook, the ResNet-50) are jit argume
 State, shardings (the mesh and logical-axis rules of ``bigen_jax.parallel`` and ``config.axis_rules``: data over
 the batch axes, D's ACGAN head over ``tensor``, the rest replicated) and the step are this module's; the loop
 (progress, metrics, checkpoints, exact resume, SIGTERM, profiler) is ``bigen_jax.loop``'s, as for stage 1.
+
+``load_generator(workdir[, step])`` reads G back from a checkpoint, frozen, for ``spade.decode_image`` and
+``bigen_jax.text_to_image``; ``load_or_train`` is make demo's cached, resumable step.
 """
 
 import os

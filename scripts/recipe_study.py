@@ -37,6 +37,15 @@ _TAG = flags.DEFINE_string("tag", "recipe", "Name of the table (OUT/study/<tag>.
 # name -> (what it changes, overrides of configs/demo.py as dotted keys).
 PAPER = {"task_schedule": "cycle", "tasks.t2i.mask_schedule": "count", "tasks.t2i.caption_dropout": 0.0,
          "tasks.itm.weight": 0, "optimizer.lr": 5e-4}
+
+
+def _feature_bag(weight: float, guidance: float = 4.0, **extra) -> dict:
+  """Overrides of T2I's feature bag at ``weight`` (the image head's classifier from the standardised codebook x
+  0.3), decoded with guidance ``guidance``; ``extra``: more overrides (e.g. seed)."""
+  return {"model.code_bag_head": "features", "tasks.t2i.code_bag": weight, "init_image_head_from_codebook": True,
+          "image_head_codebook_std": 0.3, "eval.generation.variants.guidance.guidance": guidance, **extra}
+
+
 VARIANTS = {
     "paper": ("the paper's stage-1 recipe: strict I2T/T2I alternation, U{6..64} masked cells", PAPER),
     "cosine_mask": ("T2I masks drawn MaskGIT-style (cos schedule: mostly near-full masks)",
@@ -86,30 +95,17 @@ VARIANTS = {
                          "image_head_codebook_std": 0.0, "eval.generation.variants.guidance.guidance": 2.0}),
     "demo_feature_bag": ("configs/demo.py with T2I's feature bag (every masked cell regresses the mean standardised "
                          "centroid of the image's codes) and the image head's classifier started from the "
-                         "standardised codebook x 0.3",
-                         {"model.code_bag_head": "features", "tasks.t2i.code_bag": 1.0,
-                          "init_image_head_from_codebook": True, "image_head_codebook_std": 0.3,
-                          "eval.generation.variants.guidance.guidance": 2.0}),
-    "demo_feature_bag2_w4": ("demo_feature_bag with the feature bag weighted 2, decoded with guidance w = 4",
-                             {"model.code_bag_head": "features", "tasks.t2i.code_bag": 2.0,
-                              "init_image_head_from_codebook": True, "image_head_codebook_std": 0.3,
-                              "eval.generation.variants.guidance.guidance": 4.0}),
-    "demo_feature_bag2_w4_seed1": ("demo_feature_bag2_w4 with seed 1 (init, data order, masks): run-to-run spread",
-                                   {"model.code_bag_head": "features", "tasks.t2i.code_bag": 2.0,
-                                    "init_image_head_from_codebook": True, "image_head_codebook_std": 0.3,
-                                    "eval.generation.variants.guidance.guidance": 4.0, "seed": 1}),
-    "demo_feature_bag15_w4": ("demo_feature_bag with the feature bag weighted 1.5, decoded with guidance w = 4",
-                              {"model.code_bag_head": "features", "tasks.t2i.code_bag": 1.5,
-                               "init_image_head_from_codebook": True, "image_head_codebook_std": 0.3,
-                               "eval.generation.variants.guidance.guidance": 4.0}),
+                         "standardised codebook x 0.3", _feature_bag(1.0, guidance=2.0)),
+    "demo_feature_bag15_w4": ("demo_feature_bag with the feature bag weighted 1.5, decoded with guidance w = 4 (the "
+                              "demo)", _feature_bag(1.5)),
     "demo_feature_bag15_w4_seed1": ("demo_feature_bag15_w4 with seed 1 (init, data order, masks): run-to-run spread",
-                                    {"model.code_bag_head": "features", "tasks.t2i.code_bag": 1.5,
-                                     "init_image_head_from_codebook": True, "image_head_codebook_std": 0.3,
-                                     "eval.generation.variants.guidance.guidance": 4.0, "seed": 1}),
+                                    _feature_bag(1.5, seed=1)),
+    "demo_feature_bag2_w4": ("demo_feature_bag with the feature bag weighted 2, decoded with guidance w = 4",
+                             _feature_bag(2.0)),
+    "demo_feature_bag2_w4_seed1": ("demo_feature_bag2_w4 with seed 1 (init, data order, masks): run-to-run spread",
+                                   _feature_bag(2.0, seed=1)),
     "demo_feature_bag3_w4": ("demo_feature_bag with the feature bag weighted 3, decoded with guidance w = 4",
-                             {"model.code_bag_head": "features", "tasks.t2i.code_bag": 3.0,
-                              "init_image_head_from_codebook": True, "image_head_codebook_std": 0.3,
-                              "eval.generation.variants.guidance.guidance": 4.0}),
+                             _feature_bag(3.0)),
 }
 KEYS = ("validation_loss/i2t/loss", "validation_loss/i2t/gap", "validation_loss/t2i/loss", "validation_loss/t2i/gap",
         "captioning/CIDEr-D", "captioning/semantic/accuracy", "captioning/distinct_captions",
