@@ -31,6 +31,32 @@ def check_loop_fields(config: ml_collections.ConfigDict) -> None:
   require(config.eval.every >= 0, "eval.every", config.eval.every, "must be >= 0 (0: no evaluation)")
 
 
+def scst_on(config: ml_collections.ConfigDict) -> bool:
+  """Whether ``config`` trains the SCST task (``tasks.scst`` with weight > 0)."""
+  scst = config.tasks.get("scst")
+  return scst is not None and scst.weight > 0
+
+
+def check_scst(config: ml_collections.ConfigDict) -> None:
+  """The fields of ``tasks.scst`` when it is on; its max_len against the data is checked by ``experiment``."""
+  if not scst_on(config):
+    return
+  scst = config.tasks.scst
+  require(isinstance(scst.num_samples, int) and scst.num_samples > 0, "tasks.scst.num_samples", scst.num_samples,
+          "must be a positive integer (captions sampled per image)")
+  require(scst.temperature > 0, "tasks.scst.temperature", scst.temperature, "must be positive")
+  i2t = config.tasks.get("i2t", {})
+  for field, default in (("layout", "mask"), ("visual_input", "dense")):
+    want = i2t.get(field, default)
+    require(scst[field] == want, f"tasks.scst.{field}", scst[field],
+            f"must be --config.tasks.i2t.{field}={want!r}, as I2T trained the model and the captioning evaluator "
+            "decodes")
+  require(scst.max_len == -1 or scst.max_len >= 2, "tasks.scst.max_len", scst.max_len,
+          "must be -1 (the data's caption length) or >= 2")
+  require(bool(config.data.train_split), "data.train_split", config.data.train_split,
+          "tasks.scst needs the training split's captions (its CIDEr-D document frequencies)")
+
+
 def check_config(config: ml_collections.ConfigDict, num_devices: int | None = None,
                  process_count: int | None = None) -> tuple[int, int, int]:
   """Raises ``ConfigError`` for a config that cannot run on ``num_devices`` (default: all) devices over
@@ -43,6 +69,7 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int | None = No
   for name, task in config.tasks.items():
     require(task.weight >= 0, f"tasks.{name}.weight", task.weight, "must be >= 0")
   require(config.optimizer.lr > 0, "optimizer.lr", config.optimizer.lr, "must be positive")
+  check_scst(config)
   code_bag = config.tasks.t2i.get("code_bag", 0.0)
   require(not code_bag or config.model.get("code_bag_head", ""), "tasks.t2i.code_bag", code_bag,
           "needs --config.model.code_bag_head=codes or features (the head it trains)")

@@ -22,9 +22,12 @@ from bigen_jax import parallel
 from bigen_jax.data import records
 from bigen_jax.data import tokenizer as tokenizer_lib
 from bigen_jax.data import vocab as vocab_lib
+from bigen_jax.eval import cider
 from bigen_jax.models import lxmert
+from bigen_jax.tasks import scst
 
 TRAIN_FIELDS = ("text_ids", "text_mask", "dense", "boxes", "cluster_ids")
+REFERENCE_FIELDS = ("caption_ids",)  # every caption of each image: SCST's references
 
 
 @dataclasses.dataclass
@@ -79,9 +82,29 @@ def task_configs(config: ml_collections.ConfigDict, tok) -> dict[str, ml_collect
   out = {}
   for name, cfg in config.tasks.items():
     cfg = ml_collections.ConfigDict(cfg.to_dict())
-    cfg.update(dict(mask_id=tok.mask_id, pad_id=tok.pad_id, cls_id=tok.cls_id, sep_id=tok.sep_id))
+    cfg.update(dict(mask_id=tok.mask_id, pad_id=tok.pad_id, cls_id=tok.cls_id, sep_id=tok.sep_id, unk_id=tok.unk_id))
     out[name] = ml_collections.FrozenConfigDict(cfg)
   return out
+
+
+def scst_table(config: ml_collections.ConfigDict, tok) -> cider.CiderTable:
+  """SCST's CIDEr-D document frequencies (``tasks.scst.reference_table``): every caption of every record of the
+  training split, one document per image. Checks what the task needs of the data first (``ConfigError``)."""
+  flag = f"--config.tasks.scst.weight={config.tasks.scst.weight}"
+  manifest = records.read_manifest(config.data.records_dir)
+  if not manifest.get("max_captions"):
+    raise errors.ConfigError(f"{flag} needs batches with every caption of each image, hence the records' "
+                             f"max_captions, which {config.data.records_dir}/{records.MANIFEST_NAME} does not set: "
+                             "re-run tools/extract_features.py with --max_captions")
+  max_len = config.tasks.scst.max_len
+  if max_len > config.model.max_len:
+    raise errors.ConfigError(f"--config.tasks.scst.max_len={max_len} exceeds the model's caption length "
+                             f"{config.model.max_len} (-1: that length)")
+  ids = records.read_caption_ids(config.data.records_dir, config.data.train_split)
+  table = scst.reference_table(ids, pad_id=tok.pad_id, sep_id=tok.sep_id)
+  logging.info("SCST CIDEr-D document frequencies: %d images of split %r, %s distinct 1..4-grams", len(ids),
+               config.data.train_split, [len(x) for x in table.last])
+  return table
 
 
 def build_context(config: ml_collections.ConfigDict, workdir: str) -> Context:
@@ -96,6 +119,8 @@ def build_context(config: ml_collections.ConfigDict, workdir: str) -> Context:
                jax.process_count())
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   frozen = {"codebook": jax.device_put(jnp.asarray(vocab.codebook), replicated)}
+  if config_checks.scst_on(config):
+    frozen["cider"] = jax.device_put(scst_table(config, tok), replicated)
   return Context(config=config, model=lxmert.build_model(config.model), frozen=frozen, mesh=mesh,
                  rules=parallel.axis_rules(config), task_cfgs=task_configs(config, tok), tokenizer=tok,
                  vocab=vocab, workdir=workdir)

@@ -31,7 +31,9 @@ MAY_CHANGE = ("stop_at_step", "log_every", "eval", "checkpoint.every", "checkpoi
 ADDED_FIELDS = {"model.shared_cross_attention": True, "model.image_head_dim": 0, "model.caption_to_cells": False,
                 "tasks.i2t.layout": "mask", "tasks.t2i.feature_regression": 0.0, "model.code_bag_head": "",
                 "tasks.t2i.code_bag": 0.0, "image_head_codebook_std": 0.0, "loss_weights.reconstruction": 0.0,
-                "eval.generation.generator_dir": ""}
+                "eval.generation.generator_dir": "", "tasks.scst.weight": 0, "tasks.scst.num_samples": 1,
+                "tasks.scst.temperature": 1.0, "tasks.scst.visual_input": "dense", "tasks.scst.layout": "mask",
+                "tasks.scst.max_len": -1}
 # Saved in place of this process's launch settings (process 0's id and coordinator would make an evaluation wait
 # for processes that never come).
 LAUNCH = {"num_processes": 1, "process_id": 0, "coordinator_address": "", "auto": False}

@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from bigen_jax import config_checks
 from bigen_jax import experiment
 from bigen_jax import loop
 from bigen_jax import metrics as metrics_lib
@@ -92,11 +93,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
   # The state is placed by ``out_shardings``; activations are constrained only inside the mesh context below.
   abstract, shardings, init = state_lib.create_state(ctx, tx, ctx.vocab.codebook)
   ckpt = loop.open_run(config, workdir)
+  references = config_checks.scst_on(config)
+  fields = experiment.TRAIN_FIELDS + (experiment.REFERENCE_FIELDS if references else ())
   data = input_pipeline.create_iterator(
       records_dir=config.data.records_dir, split=config.data.train_split, global_batch_size=config.batch_size,
       seed=config.seed, vocab_dir=config.data.vocab_dir, shuffle_buffer=config.data.shuffle_buffer,
       verify_checksums=config.data.verify_checksums, pad_id=ctx.tokenizer.pad_id,
-      sharding=config.data.sharding)
+      sharding=config.data.sharding, with_all_captions=references)
   state, start = loop.restore_or_init(ckpt, abstract, lambda: init(jax.random.key(config.seed)), data)
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -107,5 +110,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
     evaluators = [eval_registry.create(name, ctx) for name in config.eval.evaluators] if config.eval.every else []
     step_flops = metrics_lib.model_flops_per_example(config, cycle) * config.batch_size
     return loop.run(config, workdir, state=state, start=start, steps=steps, cycle=cycle, data=data,
-                    to_global=ctx.batch_to_global, ckpt=ckpt, evaluate=_evaluate(evaluators) if evaluators else None,
-                    step_flops=step_flops)
+                    to_global=lambda batch: ctx.batch_to_global(batch, fields), ckpt=ckpt,
+                    evaluate=_evaluate(evaluators) if evaluators else None, step_flops=step_flops)

@@ -55,6 +55,13 @@ def get_config(model: str = "paper") -> ml_collections.ConfigDict:
                code_bag=0.0),
       # Image-text matching (X-LXMERT's objective) as an auxiliary task: off (weight 0) in the paper's stage 1.
       itm=dict(weight=0, visual_input="dense", mismatch_rate=0.5),
+      # Stage 2's self-critical sequence training (METHOD.md §4; bigen_jax/tasks/scst.py): off (weight 0) in stage 1.
+      # num_samples: multinomial captions sampled per image (1 in the paper), each rewarded by its CIDEr-D minus the
+      # greedy caption's; temperature: of the sampling distribution (1.0: the model's own); visual_input and
+      # layout: read as tasks.i2t reads them, and must equal tasks.i2t's (how I2T trained the model and the
+      # captioning evaluator decodes); max_len: decoded caption length (-1: the data's). Batches then carry every
+      # caption of each image, and the CIDEr-D document frequencies come from the training split's captions.
+      scst=dict(weight=0, num_samples=1, temperature=1.0, visual_input="dense", layout="mask", max_len=-1),
   ))
 
   config.optimizer = ml_collections.ConfigDict(dict(

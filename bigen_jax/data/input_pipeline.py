@@ -50,6 +50,8 @@ Batch (per process, B = global batch / process count):
   image_id, index  int64 [B]
   eval only: caption_ids int32 [B, N, L], captions bytes [B, N] (padded with pad ids / b""),
              valid bool [B]
+  train with_all_captions: caption_ids int32 [B, N, L], every caption of the image (SCST's references), N the
+             manifest's ``max_captions``, missing rows all pad ids
   with_images: image bytes [B] (encoded PNG/JPEG as stored by the extractor)
 """
 
@@ -104,8 +106,11 @@ class BatchIterator(dataset_iterator.DatasetIterator):
                vocab_dir: str | None = None, train: bool = True, with_images: bool = False,
                process_index: int | None = None, process_count: int | None = None,
                shuffle_buffer: int = 10_000, pad_id: int = 0, verify_checksums: bool = False,
-               num_parallel_calls: int = 4, prefetch: int = 2, sharding: str = "global", num_examples: int = 0):
-    """``num_examples`` (evaluation only): read the first ``num_examples`` records of the split (0: all)."""
+               num_parallel_calls: int = 4, prefetch: int = 2, sharding: str = "global", num_examples: int = 0,
+               with_all_captions: bool = False):
+    """``num_examples`` (evaluation only): read the first ``num_examples`` records of the split (0: all).
+    ``with_all_captions`` (training; evaluation batches always have them): batches also carry every caption's
+    ids, padded to the manifest's ``max_captions``."""
     self.process_index = jax.process_index() if process_index is None else process_index
     self.process_count = jax.process_count() if process_count is None else process_count
     if global_batch_size % self.process_count:
@@ -117,6 +122,11 @@ class BatchIterator(dataset_iterator.DatasetIterator):
       raise ValueError("num_examples is for evaluation (train=False); training reads whole epochs")
     self.batch_size = global_batch_size // self.process_count
     self.manifest = records.read_manifest(records_dir)
+    self.with_all_captions = with_all_captions and train
+    if self.with_all_captions and not self.manifest.get("max_captions"):
+      raise records.DataError(
+          f"{fileio.join(records_dir, records.MANIFEST_NAME)} sets no max_captions: training batches with every "
+          "caption need a fixed number of captions per image; re-run tools/extract_features.py with --max_captions")
     self.shards = records.split_shards(records_dir, split, manifest=self.manifest, checksum=verify_checksums)
     self.records_dir, self.split, self.seed, self.train = records_dir, split, seed, train
     self.with_images, self.shuffle_buffer, self.pad_id = with_images, shuffle_buffer, pad_id
@@ -349,6 +359,10 @@ class BatchIterator(dataset_iterator.DatasetIterator):
     if not self.train:
       out["caption_ids"], out["captions"] = ids, ex["captions"]
       out["valid"] = tf.constant(True)
+    elif self.with_all_captions:
+      n = self.manifest["max_captions"]
+      padded = tf.pad(ids[:n], [[0, n - tf.minimum(num, n)], [0, 0]], constant_values=self.pad_id)
+      out["caption_ids"] = tf.ensure_shape(padded, [n, self.manifest["max_len"]])
     return out
 
   def _pad(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

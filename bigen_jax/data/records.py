@@ -219,3 +219,22 @@ def read_split(directory: str, split: str, *, batch_size: int = 256,
   ds = tf.data.TFRecordDataset(files).map(lambda s: {k: v for k, v in parse(s).items() if k in fields})
   for batch in ds.batch(batch_size).prefetch(2).as_numpy_iterator():
     yield batch
+
+
+def read_caption_ids(directory: str, split: str, *, batch_size: int = 1024) -> list[np.ndarray]:
+  """Every record's caption ids, int32 [N_i, L] (N_i its number of captions), of one split in file order; parses
+  the captions alone (SCST's CIDEr-D document frequencies)."""
+  tf = _tf()
+  manifest = read_manifest(directory)
+  files = [s["path"] for s in split_shards(directory, split, manifest=manifest)]
+  spec = {"caption_ids": tf.io.VarLenFeature(tf.int64)}
+
+  def parse(serialized):
+    ids = tf.io.parse_example(serialized, spec)["caption_ids"]
+    return tf.shape(serialized)[0], ids.indices[:, 0], ids.values
+
+  out = []
+  for num, row, values in tf.data.TFRecordDataset(files).batch(batch_size).map(parse).prefetch(2).as_numpy_iterator():
+    counts = np.cumsum(np.bincount(row, minlength=num))[:-1]
+    out += [ids.reshape(-1, manifest["max_len"]).astype(np.int32) for ids in np.split(values, counts)]
+  return out

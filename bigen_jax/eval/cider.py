@@ -351,7 +351,8 @@ def _orders(ids: jax.Array, length: jax.Array, table: CiderTable, n: int):
   out = []
   for k in range(n):
     node = jnp.where(node >= 0, _search(table.prefix[k], table.last[k], node, shifts[k]), -1)
-    idf = jnp.where(node >= 0, table.idf[k][jnp.maximum(node, 0)], table.log_num_docs)
+    known = jnp.append(table.idf[k], table.log_num_docs)  # [G_k + 1]: an absent n-gram last (G_k may be 0)
+    idf = known[jnp.where(node >= 0, node, known.shape[0] - 1)]
     out.append((jnp.arange(size) + k + 1 <= length[..., None], idf))
   return out, shifts
 

@@ -18,6 +18,9 @@ from bigen_jax.data import input_pipeline
 VISUAL_FIELDS = ("dense", "cluster_ids")
 TEXT_FIELDS = ("text_ids", "text_mask")
 CONDITION = {"i2t": VISUAL_FIELDS, "itm": VISUAL_FIELDS, "t2i": TEXT_FIELDS}  # other tasks: the images
+# Tasks left out: SCST's loss is a policy-gradient surrogate over sampled captions, not a held-out loss (the
+# captioning evaluator's CIDEr-D measures it).
+NO_HELD_OUT_LOSS = ("scst",)
 
 
 def roll_fields(batch: dict[str, jax.Array], fields: tuple[str, ...], *, shift: int = 1) -> dict[str, jax.Array]:
@@ -45,7 +48,7 @@ class Evaluator:
         seed=config.seed, vocab_dir=config.data.vocab_dir, shuffle_buffer=1, pad_id=ctx.tokenizer.pad_id)
     num = min(config.eval.num_batches, data.batches_per_epoch)
     self.batches = [ctx.batch_to_global(next(data)) for _ in range(num)]
-    self.tasks = [name for name, cfg in config.tasks.items() if cfg.weight > 0]
+    self.tasks = [name for name, cfg in config.tasks.items() if cfg.weight > 0 and name not in NO_HELD_OUT_LOSS]
     self.losses = {name: jax.jit(self._loss_fn(name)) for name in self.tasks}
 
   def _loss_fn(self, task):

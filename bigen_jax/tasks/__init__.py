@@ -13,9 +13,10 @@ module plus one line below, and the training loop does not change. The tasks sha
 from bigen_jax import errors
 from bigen_jax.tasks import i2t
 from bigen_jax.tasks import itm
+from bigen_jax.tasks import scst
 from bigen_jax.tasks import t2i
 
-TASKS = {"i2t": i2t.loss_fn, "t2i": t2i.loss_fn, "itm": itm.loss_fn}
+TASKS = {"i2t": i2t.loss_fn, "t2i": t2i.loss_fn, "itm": itm.loss_fn, "scst": scst.loss_fn}
 JOINT = "joint"  # the step kind of the "joint" schedule: the weighted sum of every task's loss
 
 
