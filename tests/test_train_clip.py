@@ -130,6 +130,7 @@ def test_trains_logs_checkpoints_and_reports(straight, records_dir):
                          "text_projection", "logit_scale"}
 
 
+@pytest.mark.slow  # ~60-90 s: keeps the default suite near its 20-minute budget; `make test-all` runs it
 def test_resume_is_exact(tmp_path, straight, records_dir):
   """4 steps straight == 2 steps, stop, resume to 4 (``load_or_train`` both times): the whole state bitwise, the
   logged losses and the held-out report."""
