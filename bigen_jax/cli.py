@@ -1,4 +1,5 @@
-"""``run(main)`` for every entry point: user errors print as one line on stderr and exit with status 2.
+"""``run(main)`` for every entry point: user errors print as one line on stderr and exit with status 2;
+``run_trainer(train, ...)`` for the trainers' ``--config`` / ``--workdir`` command lines on top of it.
 
 A user error is a ``bigen_jax.errors.UserError`` or ``absl.app.UsageError`` raised by ``main``, a flag the
 command line got wrong, or a config file or ``--config.<field>`` override that ml_collections cannot load.
@@ -12,6 +13,7 @@ from typing import Any, Callable, NoReturn
 
 from absl import app
 from absl import flags
+import ml_collections
 from ml_collections.config_flags import config_flags  # is_config_flag is not re-exported by the package
 
 from bigen_jax import errors
@@ -147,3 +149,22 @@ def run(main: Callable[[list[str]], Any]) -> None:
       _fail(str(e) or type(e).__name__, verbose.value)
 
   app.run(guarded_main, flags_parser=parse)
+
+
+def run_trainer(train: Callable[[ml_collections.ConfigDict, str], Any], *, config_help: str,
+                workdir_help: str) -> None:
+  """A trainer's command line: ``--config`` (a config file, ``--config.<field>`` overrides) and ``--workdir``, both
+  required, no other arguments; JAX's distributed runtime started from ``config.distributed``, then
+  ``train(config, workdir)``; through ``run``."""
+  config = config_flags.DEFINE_config_file("config", None, config_help, lock_config=True)
+  workdir = flags.DEFINE_string("workdir", None, workdir_help, required=True)
+
+  def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from bigen_jax import parallel  # pylint: disable=g-import-not-at-top
+    parallel.initialize_distributed(config.value.get("distributed"))
+    train(config.value, workdir.value)
+
+  flags.mark_flags_as_required(["config"])
+  run(main)

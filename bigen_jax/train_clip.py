@@ -27,8 +27,6 @@ import math  # pylint: disable=g-import-not-at-top
 import time  # pylint: disable=g-import-not-at-top
 from typing import Any  # pylint: disable=g-import-not-at-top
 
-from absl import app  # pylint: disable=g-import-not-at-top
-from absl import flags  # pylint: disable=g-import-not-at-top
 from absl import logging  # pylint: disable=g-import-not-at-top
 from etils import epath  # pylint: disable=g-import-not-at-top
 import flax  # pylint: disable=g-import-not-at-top
@@ -36,7 +34,6 @@ import flax.linen as nn  # pylint: disable=g-import-not-at-top
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import ml_collections  # pylint: disable=g-import-not-at-top
-from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 import optax  # pylint: disable=g-import-not-at-top
 
@@ -373,20 +370,13 @@ def load_clip(path: str, variant: str = "") -> tuple[clip.CLIP, Any, ml_collecti
 
 def main() -> None:
   """The command line (see the module docstring); user errors are one line on stderr (``cli.run``)."""
-  config = config_flags.DEFINE_config_file("config", None, "CLIP training configuration (configs/clip.py).",
-                                           lock_config=True)
-  workdir = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and the report go here.", required=True)
-
-  def run(argv):
-    if len(argv) > 1:
-      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    parallel.initialize_distributed(config.value.get("distributed"))
-    _, report = train_and_report(config.value, workdir.value)
+  def train(config, workdir):
+    _, report = train_and_report(config, workdir)
     if report and jax.process_index() == 0:
       print(json.dumps(report, indent=2), flush=True)
 
-  flags.mark_flags_as_required(["config"])
-  cli.run(run)
+  cli.run_trainer(train, config_help="CLIP training configuration (configs/clip.py).",
+                  workdir_help="Checkpoints, metrics and the report go here.")
 
 
 if __name__ == "__main__":

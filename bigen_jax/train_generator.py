@@ -28,8 +28,6 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # its start-up notice would
 
 from typing import Any  # pylint: disable=g-import-not-at-top
 
-from absl import app  # pylint: disable=g-import-not-at-top
-from absl import flags  # pylint: disable=g-import-not-at-top
 from absl import logging  # pylint: disable=g-import-not-at-top
 from etils import epath  # pylint: disable=g-import-not-at-top
 import flax  # pylint: disable=g-import-not-at-top
@@ -38,7 +36,6 @@ import flax.traverse_util  # pylint: disable=g-import-not-at-top
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import ml_collections  # pylint: disable=g-import-not-at-top
-from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 import optax  # pylint: disable=g-import-not-at-top
 
@@ -404,18 +401,8 @@ def load_generator(workdir: str, step: int | None = None) -> dict[str, Any]:
 
 def main() -> None:
   """The command line (see the module docstring); user errors are one line on stderr (``cli.run``)."""
-  config = config_flags.DEFINE_config_file("config", None, "GAN training configuration (configs/generator.py).",
-                                           lock_config=True)
-  workdir = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and samples go here.", required=True)
-
-  def run(argv):
-    if len(argv) > 1:
-      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    parallel.initialize_distributed(config.value.get("distributed"))
-    train_generator(config.value, workdir.value)
-
-  flags.mark_flags_as_required(["config"])
-  cli.run(run)
+  cli.run_trainer(train_generator, config_help="GAN training configuration (configs/generator.py).",
+                  workdir_help="Checkpoints, metrics and samples go here.")
 
 
 if __name__ == "__main__":
