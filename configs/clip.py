@@ -7,9 +7,10 @@ tools/convert_clip.py instead).
 
 Variants: ``demo`` (the 128-px scenes of ``make demo`` resized to 64 px in 16-px patches, two 2-layer 128-wide
 towers, 300 steps of 64 pairs: about a minute on 2 CPU cores, make demo's budget; at 500 steps, held out, R@1
-among 100 captions 0.18 and hard negatives 0.68: colour and number are learnt, shape, size and relations not yet), ``tiny`` (32 px, seconds;
-tests). The mesh, checkpoint, profile and distributed fields are ``configs/base.py``'s. ``model`` is a
-``bigen_jax.models.clip.clip_config`` (open_clip's BPE vocabulary; its context_length is the tokenizer's too).
+among 100 captions 0.18 and hard negatives 0.68: colour and number are learnt, shape, size and relations not
+yet), ``tiny`` (32 px, seconds; tests). The mesh, checkpoint, profile and distributed fields are
+``configs/base.py``'s. ``model`` is a ``bigen_jax.models.clip.clip_config`` (open_clip's BPE vocabulary; its
+context_length is the tokenizer's too).
 """
 
 import ml_collections

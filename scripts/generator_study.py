@@ -42,7 +42,8 @@ def main(argv):
   del argv
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  from bigen_jax import checkpoint, experiment, fileio, run_config, train_generator, viz  # pylint: disable=g-import-not-at-top
+  from bigen_jax import checkpoint, experiment, fileio  # pylint: disable=g-import-not-at-top
+  from bigen_jax import run_config, train_generator, viz  # pylint: disable=g-import-not-at-top
   from bigen_jax.eval import generation  # pylint: disable=g-import-not-at-top
   from bigen_jax.sampling import preview  # pylint: disable=g-import-not-at-top
 

@@ -81,8 +81,8 @@ def evaluate_clip(scorer: ClipScorer, images: np.ndarray, captions: list[str], *
                   seed: int = 0) -> dict[str, Any]:
   """How well a CLIP pairs real image i (uint8 [N, H, W, 3]) with ``captions[i]``: r_precision_easy (R@1 among
   itself and ``num_negatives`` other captions; chance 1 / easy_candidates), r_precision_hard (above each of its
-  hard negatives, per category too; None without trials, as JSON keeps it), clip_s_real and clip_s_shuffled (mean CLIP-S of the true pairs and of a
-  seeded derangement of the captions), logit_scale (exp)."""
+  hard negatives, per category too; None without trials, as JSON keeps it), clip_s_real and clip_s_shuffled
+  (mean CLIP-S of the true pairs and of a seeded derangement of the captions), logit_scale (exp)."""
   n = len(captions)
   image_emb, text_emb = scorer.image_embeddings(images), scorer.text_embeddings(captions)
   index = np.arange(n)

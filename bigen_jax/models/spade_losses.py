@@ -6,7 +6,8 @@ between D's block features on real and fake images, summed over blocks as pix2pi
 optional perceptual loss ``perceptual_fn(fake, real) -> scalar`` (the paper's: ImageNet ResNet-50 features);
 and an optional pixel L1 reconstruction (not the paper's: it lets a small generator learn a simple world in a
 few hundred CPU steps, where no pretrained ResNet-50 exists). ``weights`` is the config's ``loss_weights``
-(adversarial, acgan, feature_matching, perceptual, reconstruction; paper 1/1/10/10/0). The caller stops the gradient into G for D's loss (D sees stop_gradient(fake images)).
+(adversarial, acgan, feature_matching, perceptual, reconstruction; paper 1/1/10/10/0). The caller stops the
+gradient into G for D's loss (D sees stop_gradient(fake images)).
 """
 
 from typing import Callable, Mapping, Sequence
