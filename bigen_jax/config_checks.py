@@ -57,6 +57,28 @@ def check_scst(config: ml_collections.ConfigDict) -> None:
           "tasks.scst needs the training split's captions (its CIDEr-D document frequencies)")
 
 
+def clip_loss_on(config: ml_collections.ConfigDict) -> bool:
+  """Whether ``config`` trains the CLIP-loss task (``tasks.clip`` with weight > 0)."""
+  task = config.tasks.get("clip")
+  return task is not None and task.weight > 0
+
+
+def check_clip_loss(config: ml_collections.ConfigDict) -> None:
+  """The fields of ``tasks.clip`` when it is on; its generator and CLIP are checked when ``experiment`` loads them."""
+  if not clip_loss_on(config):
+    return
+  task = config.tasks.clip
+  for flag, why in (("generator_dir", "a bigen_jax.train_generator run directory: the frozen generator that draws "
+                     "the relaxed grids"), ("clip_path", "a bigen_jax.train_clip run directory or params of "
+                                            "tools/convert_clip.py: the frozen CLIP that scores them")):
+    require(bool(task[flag]), f"tasks.clip.{flag}", task[flag], f"tasks.clip needs {why}")
+  require(isinstance(task.num_steps, int) and task.num_steps > 0, "tasks.clip.num_steps", task.num_steps,
+          "must be a positive integer (mask-predict passes)")
+  require(task.tau > 0, "tasks.clip.tau", task.tau, "must be positive (the Gumbel-softmax temperature)")
+  require(bool(config.data.train_split), "data.train_split", config.data.train_split,
+          "tasks.clip needs the training split's captions (the CLIP token table)")
+
+
 def check_config(config: ml_collections.ConfigDict, num_devices: int | None = None,
                  process_count: int | None = None) -> tuple[int, int, int]:
   """Raises ``ConfigError`` for a config that cannot run on ``num_devices`` (default: all) devices over
@@ -70,6 +92,7 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int | None = No
     require(task.weight >= 0, f"tasks.{name}.weight", task.weight, "must be >= 0")
   require(config.optimizer.lr > 0, "optimizer.lr", config.optimizer.lr, "must be positive")
   check_scst(config)
+  check_clip_loss(config)
   code_bag = config.tasks.t2i.get("code_bag", 0.0)
   require(not code_bag or config.model.get("code_bag_head", ""), "tasks.t2i.code_bag", code_bag,
           "needs --config.model.code_bag_head=codes or features (the head it trains)")

@@ -28,6 +28,13 @@ from bigen_jax.tasks import scst
 
 TRAIN_FIELDS = ("text_ids", "text_mask", "dense", "boxes", "cluster_ids")
 REFERENCE_FIELDS = ("caption_ids",)  # every caption of each image: SCST's references
+CAPTION_KEY_FIELDS = ("index", "caption_index")  # which caption of which record: the CLIP loss's text
+
+
+def train_fields(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The batch fields the training tasks of ``config`` read."""
+  return (TRAIN_FIELDS + (REFERENCE_FIELDS if config_checks.scst_on(config) else ())
+          + (CAPTION_KEY_FIELDS if config_checks.clip_loss_on(config) else ()))
 
 
 @dataclasses.dataclass
@@ -107,6 +114,25 @@ def scst_table(config: ml_collections.ConfigDict, tok) -> cider.CiderTable:
   return table
 
 
+def clip_loss_inputs(config: ml_collections.ConfigDict, codebook: np.ndarray) -> tuple[dict[str, Any], dict[str, Any]]:
+  """The CLIP loss's frozen inputs ({"generator": G's variables, "clip": CLIP params, "clip_text": int32 [N, C, T],
+  the training split's captions after ``tasks.clip.prompt`` in CLIP tokens, row = record index}) and the CLIP's
+  model config (a dict, for the task's config). Errors name the flag."""
+  from bigen_jax import train_clip, train_generator  # pylint: disable=g-import-not-at-top
+  task = config.tasks.clip
+  generator = train_generator.load_generator(task.generator_dir)
+  width = generator["params"]["bottleneck"]["kernel"].shape[-2]
+  if width != codebook.shape[-1]:
+    raise errors.ConfigError(f"--config.tasks.clip.generator_dir={task.generator_dir} draws {width}-wide grid "
+                             f"features, but the visual vocabulary {config.data.vocab_dir} has {codebook.shape[-1]}")
+  _, clip_params, clip_config = train_clip.load_clip(task.clip_path, task.clip_variant)
+  text, _ = train_clip.caption_table(config.data.records_dir, config.data.train_split, clip_config.context_length,
+                                     prompt=task.prompt)
+  logging.info("CLIP loss: generator %s, CLIP %s, %d captions tables of %d records", task.generator_dir,
+               task.clip_path, text.shape[1], text.shape[0])
+  return {"generator": generator, "clip": clip_params, "clip_text": text}, clip_config.to_dict()
+
+
 def build_context(config: ml_collections.ConfigDict, workdir: str) -> Context:
   """Checks ``config``, resolves it against the data and lays out the mesh: what training and evaluation
   share."""
@@ -121,6 +147,12 @@ def build_context(config: ml_collections.ConfigDict, workdir: str) -> Context:
   frozen = {"codebook": jax.device_put(jnp.asarray(vocab.codebook), replicated)}
   if config_checks.scst_on(config):
     frozen["cider"] = jax.device_put(scst_table(config, tok), replicated)
+  task_cfgs = task_configs(config, tok)
+  if config_checks.clip_loss_on(config):
+    inputs, clip_model = clip_loss_inputs(config, vocab.codebook)
+    frozen.update(jax.device_put(inputs, replicated))
+    task_cfgs["clip"] = ml_collections.FrozenConfigDict({**task_cfgs["clip"].as_configdict().to_dict(),
+                                                         "clip_model": clip_model})
   return Context(config=config, model=lxmert.build_model(config.model), frozen=frozen, mesh=mesh,
-                 rules=parallel.axis_rules(config), task_cfgs=task_configs(config, tok), tokenizer=tok,
-                 vocab=vocab, workdir=workdir)
+                 rules=parallel.axis_rules(config), task_cfgs=task_cfgs, tokenizer=tok, vocab=vocab,
+                 workdir=workdir)

@@ -1,6 +1,8 @@
 r"""Entry point: ``python -m bigen_jax.main --config configs/coco.py --workdir runs/coco``.
 
-Overrides: ``--config.batch_size=8``; variants: ``--config configs/demo.py:tiny``. Multi-host: set
+Overrides: ``--config.batch_size=8``; variants: ``--config configs/demo.py:tiny``. A config with a ``stage2`` block
+(``configs/coco.py:two_stage``) trains both stages, into ``workdir/stage1`` and ``workdir/stage2``
+(``bigen_jax/stages.py``). Multi-host: set
 ``--config.distributed.num_processes`` and friends, or run on a TPU pod / SLURM where
 ``jax.distributed.initialize()`` finds its settings itself.
 """
@@ -14,8 +16,11 @@ from bigen_jax import cli  # pylint: disable=g-import-not-at-top
 
 
 def _train(config, workdir):
-  from bigen_jax import train  # pylint: disable=g-import-not-at-top
-  train.train_and_evaluate(config, workdir)
+  from bigen_jax import stages, train  # pylint: disable=g-import-not-at-top
+  if stages.has_stage2(config):
+    stages.train_stages(config, workdir)
+  else:
+    train.train_and_evaluate(config, workdir)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,10 @@ ADDED_FIELDS = {"model.shared_cross_attention": True, "model.image_head_dim": 0,
                 "tasks.t2i.code_bag": 0.0, "image_head_codebook_std": 0.0, "loss_weights.reconstruction": 0.0,
                 "eval.generation.generator_dir": "", "tasks.scst.weight": 0, "tasks.scst.num_samples": 1,
                 "tasks.scst.temperature": 1.0, "tasks.scst.visual_input": "dense", "tasks.scst.layout": "mask",
-                "tasks.scst.max_len": -1}
+                "tasks.scst.max_len": -1, "tasks.clip.weight": 0, "tasks.clip.num_steps": 4,
+                "tasks.clip.schedule": "linear", "tasks.clip.order": "mask_predict", "tasks.clip.tau": 1.0,
+                "tasks.clip.hard": False, "tasks.clip.scale": 2.5, "tasks.clip.generator_dir": "",
+                "tasks.clip.clip_path": "", "tasks.clip.clip_variant": "", "tasks.clip.prompt": "a photo depicts "}
 # Saved in place of this process's launch settings (process 0's id and coordinator would make an evaluation wait
 # for processes that never come).
 LAUNCH = {"num_processes": 1, "process_id": 0, "coordinator_address": "", "auto": False}

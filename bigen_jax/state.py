@@ -43,6 +43,27 @@ def load_init_params(path: str, abstract: Any, scan_layers: bool) -> Any:
   return params
 
 
+def is_run_directory(path: str) -> bool:
+  """Whether ``path`` is a training run's directory (its checkpoints inside), not a converted params file."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  return (epath.Path(path) / "checkpoints").is_dir()
+
+
+def restore_run_params(path: str, abstract_params: Any) -> Any:
+  """The params of the newest good checkpoint of the run in ``path`` (stage 2 starts from stage 1's), restored
+  into the shapes and shardings of ``abstract_params``; a model that does not fit is a ``ConfigError``."""
+  from bigen_jax import checkpoint, fileio  # pylint: disable=g-import-not-at-top
+  ckpt = checkpoint.Checkpointer(fileio.join(path, "checkpoints"), save_every=1, async_save=False, create=False)
+  try:
+    params, _ = ckpt.restore_params(abstract_params)
+  except (ValueError, KeyError) as e:
+    raise errors.ConfigError(f"--config.init_from={path}: its newest checkpoint does not fit this model "
+                             f"({str(e).splitlines()[0][:300]}): stage 2 needs stage 1's --config.model") from None
+  finally:
+    ckpt.close()
+  return params
+
+
 def param_layout(ctx: Context) -> tuple[Any, Any]:
   """(abstract params, each a ``ShapeDtypeStruct`` with its sharding; the shardings) of ``ctx``'s model."""
   boxed = lxmert.abstract_params(ctx.model, ctx.config.model)
@@ -100,6 +121,8 @@ def create_state(ctx: Context, tx: optax.GradientTransformation, codebook: np.nd
                       rng=jax.random.key_data(state_rng))
 
   def inputs():
+    if config.init_from and is_run_directory(config.init_from):
+      return restore_run_params(config.init_from, abstract_params), None
     if config.init_from:
       loaded = load_init_params(config.init_from, abstract_params, config.model.scan_layers)
       return jax.tree.map(_place, loaded, param_sh), None

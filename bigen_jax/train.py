@@ -87,14 +87,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
   """Trains ``config.total_steps`` steps (resuming from ``workdir``); returns the final train state."""
   ctx = experiment.build_context(config, workdir)
   config, mesh, rules, frozen = ctx.config, ctx.mesh, ctx.rules, ctx.frozen
-  cycle = tasks_lib.task_cycle(config.tasks, config.get("task_schedule", "cycle"))
+  cycle = tasks_lib.task_cycle(config.tasks, config.get("task_schedule", "cycle"), config.get("task_order", ()))
   tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
 
   # The state is placed by ``out_shardings``; activations are constrained only inside the mesh context below.
   abstract, shardings, init = state_lib.create_state(ctx, tx, ctx.vocab.codebook)
   ckpt = loop.open_run(config, workdir)
   references = config_checks.scst_on(config)
-  fields = experiment.TRAIN_FIELDS + (experiment.REFERENCE_FIELDS if references else ())
+  fields = experiment.train_fields(config)
   data = input_pipeline.create_iterator(
       records_dir=config.data.records_dir, split=config.data.train_split, global_batch_size=config.batch_size,
       seed=config.seed, vocab_dir=config.data.vocab_dir, shuffle_buffer=config.data.shuffle_buffer,

@@ -118,10 +118,12 @@ def read_records(records_dir: str, split: str, *, with_images: bool, num_example
   return [{k: batch[k][row] for k in fields} for batch in it for row in np.flatnonzero(batch["valid"])]
 
 
-def caption_table(records_dir: str, split: str, context_length: int) -> tuple[np.ndarray, np.ndarray]:
+def caption_table(records_dir: str, split: str, context_length: int, prompt: str = ""
+                  ) -> tuple[np.ndarray, np.ndarray]:
   """(tokens int32 [N, C, T], counts int32 [N]): the captions of record ``index`` of ``split`` in row ``index``,
-  tokenised (``clip.tokenize``, T = ``context_length``) and zero padded to C, the most any record has."""
-  rows = {int(r["index"]): [c.decode("utf-8") for c in r["captions"] if c]
+  each after ``prompt``, tokenised (``clip.tokenize``, T = ``context_length``) and zero padded to C, the most any
+  record has."""
+  rows = {int(r["index"]): [prompt + c.decode("utf-8") for c in r["captions"] if c]
           for r in read_records(records_dir, split, with_images=False)}
   empty = sorted(i for i, caps in rows.items() if not caps)
   if not rows or empty:

@@ -32,7 +32,9 @@ def get_config(model: str = "paper") -> ml_collections.ConfigDict:
   for field in ("vocab_size", "max_len", "visual_feat_dim", "num_clusters"):
     config.model[field] = -1  # from the data
   config.model.num_cells = 64
-  config.init_from = ""  # params of tools/convert_lxmert.py (orbax dir or .npz)
+  # params of tools/convert_lxmert.py (orbax dir or .npz), or a training run's directory (its newest checkpoint's
+  # params: stage 2 starts from stage 1)
+  config.init_from = ""
   config.init_image_head_from_codebook = True
   # > 0: the codebook's feature columns standardised and scaled to this std first (models/heads.py); 0: the
   # centroids as they are (the paper's code)
@@ -41,6 +43,9 @@ def get_config(model: str = "paper") -> ml_collections.ConfigDict:
   # task_schedule "cycle" (the paper): one task per step, the cycle repeats ``weight`` steps of each task in
   # this order (strict alternation); "joint": every step minimises the sum over tasks of weight * loss.
   config.task_schedule = "cycle"
+  # "cycle" only: the cycle's steps by task name when not empty (e.g. stage 2's SCST, CLIP loss, SCST, T2I), in place
+  # of ``weight`` steps of each task in config order.
+  config.task_order = ()
   config.tasks = ml_collections.ConfigDict(dict(
       i2t=dict(weight=1, label_smoothing=0.2, visual_input="dense", layout="mask"),
       t2i=dict(weight=1, label_smoothing=0.0, visual_input="discrete", mask_schedule="count",
@@ -62,6 +67,15 @@ def get_config(model: str = "paper") -> ml_collections.ConfigDict:
       # captioning evaluator decodes); max_len: decoded caption length (-1: the data's). Batches then carry every
       # caption of each image, and the CIDEr-D document frequencies come from the training split's captions.
       scst=dict(weight=0, num_samples=1, temperature=1.0, visual_input="dense", layout="mask", max_len=-1),
+      # Stage 2's CLIP loss (METHOD.md §4, eq. 4; bigen_jax/tasks/clip_loss.py): off (weight 0) in stage 1. Each step
+      # decodes the caption's grid by ``num_steps``-pass mask-predict (``schedule``), relaxes the final pass's cells
+      # by Gumbel-softmax at ``tau`` (``hard``: straight-through), draws the soft centroid grid with the frozen
+      # generator (``generator_dir``, a bigen_jax.train_generator run) and scores it against the caption with the
+      # frozen CLIP (``clip_path``/``clip_variant``, as eval.clip reads them; ``prompt`` + caption its text):
+      # loss -scale * relu(100 cos).
+      clip=dict(weight=0, num_steps=4, schedule="linear", order="mask_predict", tau=1.0, hard=False, scale=2.5,
+                generator_dir="", clip_path="", clip_variant="",
+                prompt="a photo depicts "),
   ))
 
   config.optimizer = ml_collections.ConfigDict(dict(
@@ -109,3 +123,15 @@ def get_config(model: str = "paper") -> ml_collections.ConfigDict:
   config.distributed = ml_collections.ConfigDict(dict(
       num_processes=1, process_id=0, coordinator_address="", cpu_collectives="", auto=False))
   return config
+
+
+def stage2_fields() -> ml_collections.ConfigDict:
+  """The paper's stage 2 (METHOD.md §4) as fields over a stage-1 config: SCST for I2T, the CLIP loss for T2I, each
+  CLIP-loss step followed (after an SCST step) by a grid-level cross-entropy step that keeps sampling coherent;
+  AdamW at a fixed 1e-6, batch 160, 100k steps, from stage 1's params (``init_from``, set by
+  ``bigen_jax/stages.py``). A config's ``stage2`` block (``two_stage`` variants) holds these; the CLIP loss still
+  needs ``tasks.clip.generator_dir`` and ``clip_path``."""
+  return ml_collections.ConfigDict(dict(
+      task_schedule="cycle", task_order=("scst", "clip", "scst", "t2i"), batch_size=160, total_steps=100_000,
+      tasks=dict(i2t=dict(weight=0), t2i=dict(weight=1), scst=dict(weight=1), clip=dict(weight=1)),
+      optimizer=dict(lr=1e-6, schedule="constant")))

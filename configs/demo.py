@@ -3,10 +3,47 @@ trains in minutes on 2 CPU cores.
 
   python -m bigen_jax.main --config configs/demo.py --workdir demo_out/train
 
-Variants: ``demo.py:tiny`` (seconds; tests), ``demo.py`` (the demo). Paths are those ``make demo`` writes.
+Variants: ``demo.py:tiny`` (seconds; tests), ``demo.py`` (the demo), ``demo.py:two_stage`` (the demo's stage 1,
+then stage 2: SCST and the CLIP loss through the demo's generator and CLIP, ``stage2_fields``), ``demo.py:stage2``
+(stage 2 alone, from the demo's stage-1 run). Paths are those ``make demo`` writes.
 """
 
 from configs import base
+
+
+STAGE2_BATCH, STAGE2_STEPS, STAGE2_LR = 16, 40, 1e-5
+
+
+def with_paths(config, out: str, detector: str = ""):
+  """``config`` pointed at the files make demo writes under ``out``: data, the scene recogniser, the demo CLIP and
+  generator (evaluation and stage 2), and the scenes detector's heads (``detector``: its weights path), which draw
+  generated tokens. Returns ``config``."""
+  from bigen_jax.worlds.scenes import scene_decoder  # pylint: disable=g-import-not-at-top
+  config.data.update(dict(records_dir=f"{out}/records", vocab_dir=f"{out}/vocab",
+                          tokenizer=f"{out}/tokenizer/vocab.txt"))
+  config.eval.generation.update(dict(recognizer_dir=f"{out}/scene_recognizer", generator_dir=f"{out}/generator",
+                                     scene_decoder_heads=detector + scene_decoder.HEADS_SUFFIX if detector else ""))
+  config.eval.clip.path = f"{out}/clip"
+  paths = dict(generator_dir=f"{out}/generator", clip_path=f"{out}/clip")
+  if config.tasks.clip.weight > 0:
+    config.tasks.clip.update(paths)
+  if "clip" in config.get("stage2", {}).get("tasks", {}):
+    config.stage2.tasks.clip.update(paths)
+  return config
+
+
+def stage2_fields(out: str = "demo_out"):
+  """The paper's stage 2 (``base.stage2_fields``) at the demo's scale: the generator and CLIP that make demo trains
+  under ``out``, captions without a prompt (the demo CLIP trained on bare captions), SCST decoding as I2T trained
+  (causal layout), and a short run at a higher fixed lr than the paper's 1e-6."""
+  fields = base.stage2_fields()
+  fields.update(dict(batch_size=STAGE2_BATCH, total_steps=STAGE2_STEPS, log_every=10))
+  fields.optimizer.update(dict(lr=STAGE2_LR))
+  fields.tasks.scst = dict(weight=1, layout="causal")
+  fields.tasks.clip = dict(weight=1, generator_dir=f"{out}/generator", clip_path=f"{out}/clip", prompt="")
+  fields.checkpoint = dict(every=STAGE2_STEPS)
+  fields.eval = dict(every=0)
+  return fields
 
 
 def get_config(arg: str = "demo"):
@@ -64,6 +101,11 @@ def get_config(arg: str = "demo"):
     config.model.code_bag_head = ""
     config.tasks.t2i.code_bag = 0.0
     config.init_image_head_from_codebook = False
+  elif arg == "two_stage":
+    config.stage2 = stage2_fields()
+  elif arg == "stage2":
+    config.update(stage2_fields())
+    config.init_from = "demo_out/train"
   elif arg != "demo":
-    raise ValueError(f"configs/demo.py:{arg}: expected 'demo' or 'tiny'")
+    raise ValueError(f"configs/demo.py:{arg}: expected 'demo', 'tiny', 'two_stage' or 'stage2'")
   return config

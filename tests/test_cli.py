@@ -68,7 +68,7 @@ def test_run_user_errors_one_line_programming_errors_traceback(tmp_path):
 def test_config_flag_errors_name_the_flag():
   main = ("-m", "bigen_jax.main", "--workdir", "unused")
   _error_line(_run(*main, "--config", "configs/demo.py:foo"), "--config=configs/demo.py:foo",
-              "expected 'demo' or 'tiny'")
+              "expected 'demo', 'tiny', 'two_stage' or 'stage2'")
   typo = ("--config", "configs/demo.py:tiny", "--config.optimizer.lrr=1")
   _error_line(_run(*main, *typo), "--config.optimizer.lrr=1", 'Did you mean "lr" instead of "lrr"?')
   _error_line(_run(*main, *typo, "--verbose"), "--config.optimizer.lrr=1", verbose=True)

@@ -24,6 +24,7 @@ from bigen_jax.data import records
 from bigen_jax.data import tokenizer as tokenizer_lib
 from bigen_jax.eval import cider
 from bigen_jax.models import lxmert
+from bigen_jax.sampling import captions
 from bigen_jax.tasks import scst
 from configs import demo
 from configs import model as model_config
@@ -133,6 +134,29 @@ def test_gradient_is_the_reinforce_estimate_against_the_greedy_baseline(drawn):
   assert sum(float(jnp.abs(g).sum()) for g in want_leaves) > 0
   for got, ref in zip(got_leaves, want_leaves):
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-6)
+
+
+def test_causal_log_probs_in_one_pass_equal_the_decoders_one_position_at_a_time(drawn):
+  """The causal layout's single teacher-forced pass gives each sampled word the log-probability the decoder drew
+  it with (``captions.next_word_log_probs``, one pass per position), at temperature 0.7 (the sampler's filter)."""
+  d = drawn
+  tokens, temperature = scst.decode_tokens(CFG), 0.7
+  ids = jnp.asarray(d["samples"])
+  visual, boxes = {"visual_feats": jnp.repeat(d["batch"]["dense"], 2, axis=0)}, jnp.repeat(d["batch"]["boxes"], 2,
+                                                                                          axis=0)
+  run = lambda layout: jax.jit(lambda p: scst.sequence_log_probs(
+      p, ids, model=d["model"], visual=visual, boxes=boxes, tokens=tokens, layout=layout,
+      temperature=temperature))(d["params"])
+  scored = scst.scored_positions(ids, SEP)
+  by_position = jnp.zeros(ids.shape[0])
+  for l in range(1, ids.shape[1]):
+    log_probs = captions.filter_logits(captions.next_word_log_probs(
+        d["params"], ids, l, model=d["model"], visual=visual, boxes=boxes, tokens=tokens, layout="causal"),
+        temperature=temperature)
+    word = log_probs[jnp.arange(ids.shape[0]), jnp.where(scored[:, l], ids[:, l], SEP)]
+    by_position = by_position + jnp.where(scored[:, l], word, 0.0)
+  np.testing.assert_allclose(run("causal"), by_position, rtol=1e-5, atol=1e-5)
+  assert np.abs(np.asarray(run("causal")) - np.asarray(run("mask"))).max() > 0.1  # the layouts differ
 
 
 def test_reward_is_pycocoevalcap_cider_d_of_the_decoded_captions(drawn):

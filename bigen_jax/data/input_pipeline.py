@@ -48,6 +48,7 @@ Batch (per process, B = global batch / process count):
   boxes        float32 [B, 64, 4]
   cluster_ids  int32 [B, 64]     with ``vocab_dir``
   image_id, index  int64 [B]
+  caption_index  int32 [B]       which caption of the record text_ids is (0 in evaluation and without captions)
   eval only: caption_ids int32 [B, N, L], captions bytes [B, N] (padded with pad ids / b""),
              valid bool [B]
   train with_all_captions: caption_ids int32 [B, N, L], every caption of the image (SCST's references), N the
@@ -348,10 +349,10 @@ class BatchIterator(dataset_iterator.DatasetIterator):
           maxval=num, dtype=tf.int32)
     else:
       pick = 0
-    text = tf.cond(num > 0, lambda: ids[tf.minimum(pick, num - 1)],
-                   lambda: tf.fill([self.manifest["max_len"]], self.pad_id))
+    pick = tf.maximum(tf.minimum(pick, num - 1), 0)
+    text = tf.cond(num > 0, lambda: ids[pick], lambda: tf.fill([self.manifest["max_len"]], self.pad_id))
     out = {"text_ids": text, "text_mask": tf.cast(text != self.pad_id, tf.int32), "dense": ex["dense"],
-           "boxes": ex["boxes"], "image_id": ex["image_id"], "index": ex["index"]}
+           "boxes": ex["boxes"], "image_id": ex["image_id"], "index": ex["index"], "caption_index": pick}
     if self.cluster_ids is not None:
       out["cluster_ids"] = tf.gather(tf.constant(self.cluster_ids), ex["index"])
     if self.with_images:

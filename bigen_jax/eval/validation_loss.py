@@ -19,8 +19,9 @@ VISUAL_FIELDS = ("dense", "cluster_ids")
 TEXT_FIELDS = ("text_ids", "text_mask")
 CONDITION = {"i2t": VISUAL_FIELDS, "itm": VISUAL_FIELDS, "t2i": TEXT_FIELDS}  # other tasks: the images
 # Tasks left out: SCST's loss is a policy-gradient surrogate over sampled captions, not a held-out loss (the
-# captioning evaluator's CIDEr-D measures it).
-NO_HELD_OUT_LOSS = ("scst",)
+# captioning evaluator's CIDEr-D measures it); the CLIP loss scores relaxed samples (the generation evaluator's
+# CLIPScore measures decoded images).
+NO_HELD_OUT_LOSS = ("scst", "clip")
 
 
 def roll_fields(batch: dict[str, jax.Array], fields: tuple[str, ...], *, shift: int = 1) -> dict[str, jax.Array]:

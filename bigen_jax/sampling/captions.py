@@ -61,11 +61,19 @@ def next_word_log_probs(params: Any, ids: Array, l: Array, *, model, visual: dic
     return module.predict_text(jax.lax.dynamic_index_in_dim(out.language, read, axis=1, keepdims=False))
 
   logits = apply.apply_model(model, params, task="i2t", rng=None, head=head, text_ids=inputs,
-                             text_mask=key_mask, boxes=boxes, **extra, **visual).astype(jnp.float32)
+                             text_mask=key_mask, boxes=boxes, **extra, **visual)
+  return word_log_probs(logits, l == max_len - 1, tokens)
+
+
+def word_log_probs(logits: Array, last: Array, tokens: Tokens) -> Array:
+  """The decoders' word distribution: log-softmax of ``logits`` [..., V] (float32) with the never-produced words
+  at -inf and only [SEP] allowed where ``last`` (bool, broadcast against logits[..., 0]: the caption's last
+  position)."""
+  logits = logits.astype(jnp.float32)
   never = jnp.asarray((tokens.cls_id, tokens.mask_id, tokens.pad_id) + tuple(tokens.banned), jnp.int32)
-  logits = logits.at[:, never].set(-jnp.inf)
+  logits = logits.at[..., never].set(-jnp.inf)
   only_sep = jnp.where(jnp.arange(logits.shape[-1]) == tokens.sep_id, 0.0, -jnp.inf)
-  logits = jnp.where(l == max_len - 1, only_sep, logits)
+  logits = jnp.where(jnp.asarray(last)[..., None], only_sep, logits)
   return jax.nn.log_softmax(logits, axis=-1)
 
 

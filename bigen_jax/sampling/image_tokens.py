@@ -20,7 +20,8 @@ says which:
 With K = M every order decides one cell per pass, X-LXMERT's sequential baselines. ``guidance`` w > 0 adds
 classifier-free guidance: each pass also runs the model on the null caption ``[CLS] [SEP]``
 (``tasks.layouts.null_captions``; T2I trains on it with ``caption_dropout``) and decodes from the logits
-(1 + w) * cond - w * uncond.
+(1 + w) * cond - w * uncond. ``decode_passes`` stops after the first passes and returns the state the next pass
+starts from (stage 2's CLIP loss runs the last pass itself, with gradients).
 """
 
 import math
@@ -71,8 +72,30 @@ def parallel_decode(params, rng: Array, *, model, text_ids: Array, text_mask: Ar
   "linear" or "cosine"; ``choice_temperature``: the Gumbel noise of the "maskgit" order (ignored by the
   others); ``guidance`` w: classifier-free guidance against ``null_text_ids``/``null_text_mask`` [B, L]
   (``tasks.layouts.null_captions``), needed only when w != 0. Probabilities are those of the (guided) model. Pure and
-  jittable: (params, text, rng) -> ids.
+  jittable: (params, text, rng) -> ids. All ``num_steps`` passes of ``decode_passes``.
   """
+  ids, _, confidence = decode_passes(
+      params, rng, passes=num_steps, model=model, text_ids=text_ids, text_mask=text_mask, boxes=boxes,
+      codebook=codebook, num_steps=num_steps, order=order, temperature=temperature, schedule=schedule,
+      choice_temperature=choice_temperature, guidance=guidance, null_text_ids=null_text_ids,
+      null_text_mask=null_text_mask)
+  return ids, confidence
+
+
+def decode_passes(params, rng: Array, *, passes: int, model, text_ids: Array, text_mask: Array, boxes: Array,
+                  codebook: Array, num_steps: int = 4, order: str = "mask_predict", temperature: float = 0.0,
+                  schedule: str = "linear", choice_temperature: float = 0.0, guidance: float = 0.0,
+                  null_text_ids: Array | None = None,
+                  null_text_mask: Array | None = None) -> tuple[Array, Array, Array]:
+  """The decoder's state after the first ``passes`` of its ``num_steps`` passes (``parallel_decode``'s
+  arguments): ids int32 [B, M] (0 where never decided), masked bool [B, M] (the cells the next pass
+  predicts; none after the last pass) and their probabilities float32 [B, M].
+
+  Why: stage 2's CLIP loss (``tasks.clip_loss``) runs the first passes without gradient and the last one
+  itself, differentiably, from this state.
+  """
+  if not 1 <= passes <= num_steps:
+    raise ValueError(f"decode_passes: passes={passes} is not in [1, num_steps={num_steps}]")
   if order not in ORDERS:
     raise ValueError(f"unknown decoding order {order!r}: expected one of {ORDERS}")
   if schedule not in SCHEDULES:
@@ -120,8 +143,8 @@ def parallel_decode(params, rng: Array, *, model, text_ids: Array, text_mask: Ar
 
   start = (jnp.zeros((batch, num_cells), jnp.int32), jnp.ones((batch, num_cells), bool),
            jnp.zeros((batch, num_cells), jnp.float32))
-  (ids, _, confidence), _ = jax.lax.scan(step, start, jnp.arange(num_steps))
-  return ids, confidence
+  (ids, masked, confidence), _ = jax.lax.scan(step, start, jnp.arange(passes))
+  return ids, masked, confidence
 
 
 def cluster_features(ids: Array, codebook: Array) -> Array:

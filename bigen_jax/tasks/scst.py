@@ -48,19 +48,42 @@ def scored_positions(ids: Array, sep_id: int) -> Array:
 def sequence_log_probs(params, ids: Array, *, model, visual: dict[str, Array], boxes: Array,
                        tokens: captions.Tokens, layout: str, temperature: float = 1.0) -> Array:
   """float32 [N]: sum over the ``scored_positions`` l of ids [N, L] of log p(ids[:, l] | ids[:, :l], image)
-  under the sampling distribution (``captions.filter_logits`` at ``temperature``), one teacher-forced model
-  pass per position (``captions.next_word_log_probs``), differentiable in ``params``."""
+  under the sampling distribution (``captions.filter_logits`` at ``temperature``), differentiable in ``params``.
+
+  The "causal" layout reads every position's distribution from one teacher-forced pass (position l - 1 sees
+  ids[:, :l] only, as decoding step l does); the "mask" layout needs one pass per position
+  (``captions.next_word_log_probs``), L - 1 times the work."""
   scored = scored_positions(ids, tokens.sep_id)
   targets = jnp.where(scored, ids, tokens.sep_id)  # [SEP] is never -inf: no inf * 0 in the gradient
+  if layout == "causal":
+    per_word = _causal_word_log_probs(params, ids, model=model, visual=visual, boxes=boxes, tokens=tokens,
+                                      temperature=temperature)
+    per_word = jnp.take_along_axis(per_word, targets[:, 1:, None], axis=-1)[..., 0]  # [N, L - 1]
+  else:
+    def word(_, l):
+      log_probs = captions.next_word_log_probs(params, ids, l, model=model, visual=visual, boxes=boxes,
+                                               tokens=tokens, layout=layout)
+      log_probs = captions.filter_logits(log_probs, temperature=temperature)
+      return None, jnp.take_along_axis(log_probs, targets[:, l, None], axis=-1)[:, 0]
 
-  def word(_, l):
-    log_probs = captions.next_word_log_probs(params, ids, l, model=model, visual=visual, boxes=boxes,
-                                             tokens=tokens, layout=layout)
-    log_probs = captions.filter_logits(log_probs, temperature=temperature)
-    return None, jnp.take_along_axis(log_probs, targets[:, l, None], axis=-1)[:, 0]
+    _, per_word = jax.lax.scan(word, None, jnp.arange(1, ids.shape[1]))  # [L - 1, N]
+    per_word = per_word.T
+  return jnp.sum(jnp.where(scored[:, 1:], per_word, 0.0), axis=1)
 
-  _, per_word = jax.lax.scan(word, None, jnp.arange(1, ids.shape[1]))  # [L - 1, N]
-  return jnp.sum(jnp.where(scored[:, 1:], per_word.T, 0.0), axis=1)
+
+def _causal_word_log_probs(params, ids: Array, *, model, visual: dict[str, Array], boxes: Array,
+                           tokens: captions.Tokens, temperature: float) -> Array:
+  """float32 [N, L - 1, V]: the sampling distribution of word l = 1..L-1 given ids[:, :l], from one pass in the
+  causal layout (``layouts.i2t_causal_inputs``'s attention; every position a key, later ones hidden)."""
+  length = ids.shape[1]
+  real = jnp.ones(ids.shape, bool)
+  logits = apply.apply_model(model, params, task="i2t", rng=None,
+                             head=lambda module, out: module.predict_text(out.language[:, :-1]), text_ids=ids,
+                             text_mask=real.astype(jnp.int32), text_attention=apply.causal_attention(real),
+                             vision_text_mask=apply.cls_only(ids.shape), boxes=boxes, **visual)
+  log_probs = captions.word_log_probs(logits, jnp.arange(1, length) == length - 1, tokens)
+  flat = captions.filter_logits(log_probs.reshape(-1, log_probs.shape[-1]), temperature=temperature)
+  return flat.reshape(log_probs.shape)
 
 
 def decode_tokens(cfg) -> captions.Tokens:
