@@ -35,8 +35,10 @@ ADDED_FIELDS = {"model.shared_cross_attention": True, "model.image_head_dim": 0,
                 "tasks.scst.temperature": 1.0, "tasks.scst.visual_input": "dense", "tasks.scst.layout": "mask",
                 "tasks.scst.max_len": -1, "tasks.clip.weight": 0, "tasks.clip.num_steps": 4,
                 "tasks.clip.schedule": "linear", "tasks.clip.order": "mask_predict", "tasks.clip.tau": 1.0,
+                "tasks.clip.temperature": 0.0, "tasks.clip.choice_temperature": 0.0, "tasks.clip.guidance": 0.0,
                 "tasks.clip.hard": False, "tasks.clip.scale": 2.5, "tasks.clip.generator_dir": "",
-                "tasks.clip.clip_path": "", "tasks.clip.clip_variant": "", "tasks.clip.prompt": "a photo depicts "}
+                "tasks.clip.clip_path": "", "tasks.clip.clip_variant": "", "tasks.clip.prompt": "a photo depicts ",
+                "task_order": ()}
 # Saved in place of this process's launch settings (process 0's id and coordinator would make an evaluation wait
 # for processes that never come).
 LAUNCH = {"num_processes": 1, "process_id": 0, "coordinator_address": "", "auto": False}
@@ -121,7 +123,8 @@ def changed_fields(saved: ml_collections.ConfigDict, new: ml_collections.ConfigD
   """``"name: old -> new"`` for every field that differs and matters to a resume (not in ``MAY_CHANGE``); a field
   the saved config predates counts as its ``ADDED_FIELDS`` value."""
   old, now = flatten(saved), flatten(new)
-  old = {**{k: v for k, v in ADDED_FIELDS.items() if k not in old and k in now}, **old}
+  added = {k: list(v) if isinstance(v, tuple) else v for k, v in ADDED_FIELDS.items()}  # as JSON holds them
+  old = {**{k: v for k, v in added.items() if k not in old and k in now}, **old}
   out = []
   for name in sorted(set(old) | set(now)):
     if any(name == p or name.startswith(p + ".") for p in MAY_CHANGE):

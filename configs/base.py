@@ -68,14 +68,15 @@ def get_config(model: str = "paper") -> ml_collections.ConfigDict:
       # caption of each image, and the CIDEr-D document frequencies come from the training split's captions.
       scst=dict(weight=0, num_samples=1, temperature=1.0, visual_input="dense", layout="mask", max_len=-1),
       # Stage 2's CLIP loss (METHOD.md §4, eq. 4; bigen_jax/tasks/clip_loss.py): off (weight 0) in stage 1. Each step
-      # decodes the caption's grid by ``num_steps``-pass mask-predict (``schedule``), relaxes the final pass's cells
+      # decodes the caption's grid by ``num_steps``-pass mask-predict (``schedule``; the decoder's other fields as
+      # eval.generation's, the paper's argmax unguided), relaxes the final pass's cells
       # by Gumbel-softmax at ``tau`` (``hard``: straight-through), draws the soft centroid grid with the frozen
       # generator (``generator_dir``, a bigen_jax.train_generator run) and scores it against the caption with the
       # frozen CLIP (``clip_path``/``clip_variant``, as eval.clip reads them; ``prompt`` + caption its text):
       # loss -scale * relu(100 cos).
-      clip=dict(weight=0, num_steps=4, schedule="linear", order="mask_predict", tau=1.0, hard=False, scale=2.5,
-                generator_dir="", clip_path="", clip_variant="",
-                prompt="a photo depicts "),
+      clip=dict(weight=0, num_steps=4, schedule="linear", order="mask_predict", temperature=0.0,
+                choice_temperature=0.0, guidance=0.0, tau=1.0, hard=False, scale=2.5, generator_dir="", clip_path="",
+                clip_variant="", prompt="a photo depicts "),
   ))
 
   config.optimizer = ml_collections.ConfigDict(dict(

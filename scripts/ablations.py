@@ -7,10 +7,10 @@ and writes the table with the paper's figures beside it.
 Needs a finished ``make demo`` in ``--demo_out`` (records, vocabularies, scene recogniser, demo CLIP and
 generator, scenes detector). Each row trains ``configs/demo.py:two_stage`` with its one change
 (``bigen_jax.stages``: OUT/<run>/stage1 and stage2). Rows whose stage 1 is the same config share that run (full,
-no_sequence_level and no_clip_loss train one stage 1). Resumable row by row: a row's evaluation is kept in
+no_sequence_level and no_clip_loss train one stage 1, make demo's own when it is that config). Resumable row by row: a row's evaluation is kept in
 OUT/<row>/results_<split>.json and read back, an interrupted training resumes from its checkpoint. Every row is
-evaluated the same way (captioning; generation by the paper's argmax mask-predict-4, drawn by the scene decoder,
-the patch preview and the frozen GAN). The table, rewritten after each row: OUT/ablations_<split>.{md,json}.
+evaluated the same way (captioning; generation by the paper's argmax mask-predict-4 and by the demo's guided
+sampling, drawn by the scene decoder, the patch preview and the frozen GAN). The table, rewritten after each row: OUT/ablations_<split>.{md,json}.
 Progress: each row's start, minutes and the estimated time left.
 """
 
@@ -44,9 +44,13 @@ _STAGE2_STEPS = flags.DEFINE_integer("stage2_steps", 0, "Stage-2 steps of every 
 # the scene recogniser's features).
 COLUMNS = (("CIDEr-D", "captioning/CIDEr-D"), ("BLEU-4", "captioning/BLEU-4"),
            ("captions true", "captioning/semantic/accuracy"), ("CLIP-S", "captioning/clip_s"),
-           ("CLIPScore", "generation/clip_score"), ("FID (recogniser)", "generation/fid_recognizer"),
-           ("semantic acc.", "generation/semantic/accuracy"), ("R-prec. hard", "generation/r_precision_hard"),
-           ("GAN semantic acc.", "generation/gan/semantic/accuracy"), ("GAN CLIPScore", "generation/gan/clip_score"))
+           ("CLIPScore", "generation/clip_score"), ("GAN CLIPScore", "generation/gan/clip_score"),
+           ("FID (recogniser)", "generation/fid_recognizer"), ("semantic acc.", "generation/semantic/accuracy"),
+           ("guided CLIPScore", "generation/guidance/clip_score"),
+           ("guided GAN CLIPScore", "generation/guidance/gan/clip_score"),
+           ("guided FID", "generation/guidance/fid_recognizer"),
+           ("guided semantic acc.", "generation/guidance/semantic/accuracy"),
+           ("guided R-prec. hard", "generation/guidance/r_precision_hard"))
 PAPER = {"full": "CIDEr 122.6, CLIPScore 77.2, FID 29.9", "two_model": "equal to full (456M parameters)",
          "dense_only": "T2I FID 34.9", "discrete_only": "I2T CIDEr 114.3",
          "no_sequence_level": "CIDEr 107.9, FID 33.5", "no_clip_loss": "CLIPScore 72.5, FID 40.1"}
@@ -58,7 +62,7 @@ def row_config(row: str, demo_out: str):
   config = ablations.get_config(row)
   detectors = sorted(glob.glob(os.path.join(demo_out, "scenes_detector", "*.pt.heads.npz")))
   demo.with_paths(config, demo_out, detectors[-1][:-len(".heads.npz")] if detectors else "")
-  config.eval.generation.variants = {}
+  config.eval.generation.variants = {"guidance": dict(config.eval.generation.variants["guidance"])}
   if _STAGE1_STEPS.value:
     config.total_steps = _STAGE1_STEPS.value
   if "stage2" in config and _STAGE2_STEPS.value:
@@ -68,14 +72,20 @@ def row_config(row: str, demo_out: str):
 
 def run_dirs(rows: list[str], demo_out: str, out: str) -> dict[str, tuple[str, str]]:
   """row -> (its stage-1 run directory, the run it is evaluated from). Rows with equal stage-1 configs share the
-  first such row's stage 1."""
-  from bigen_jax import stages  # pylint: disable=g-import-not-at-top
+  first such row's stage 1, or make demo's own stage 1 (``demo_out/train``) when their config is the one it
+  trained."""
+  from bigen_jax import experiment, run_config, stages  # pylint: disable=g-import-not-at-top
+  demo_run = os.path.join(demo_out, "train")
   owners, dirs = {}, {}
   for row in rows:
     config = row_config(row, demo_out)
-    key = json.dumps(stages.stage1_config(config).to_dict(), sort_keys=True, default=str)
-    first = os.path.join(out, owners.setdefault(key, row), "stage1")
-    dirs[row] = (first, os.path.join(out, row, "stage2") if stages.has_stage2(config) else first)
+    first_config = stages.stage1_config(config)
+    key = json.dumps(first_config.to_dict(), sort_keys=True, default=str)
+    if key not in owners:
+      same = (os.path.exists(run_config.saved_path(demo_run)) and not run_config.changed_fields(
+          run_config.load(demo_run), experiment.resolve_config(first_config)[0]))
+      owners[key] = demo_run if same else os.path.join(out, row, "stage1")
+    dirs[row] = (owners[key], os.path.join(out, row, "stage2") if stages.has_stage2(config) else owners[key])
   return dirs
 
 

@@ -22,6 +22,11 @@ Stages (each resumable: re-running skips finished work):
                 (the patch preview as a baseline): FID, semantic accuracy, R-precision, CLIPScore and CLIP
                 R-precision; a markdown table, a caption -> image PNG grid and the held-out images rebuilt from
                 their true tokens (real | preview | scene decoder | GAN)
+  11. stage 2   stage 2 from stage 1's params (configs/demo.py:two_stage, bigen_jax.stages): SCST with the in-graph
+                CIDEr-D reward, the Gumbel-softmax CLIP loss through the frozen GAN and the demo CLIP, cross-entropy
+                steps between them
+  12. evaluate  the stage-2 model with the same evaluators (captioning; generation by the main decoder and guidance),
+                each figure beside stage 1's
 
 Writes OUT/summary.json and OUT/summary.md, and prints the summary table.
 """
@@ -174,32 +179,50 @@ def contact_sheet(records_dir, vocab_dir, tok, k, path, n=8):
   return viz.save_png(sheet, path)
 
 
-def demo_config(out, steps, detector="", clip_dir="", generator_dir=""):
-  """configs/demo.py pointed at the demo's files under ``out`` (and the scenes detector's heads, which draw
-  generated tokens)."""
+# Stage 1 against stage 2 (the same evaluators, validation split).
+STAGE2_KEYS = ("captioning/CIDEr-D", "captioning/BLEU-4", "captioning/semantic/accuracy", "captioning/distinct_captions",
+               "captioning/clip_s", "generation/clip_score", "generation/gan/clip_score",
+               "generation/gan/semantic/accuracy", "generation/semantic/accuracy", "generation/fid_recognizer",
+               "generation/guidance/semantic/accuracy", "generation/guidance/clip_score",
+               "generation/guidance/r_precision_hard", "generation/guidance/gan/clip_score")
+
+
+def demo_config(out, steps, detector="", variant="two_stage"):
+  """configs/demo.py:<variant> pointed at the demo's files under ``out`` (``configs/demo.py:with_paths``: data,
+  recogniser, CLIP, generator, and the scenes detector's heads, which draw generated tokens); ``steps``: stage 1's
+  steps (0: the config's)."""
   from configs import demo as demo_configs  # pylint: disable=g-import-not-at-top
-  config = demo_configs.get_config("demo")
-  config.data.records_dir = os.path.join(out, "records")
-  config.data.vocab_dir = os.path.join(out, "vocab")
-  config.data.tokenizer = os.path.join(out, "tokenizer", "vocab.txt")
-  config.eval.generation.recognizer_dir = os.path.join(out, "scene_recognizer")
-  if detector:
-    from bigen_jax.worlds.scenes import scene_decoder  # pylint: disable=g-import-not-at-top
-    config.eval.generation.scene_decoder_heads = detector + scene_decoder.HEADS_SUFFIX
-  config.eval.clip.path = clip_dir
-  config.eval.generation.generator_dir = generator_dir
+  config = demo_configs.with_paths(demo_configs.get_config(variant), out, detector)
   if steps:
     config.total_steps = steps
   return config
 
 
 def train_stage1(out, steps, detector):
-  """Trains configs/demo.py on the demo data (resumes from demo_out/train); returns (state, config)."""
-  from bigen_jax import experiment, metrics, train  # pylint: disable=g-import-not-at-top
-  config = demo_config(out, steps, detector)
+  """Trains stage 1 of configs/demo.py:two_stage on the demo data (resumes from demo_out/train); returns (state,
+  config, logged rows)."""
+  from bigen_jax import experiment, metrics, stages, train  # pylint: disable=g-import-not-at-top
+  config = stages.stage1_config(demo_config(out, steps, detector))
   workdir = os.path.join(out, "train")
   state = train.train_and_evaluate(config, workdir)
   return state, experiment.resolve_config(config)[0], metrics.read_history(workdir)
+
+
+def train_stage2(out, steps, detector):
+  """Trains stage 2 of configs/demo.py:two_stage (SCST, CLIP loss, cross-entropy) from stage 1's run in
+  demo_out/train into demo_out/stage2 (resumable); returns (stage-2 config, logged rows)."""
+  from bigen_jax import metrics, stages, train  # pylint: disable=g-import-not-at-top
+  config = stages.stage2_config(demo_config(out, steps, detector), os.path.join(out, "train"))
+  workdir = os.path.join(out, "stage2")
+  train.train_and_evaluate(config, workdir)
+  return config, metrics.read_history(workdir)
+
+
+def first_last(rows, key):
+  """"first -> last" of ``key``'s logged values, each the mean of up to 5 logged rows (stage 2's rewards are
+  noisy)."""
+  values = [r[key] for r in rows if key in r]
+  return f"{np.mean(values[:5]):.3f} -> {np.mean(values[-5:]):.3f}"
 
 
 def caption_sheet(state, config, tok, path, n=12):
@@ -330,8 +353,8 @@ def main(argv):
     train_generator.load_or_train(gan_config, generator_dir)
   summary["SPADE generator (64 px, %d steps)" % gan_config.total_steps] = os.path.relpath(generator_dir)
   with timer.stage("10 evaluate"):
-    from bigen_jax import evaluate  # pylint: disable=g-import-not-at-top
-    results, step = evaluate.evaluate(demo_config(out, _TRAIN_STEPS.value, detector, clip_dir, generator_dir),
+    from bigen_jax import evaluate, stages  # pylint: disable=g-import-not-at-top
+    results, step = evaluate.evaluate(stages.stage1_config(demo_config(out, _TRAIN_STEPS.value, detector)),
                                       os.path.join(out, "train"),
                                       evaluators=["validation_loss", "captioning", "generation"])
   for key in EVAL_KEYS:
@@ -341,6 +364,18 @@ def main(argv):
   summary["caption -> image grid"] = os.path.relpath(os.path.join(out, "train", "eval", f"generation_{step}.png"))
   summary["held-out images rebuilt from their tokens (real | preview | scene decoder | GAN)"] = os.path.relpath(
       os.path.join(out, "train", "eval", f"reconstructions_{step}.png"))
+  with timer.stage("11 stage 2"):
+    stage2, rows = train_stage2(out, _TRAIN_STEPS.value, detector)
+  for key in ("scst/reward_greedy", "scst/reward_sample", "clip/cos", "t2i/loss"):
+    summary[f"stage 2 {key} (first -> last, 5-row means)"] = first_last(rows, key)
+  summary["stage 2 steps (cycle), lr"] = f"{stage2.total_steps} ({', '.join(stage2.task_order)}), {stage2.optimizer.lr:g}"
+  with timer.stage("12 evaluate stage 2"):
+    stage2.eval.generation.variants = {"guidance": dict(stage2.eval.generation.variants["guidance"])}
+    results2, step2 = evaluate.evaluate(stage2, os.path.join(out, "stage2"), evaluators=["captioning", "generation"])
+  for key in STAGE2_KEYS:
+    if key in results and key in results2:
+      summary[f"stage 1 -> stage 2 {key}"] = f"{results[key]:.3f} -> {results2[key]:.3f}"
+  summary["stage-2 evaluation table"] = os.path.relpath(os.path.join(out, "stage2", "eval", f"results_{step2}.md"))
   for name, secs in timer.times.items():
     summary[f"time: {name}"] = f"{secs}s"
   summary["time: total"] = f"{timer.total}s"

@@ -15,6 +15,7 @@ from bigen_jax.models import lxmert
 from bigen_jax.models import spade
 from bigen_jax.sampling import image_tokens
 from bigen_jax.tasks import clip_loss
+from bigen_jax.tasks import layouts
 from configs import model as model_config
 
 PAD, CLS, SEP, MASK = 0, 2, 3, 4
@@ -79,13 +80,14 @@ def test_gradients_reach_the_transformer_only(setup):
     assert all(not np.asarray(g).any() for g in jax.tree.leaves(frozen_grads))
 
 
-@pytest.mark.parametrize("num_steps", [1, 4])
-def test_hard_noise_free_loss_scores_the_decoded_image(setup, num_steps):
-  """hard and deterministic: the relaxed grid is the one-hot grid of ``parallel_decode``'s ids, so the loss is
-  recomputed by hand from the decoder, the generator and CLIP with the task's keys; with CLIP's text projection
-  negated every cosine is negative and relu(100 cos) leaves a zero loss."""
+@pytest.mark.parametrize("num_steps,guidance", [(1, 0.0), (4, 0.0), (4, 3.0)])
+def test_hard_noise_free_loss_scores_the_decoded_image(setup, num_steps, guidance):
+  """hard and deterministic: the relaxed grid is the one-hot grid of ``parallel_decode``'s ids (classifier-free
+  guided with ``guidance``), so the loss is recomputed by hand from the decoder, the generator and CLIP with the
+  task's keys; with CLIP's text projection negated every cosine is negative and relu(100 cos) leaves a zero loss."""
   model, params, batch, frozen = setup
-  cfg = _cfg(hard=True, num_steps=num_steps)
+  cfg = _cfg(hard=True, num_steps=num_steps, guidance=guidance)
+  null_ids, null_mask = layouts.null_captions(batch["text_ids"], cls_id=CLS, sep_id=SEP, pad_id=PAD)
   rng = jax.random.key(4)
   loss_fn = jax.jit(lambda p, c, r: clip_loss.loss_fn(p, batch, r, model=model, cfg=cfg,
                                                       frozen={**frozen, "clip": c}, deterministic=True))
@@ -95,7 +97,8 @@ def test_hard_noise_free_loss_scores_the_decoded_image(setup, num_steps):
     decode_rng, _, noise_rng = jax.random.split(rng, 3)
     ids, _ = image_tokens.parallel_decode(params, decode_rng, model=model, text_ids=batch["text_ids"],
                                           text_mask=batch["text_mask"], boxes=batch["boxes"],
-                                          codebook=frozen["codebook"], num_steps=num_steps)
+                                          codebook=frozen["codebook"], num_steps=num_steps, guidance=guidance,
+                                          null_text_ids=null_ids, null_text_mask=null_mask)
     images = spade.decode_image(frozen["generator"], spade.centroid_grid(frozen["codebook"], ids), noise_rng)
     pixels = clip.preprocess(images, image_size=24, value_range=(-1.0, 1.0))
     texts = frozen["clip_text"][np.array([2, 2, 1]), np.array([2, 1, 2])]
@@ -108,7 +111,13 @@ def test_hard_noise_free_loss_scores_the_decoded_image(setup, num_steps):
     assert (np.sign(cos) == sign).all()
     np.testing.assert_allclose(float(metrics["cos"]), cos.mean(), rtol=1e-5)
     np.testing.assert_allclose(float(loss), -2.5 * np.maximum(100 * cos, 0).mean(), rtol=1e-5)
-    assert float(metrics["relaxed_cells"]) == 64 // num_steps and float(metrics["entropy"]) == 0.0
+    assert float(metrics["relaxed_cells"]) == 64 // num_steps and 0 < float(metrics["entropy"]) < np.log(12)
+  if guidance:  # guidance changes the decoded grid: the check above would not pass with the unguided one
+    decode = lambda w: image_tokens.parallel_decode(
+        params, jax.random.split(rng, 3)[0], model=model, text_ids=batch["text_ids"], text_mask=batch["text_mask"],
+        boxes=batch["boxes"], codebook=frozen["codebook"], num_steps=num_steps, guidance=w, null_text_ids=null_ids,
+        null_text_mask=null_mask)[0]
+    assert (np.asarray(decode(guidance)) != np.asarray(decode(0.0))).any()
 
 
 def test_adam_steps_on_one_batch_raise_the_cosine(setup):

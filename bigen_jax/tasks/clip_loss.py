@@ -26,6 +26,7 @@ from bigen_jax.models import apply
 from bigen_jax.models import clip
 from bigen_jax.models import spade
 from bigen_jax.sampling import image_tokens
+from bigen_jax.tasks import layouts
 
 Array = jax.Array
 FROZEN_KEYS = {"codebook": "the visual vocabulary's centroids [K, D]",
@@ -66,15 +67,32 @@ def last_pass_state(params, rng: Array, *, model, inputs: dict[str, Array], cfg)
     return jnp.zeros((batch, num_cells), jnp.int32), jnp.ones((batch, num_cells), bool)
   ids, masked, _ = image_tokens.decode_passes(
       jax.lax.stop_gradient(params), rng, passes=cfg.num_steps - 1, model=model, num_steps=cfg.num_steps,
-      order=cfg.order, schedule=cfg.schedule, **inputs)
+      order=cfg.order, schedule=cfg.schedule, temperature=cfg.get("temperature", 0.0),
+      choice_temperature=cfg.get("choice_temperature", 0.0), guidance=cfg.get("guidance", 0.0), **inputs)
   return ids, masked
+
+
+def last_pass_logits(params, ids: Array, masked: Array, *, model, inputs: dict[str, Array], cfg) -> Array:
+  """float32 [B, M, K]: the last pass's logits, differentiable in ``params``; with ``cfg.guidance`` w, the guided
+  (1 + w) * cond - w * uncond of ``image_tokens.parallel_decode`` (uncond: ``inputs``' null captions)."""
+  def logits(text_ids, text_mask):
+    return apply.apply_model(model, params, task="t2i", rng=None,
+                             head=lambda module, out: module.predict_image(out.vision), cluster_ids=ids,
+                             visual_mask=masked, text_ids=text_ids, text_mask=text_mask, boxes=inputs["boxes"],
+                             codebook=inputs["codebook"]).astype(jnp.float32)
+  cond = logits(inputs["text_ids"], inputs["text_mask"])
+  guidance = cfg.get("guidance", 0.0)
+  if not guidance:
+    return cond
+  return (1 + guidance) * cond - guidance * logits(inputs["null_text_ids"], inputs["null_text_mask"])
 
 
 def loss_fn(params, batch, rng, *, model, cfg, frozen, deterministic=False):
   """batch: text_ids/text_mask int32 [B, L], boxes float32 [B, 64, 4], index and caption_index int32 [B] (the
-  record and which of its captions text_ids is). frozen: ``FROZEN_KEYS``. cfg: num_steps, schedule, order, tau,
+  record and which of its captions text_ids is). frozen: ``FROZEN_KEYS``. cfg: the decoder (num_steps, schedule,
+  order; temperature, choice_temperature and guidance, 0 in the paper: ``image_tokens.parallel_decode``'s), tau,
   hard, scale, clip_model (a ``clip.clip_config``'s fields). Returns (loss, metrics: loss, cos, clip_score =
-  relu(100 cos), relaxed_cells per image, entropy of the relaxed one-hots at those cells, their means)."""
+  relu(100 cos), relaxed_cells per image, entropy of the last pass's softmax(logits) at those cells, their means)."""
   for key, what in FROZEN_KEYS.items():
     if key not in frozen:
       raise ValueError(f"tasks.clip needs frozen[{key!r}], {what}: experiment.build_context builds it when "
@@ -84,10 +102,12 @@ def loss_fn(params, batch, rng, *, model, cfg, frozen, deterministic=False):
   decode_rng, gumbel_rng, noise_rng = jax.random.split(rng, 3)
   codebook = jax.lax.stop_gradient(frozen["codebook"])
   inputs = dict(text_ids=batch["text_ids"], text_mask=batch["text_mask"], boxes=batch["boxes"], codebook=codebook)
+  if cfg.get("guidance", 0.0):
+    null_ids, null_mask = layouts.null_captions(batch["text_ids"], cls_id=cfg.cls_id, sep_id=cfg.sep_id,
+                                                pad_id=cfg.pad_id)
+    inputs.update(null_text_ids=null_ids, null_text_mask=null_mask)
   ids, masked = last_pass_state(params, decode_rng, model=model, inputs=inputs, cfg=cfg)
-  logits = apply.apply_model(model, params, task="t2i", rng=None,
-                             head=lambda module, out: module.predict_image(out.vision),
-                             cluster_ids=ids, visual_mask=masked, **inputs).astype(jnp.float32)
+  logits = last_pass_logits(params, ids, masked, model=model, inputs=inputs, cfg=cfg)
   probs = relaxed_one_hot(logits, ids, masked, None if deterministic else gumbel_rng, tau=cfg.tau, hard=cfg.hard)
   grid = (probs @ codebook.astype(jnp.float32)).reshape(ids.shape[0], spade.GRID, spade.GRID, codebook.shape[-1])
   images = spade.decode_image(jax.lax.stop_gradient(frozen["generator"]), grid, noise_rng)
@@ -98,6 +118,6 @@ def loss_fn(params, batch, rng, *, model, cfg, frozen, deterministic=False):
   score = jax.nn.relu(100.0 * cos)
   loss = -cfg.scale * jnp.mean(score)
   relaxed = masked.astype(jnp.float32)
-  entropy = jnp.sum(jax.scipy.special.entr(jax.lax.stop_gradient(probs)), axis=-1)
+  entropy = jnp.sum(jax.scipy.special.entr(jax.nn.softmax(jax.lax.stop_gradient(logits), axis=-1)), axis=-1)
   return loss, {"loss": loss, "cos": cos.mean(), "clip_score": score.mean(), "relaxed_cells": relaxed.sum(-1).mean(),
                 "entropy": jnp.sum(entropy * relaxed) / jnp.maximum(relaxed.sum(), 1.0)}
