@@ -13,6 +13,7 @@ Results go to ``workdir/eval/results_<step>.json`` and ``.md``; evaluators add t
 
 import os
 import sys
+from typing import Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # its start-up notice would precede one-line errors
@@ -69,27 +70,50 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str, *, step: in
 
   A missing workdir, checkpoint or step raises ``UserError`` before anything is loaded or created.
   """
+  return evaluate_runs(config, [workdir], steps=[step], evaluators=evaluators)[0]
+
+
+def evaluate_runs(config: ml_collections.ConfigDict | None, workdirs: Sequence[str], *,
+                  steps: Sequence[int | None] | None = None, evaluators: list[str] | None = None,
+                  outputs: Sequence[str] | None = None) -> list[tuple[dict[str, float], int]]:
+  """``evaluate`` of each run of ``workdirs`` (``steps``: one per run, None the latest) with one context and one
+  set of evaluators, built once for the first run: what does not depend on the params (the evaluation set, the
+  real images' and the true tokens' scores, compiled decoders) is computed once, e.g. for stage 1 and stage 2 of a
+  run. ``config`` None: the first run's saved config; every run must have its model (``UserError`` otherwise).
+  Each run's results and files go to its own ``workdir/eval``, or to ``outputs[i]/eval`` when given (e.g. to leave
+  a run that others own untouched)."""
   from bigen_jax import checkpoint, experiment, fileio, run_config, state  # pylint: disable=g-import-not-at-top
   from bigen_jax.eval import registry  # pylint: disable=g-import-not-at-top
-  checkpoint_steps(workdir, step)
-  ctx = experiment.build_context(run_config.get_config(workdir) if config is None else config, workdir)
+  steps = list(steps) if steps is not None else [None] * len(workdirs)
+  for workdir, step in zip(workdirs, steps):
+    checkpoint_steps(workdir, step)
+  ctx = experiment.build_context(run_config.get_config(workdirs[0]) if config is None else config, workdirs[0])
+  for workdir in workdirs[1:]:
+    if os.path.exists(run_config.saved_path(workdir)):
+      saved = experiment.resolve_config(run_config.get_config(workdir))[0]
+      changed = [c for c in run_config.changed_fields(saved, ctx.config) if c.startswith("model.")]
+      if changed:
+        raise errors.UserError(f"{workdir} trained another model than {workdirs[0]}: {changed[:3]}")
   abstract_params, _ = state.param_layout(ctx)
-  ckpt = checkpoint.Checkpointer(fileio.join(workdir, "checkpoints"), save_every=1, async_save=False,
-                                 create=False)
-  try:
-    params, step = ckpt.restore_params(abstract_params, step)
-  finally:
-    ckpt.close()
-  names = list(evaluators or ctx.config.eval.evaluators)
-  results = {}
+  out = []
   with jax.set_mesh(ctx.mesh), nn.logical_axis_rules(ctx.rules):
-    for name in names:
-      results.update(registry.create(name, ctx).run(params, step=step))
-  if jax.process_index() == 0:
-    out = fileio.join(workdir, "eval")
-    fileio.write_json_atomic(fileio.join(out, f"results_{step}.json"), results)
-    fileio.write_atomic(fileio.join(out, f"results_{step}.md"), markdown_table(results, step))
-  return results, step
+    built = [registry.create(name, ctx) for name in (evaluators or ctx.config.eval.evaluators)]
+    for workdir, step, target in zip(workdirs, steps, outputs or workdirs):
+      ckpt = checkpoint.Checkpointer(fileio.join(workdir, "checkpoints"), save_every=1, async_save=False,
+                                     create=False)
+      try:
+        params, step = ckpt.restore_params(abstract_params, step)
+      finally:
+        ckpt.close()
+      ctx.workdir = target  # where the evaluators write this run's files
+      results = {}
+      for evaluator in built:
+        results.update(evaluator.run(params, step=step))
+      if jax.process_index() == 0:
+        fileio.write_json_atomic(fileio.join(target, "eval", f"results_{step}.json"), results)
+        fileio.write_atomic(fileio.join(target, "eval", f"results_{step}.md"), markdown_table(results, step))
+      out.append((results, step))
+  return out
 
 
 def with_saved_config(argv: list[str]) -> list[str]:

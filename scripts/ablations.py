@@ -129,7 +129,8 @@ def main(argv):
       trained_config = stages.stage2_config(config, first)
       train.train_and_evaluate(trained_config, final)
     trained_config.data.eval_split = _SPLIT.value  # evaluation only: the runs' saved configs keep theirs
-    results, step = evaluate.evaluate(trained_config, final, evaluators=["captioning", "generation"])
+    (results, step), = evaluate.evaluate_runs(trained_config, [final], evaluators=["captioning", "generation"],
+                                              outputs=[os.path.join(out, row)])  # files in OUT/<row>/eval
     trained += 1
     record = {"row": row, "run": final, "step": step, "minutes": (time.time() - t) / 60,
               **{k: float(v) for k, v in results.items()}}

@@ -16,17 +16,16 @@ Stages (each resumable: re-running skips finished work):
                 (bigen_jax.train_clip, configs/clip.py:demo): the world's stand-in for OpenAI's CLIP
   9c generator  train (once, cached, resumable) the SPADE image generator on (image, token grid) pairs
                 (bigen_jax.train_generator, configs/generator.py:demo: 64 px, 200 steps)
-  10. evaluate  captioning and generation evaluators on the validation split (bigen_jax.evaluate): COCO
+  10. stage 2   stage 2 from stage 1's params (configs/demo.py:two_stage, bigen_jax.stages): SCST with the in-graph
+                CIDEr-D reward, the Gumbel-softmax CLIP loss through the frozen GAN and the demo CLIP, cross-entropy
+                steps between them
+  11. evaluate  stage 1's and stage 2's checkpoints (one set of evaluators, bigen_jax.evaluate.evaluate_runs):
+                captioning and generation evaluators on the validation split (bigen_jax.evaluate): COCO
                 caption metrics, truth of captions, CLIP-S, images decoded by argmax mask-predict, MaskGIT
                 sampling and classifier-free guidance, drawn by the scene decoder and by the SPADE generator
                 (the patch preview as a baseline): FID, semantic accuracy, R-precision, CLIPScore and CLIP
                 R-precision; a markdown table, a caption -> image PNG grid and the held-out images rebuilt from
-                their true tokens (real | preview | scene decoder | GAN)
-  11. stage 2   stage 2 from stage 1's params (configs/demo.py:two_stage, bigen_jax.stages): SCST with the in-graph
-                CIDEr-D reward, the Gumbel-softmax CLIP loss through the frozen GAN and the demo CLIP, cross-entropy
-                steps between them
-  12. evaluate  the stage-2 model with the same evaluators (captioning; generation by the main decoder and guidance),
-                each figure beside stage 1's
+                their true tokens (real | preview | scene decoder | GAN); stage 2's figures beside stage 1's
 
 Writes OUT/summary.json and OUT/summary.md, and prints the summary table.
 """
@@ -352,30 +351,28 @@ def main(argv):
     gan_config.data.update(dict(records_dir=dirs["records"], vocab_dir=dirs["vocab"]))
     train_generator.load_or_train(gan_config, generator_dir)
   summary["SPADE generator (64 px, %d steps)" % gan_config.total_steps] = os.path.relpath(generator_dir)
-  with timer.stage("10 evaluate"):
-    from bigen_jax import evaluate, stages  # pylint: disable=g-import-not-at-top
-    results, step = evaluate.evaluate(stages.stage1_config(demo_config(out, _TRAIN_STEPS.value, detector)),
-                                      os.path.join(out, "train"),
-                                      evaluators=["validation_loss", "captioning", "generation"])
-  for key in EVAL_KEYS:
-    if key in results:
-      summary[f"eval {key}"] = f"{results[key]:.3f}"
-  summary["evaluation table"] = os.path.relpath(os.path.join(out, "train", "eval", f"results_{step}.md"))
-  summary["caption -> image grid"] = os.path.relpath(os.path.join(out, "train", "eval", f"generation_{step}.png"))
-  summary["held-out images rebuilt from their tokens (real | preview | scene decoder | GAN)"] = os.path.relpath(
-      os.path.join(out, "train", "eval", f"reconstructions_{step}.png"))
-  with timer.stage("11 stage 2"):
+  with timer.stage("10 stage 2"):
     stage2, rows = train_stage2(out, _TRAIN_STEPS.value, detector)
   for key in ("scst/reward_greedy", "scst/reward_sample", "clip/cos", "t2i/loss"):
     summary[f"stage 2 {key} (first -> last, 5-row means)"] = first_last(rows, key)
   summary["stage 2 steps (cycle), lr"] = f"{stage2.total_steps} ({', '.join(stage2.task_order)}), {stage2.optimizer.lr:g}"
-  with timer.stage("12 evaluate stage 2"):
-    stage2.eval.generation.variants = {"guidance": dict(stage2.eval.generation.variants["guidance"])}
-    results2, step2 = evaluate.evaluate(stage2, os.path.join(out, "stage2"), evaluators=["captioning", "generation"])
+  with timer.stage("11 evaluate"):
+    from bigen_jax import evaluate, stages  # pylint: disable=g-import-not-at-top
+    (results, step), (results2, step2) = evaluate.evaluate_runs(
+        stages.stage1_config(demo_config(out, _TRAIN_STEPS.value, detector)),
+        [os.path.join(out, "train"), os.path.join(out, "stage2")],
+        evaluators=["validation_loss", "captioning", "generation"])
+  for key in EVAL_KEYS:
+    if key in results:
+      summary[f"eval {key}"] = f"{results[key]:.3f}"
   for key in STAGE2_KEYS:
-    if key in results and key in results2:
-      summary[f"stage 1 -> stage 2 {key}"] = f"{results[key]:.3f} -> {results2[key]:.3f}"
-  summary["stage-2 evaluation table"] = os.path.relpath(os.path.join(out, "stage2", "eval", f"results_{step2}.md"))
+    summary[f"stage 1 -> stage 2 {key}"] = f"{results[key]:.3f} -> {results2[key]:.3f}"
+  summary["evaluation table"] = os.path.relpath(os.path.join(out, "train", "eval", f"results_{step}.md"))
+  summary["caption -> image grid"] = os.path.relpath(os.path.join(out, "train", "eval", f"generation_{step}.png"))
+  summary["held-out images rebuilt from their tokens (real | preview | scene decoder | GAN)"] = os.path.relpath(
+      os.path.join(out, "train", "eval", f"reconstructions_{step}.png"))
+  summary["stage-2 evaluation table, caption -> image grid"] = ", ".join(os.path.relpath(os.path.join(
+      out, "stage2", "eval", f"{name}_{step2}.{ext}")) for name, ext in (("results", "md"), ("generation", "png")))
   for name, secs in timer.times.items():
     summary[f"time: {name}"] = f"{secs}s"
   summary["time: total"] = f"{timer.total}s"
