@@ -14,6 +14,7 @@ from bigen_jax import metrics as metrics_lib
 from bigen_jax import optim
 from bigen_jax import stages
 from bigen_jax import state as state_lib
+from bigen_jax import tasks as tasks_lib
 from bigen_jax import train
 from bigen_jax import train_clip
 from bigen_jax import train_generator
@@ -89,6 +90,12 @@ def test_stage_two_starts_from_stage_one_and_cycles_scst_clip_and_cross_entropy(
   assert flat_start.keys() == flat_stage1.keys()
   for key, value in flat_start.items():
     np.testing.assert_array_equal(value, flat_stage1[key], err_msg=str(key))
+  # a model that does not fit stage 1's params is named
+  wider = stages.stage2_config(config, f"{workdir}/stage1")
+  wider.model.mlp_dim *= 2
+  wider_ctx = experiment.build_context(wider, str(tmp_path / "probe2"))
+  with pytest.raises(errors.ConfigError, match="--config.init_from=.*does not fit this model"):
+    state_lib.create_state(wider_ctx, tx, wider_ctx.vocab.codebook)[2](jax.random.key(0))
   # the CLIP loss reads each caption's CLIP tokens after the prompt, row = record index
   want, _ = train_clip.caption_table(frozen_runs["records_dir"], "train", ctx.frozen["clip_text"].shape[-1],
                                      prompt="a photo of ")
@@ -106,6 +113,9 @@ def test_stage_two_fields_must_name_fields_of_stage_one(tmp_path):
   assert (second.optimizer.lr, second.optimizer.schedule) == (config.stage2.optimizer.lr, "constant")
   assert second.optimizer.b2 == config.optimizer.b2  # fields the block leaves alone are stage 1's
   assert tuple(base.stage2_fields().task_order) == ("scst", "clip", "scst", "t2i")
+  assert tasks_lib.task_cycle(second.tasks, "cycle", second.task_order) == list(second.task_order)
+  with pytest.raises(errors.ConfigError, match=r"--config.task_order=.*names \['i2t'\]"):
+    tasks_lib.task_cycle(second.tasks, "cycle", ("scst", "i2t"))  # i2t has weight 0 in stage 2
 
 
 @pytest.mark.slow
