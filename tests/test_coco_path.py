@@ -139,7 +139,7 @@ def test_two_model_ablation(tmp_path, data):
   _check_evaluation(config, workdir, ["captioning", "generation"])
 
 
-@pytest.mark.parametrize("module,known", [(coco, "'paper' or 'two_model'"),
+@pytest.mark.parametrize("module,known", [(coco, r"one of \('paper', 'two_model', 'two_stage', 'stage2'\)"),
                                           (model_configs, "'paper', 'two_model', 'small' or 'tiny'"),
                                           (base, "'paper', 'two_model', 'small' or 'tiny'")])
 def test_unknown_variant_raises(module, known):
