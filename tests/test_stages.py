@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from bigen_jax import checkpoint
+from bigen_jax import config_checks
 from bigen_jax import errors
 from bigen_jax import experiment
 from bigen_jax import metrics as metrics_lib
@@ -113,6 +114,12 @@ def test_stage_two_fields_must_name_fields_of_stage_one(tmp_path):
   assert (second.optimizer.lr, second.optimizer.schedule) == (config.stage2.optimizer.lr, "constant")
   assert second.optimizer.b2 == config.optimizer.b2  # fields the block leaves alone are stage 1's
   assert tuple(base.stage2_fields().task_order) == ("scst", "clip", "scst", "t2i")
+  for flag, value in (("tasks.clip.generator_dir", ""), ("tasks.clip.clip_path", ""), ("tasks.clip.tau", 0.0),
+                      ("tasks.clip.num_steps", 0)):
+    bad = stages.stage2_config(config, str(tmp_path))
+    bad.update_from_flattened_dict({flag: value})
+    with pytest.raises(errors.ConfigError, match=f"--config.{flag}="):
+      config_checks.check_config(bad)
   assert tasks_lib.task_cycle(second.tasks, "cycle", second.task_order) == list(second.task_order)
   with pytest.raises(errors.ConfigError, match=r"--config.task_order=.*names \['i2t'\]"):
     tasks_lib.task_cycle(second.tasks, "cycle", ("scst", "i2t"))  # i2t has weight 0 in stage 2
