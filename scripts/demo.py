@@ -179,8 +179,8 @@ def contact_sheet(records_dir, vocab_dir, tok, k, path, n=8):
 
 
 # Stage 1 against stage 2 (the same evaluators, validation split).
-STAGE2_KEYS = ("captioning/CIDEr-D", "captioning/BLEU-4", "captioning/semantic/accuracy", "captioning/distinct_captions",
-               "captioning/clip_s", "generation/clip_score", "generation/gan/clip_score",
+STAGE2_KEYS = ("captioning/CIDEr-D", "captioning/BLEU-4", "captioning/semantic/accuracy",
+               "captioning/distinct_captions", "captioning/clip_s", "generation/clip_score", "generation/gan/clip_score",
                "generation/gan/semantic/accuracy", "generation/semantic/accuracy", "generation/fid_recognizer",
                "generation/guidance/semantic/accuracy", "generation/guidance/clip_score",
                "generation/guidance/r_precision_hard", "generation/guidance/gan/clip_score")
@@ -355,7 +355,8 @@ def main(argv):
     stage2, rows = train_stage2(out, _TRAIN_STEPS.value, detector)
   for key in ("scst/reward_greedy", "scst/reward_sample", "clip/cos", "t2i/loss"):
     summary[f"stage 2 {key} (first -> last, 5-row means)"] = first_last(rows, key)
-  summary["stage 2 steps (cycle), lr"] = f"{stage2.total_steps} ({', '.join(stage2.task_order)}), {stage2.optimizer.lr:g}"
+  cycle = ", ".join(stage2.task_order)
+  summary["stage 2 steps (cycle), lr"] = f"{stage2.total_steps} ({cycle}), {stage2.optimizer.lr:g}"
   with timer.stage("11 evaluate"):
     from bigen_jax import evaluate, stages  # pylint: disable=g-import-not-at-top
     (results, step), (results2, step2) = evaluate.evaluate_runs(
