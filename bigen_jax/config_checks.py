@@ -31,15 +31,15 @@ def check_loop_fields(config: ml_collections.ConfigDict) -> None:
   require(config.eval.every >= 0, "eval.every", config.eval.every, "must be >= 0 (0: no evaluation)")
 
 
-def scst_on(config: ml_collections.ConfigDict) -> bool:
-  """Whether ``config`` trains the SCST task (``tasks.scst`` with weight > 0)."""
-  scst = config.tasks.get("scst")
-  return scst is not None and scst.weight > 0
+def task_on(config: ml_collections.ConfigDict, name: str) -> bool:
+  """Whether ``config`` trains task ``name`` (``tasks.<name>`` present, with weight > 0)."""
+  task = config.tasks.get(name)
+  return task is not None and task.weight > 0
 
 
 def check_scst(config: ml_collections.ConfigDict) -> None:
   """The fields of ``tasks.scst`` when it is on; its max_len against the data is checked by ``experiment``."""
-  if not scst_on(config):
+  if not task_on(config, "scst"):
     return
   scst = config.tasks.scst
   require(isinstance(scst.num_samples, int) and scst.num_samples > 0, "tasks.scst.num_samples", scst.num_samples,
@@ -57,15 +57,9 @@ def check_scst(config: ml_collections.ConfigDict) -> None:
           "tasks.scst needs the training split's captions (its CIDEr-D document frequencies)")
 
 
-def clip_loss_on(config: ml_collections.ConfigDict) -> bool:
-  """Whether ``config`` trains the CLIP-loss task (``tasks.clip`` with weight > 0)."""
-  task = config.tasks.get("clip")
-  return task is not None and task.weight > 0
-
-
 def check_clip_loss(config: ml_collections.ConfigDict) -> None:
   """The fields of ``tasks.clip`` when it is on; its generator and CLIP are checked when ``experiment`` loads them."""
-  if not clip_loss_on(config):
+  if not task_on(config, "clip"):
     return
   task = config.tasks.clip
   for flag, why in (("generator_dir", "a bigen_jax.train_generator run directory: the frozen generator that draws "

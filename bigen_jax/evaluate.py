@@ -90,7 +90,7 @@ def evaluate_runs(config: ml_collections.ConfigDict | None, workdirs: Sequence[s
   ctx = experiment.build_context(run_config.get_config(workdirs[0]) if config is None else config, workdirs[0])
   for workdir in workdirs[1:]:
     if os.path.exists(run_config.saved_path(workdir)):
-      saved = experiment.resolve_config(run_config.get_config(workdir))[0]
+      saved = run_config.get_config(workdir)  # saved resolved, as ctx.config is
       changed = [c for c in run_config.changed_fields(saved, ctx.config) if c.startswith("model.")]
       if changed:
         raise errors.UserError(f"{workdir} trained another model than {workdirs[0]}: {changed[:3]}")

@@ -33,8 +33,8 @@ CAPTION_KEY_FIELDS = ("index", "caption_index")  # which caption of which record
 
 def train_fields(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   """The batch fields the training tasks of ``config`` read."""
-  return (TRAIN_FIELDS + (REFERENCE_FIELDS if config_checks.scst_on(config) else ())
-          + (CAPTION_KEY_FIELDS if config_checks.clip_loss_on(config) else ()))
+  return (TRAIN_FIELDS + (REFERENCE_FIELDS if config_checks.task_on(config, "scst") else ())
+          + (CAPTION_KEY_FIELDS if config_checks.task_on(config, "clip") else ()))
 
 
 @dataclasses.dataclass
@@ -145,10 +145,10 @@ def build_context(config: ml_collections.ConfigDict, workdir: str) -> Context:
                jax.process_count())
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   frozen = {"codebook": jax.device_put(jnp.asarray(vocab.codebook), replicated)}
-  if config_checks.scst_on(config):
+  if config_checks.task_on(config, "scst"):
     frozen["cider"] = jax.device_put(scst_table(config, tok), replicated)
   task_cfgs = task_configs(config, tok)
-  if config_checks.clip_loss_on(config):
+  if config_checks.task_on(config, "clip"):
     inputs, clip_model = clip_loss_inputs(config, vocab.codebook)
     frozen.update(jax.device_put(inputs, replicated))
     task_cfgs["clip"] = ml_collections.FrozenConfigDict({**task_cfgs["clip"].as_configdict().to_dict(),

@@ -93,7 +93,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
   # The state is placed by ``out_shardings``; activations are constrained only inside the mesh context below.
   abstract, shardings, init = state_lib.create_state(ctx, tx, ctx.vocab.codebook)
   ckpt = loop.open_run(config, workdir)
-  references = config_checks.scst_on(config)
+  references = config_checks.task_on(config, "scst")
   fields = experiment.train_fields(config)
   data = input_pipeline.create_iterator(
       records_dir=config.data.records_dir, split=config.data.train_split, global_batch_size=config.batch_size,

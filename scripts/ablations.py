@@ -62,8 +62,8 @@ def row_config(row: str, demo_out: str):
   """The row's two-stage (or stage-1) config on the demo's files; evaluation by the main decoder only."""
   from configs import demo  # pylint: disable=g-import-not-at-top
   config = ablations.get_config(row)
-  detectors = sorted(glob.glob(os.path.join(demo_out, "scenes_detector", "*.pt.heads.npz")))
-  demo.with_paths(config, demo_out, detectors[-1][:-len(".heads.npz")] if detectors else "")
+  detectors = sorted(glob.glob(os.path.join(demo_out, "scenes_detector", "*.pt")))  # the weights beside its heads
+  demo.with_paths(config, demo_out, detectors[-1] if detectors else "")
   config.eval.generation.variants = {"guidance": dict(config.eval.generation.variants["guidance"])}
   if _STAGE1_STEPS.value:
     config.total_steps = _STAGE1_STEPS.value

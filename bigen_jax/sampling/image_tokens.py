@@ -109,17 +109,11 @@ def decode_passes(params, rng: Array, *, passes: int, model, text_ids: Array, te
   fixed_priority = {"left_to_right": raster,
                     "random": jax.random.uniform(order_rng, (batch, num_cells))}.get(order)
 
-  def image_logits(ids, masked, caption_ids, caption_mask):
-    return apply.apply_model(model, params, task="t2i", rng=None,
-                              head=lambda module, out: module.predict_image(out.vision),
-                              text_ids=caption_ids, text_mask=caption_mask, boxes=boxes, cluster_ids=ids,
-                              codebook=codebook, visual_mask=masked).astype(jnp.float32)
-
   def step(carry, t):
     ids, masked, confidence = carry
-    logits = image_logits(ids, masked, text_ids, text_mask)
-    if guidance:
-      logits = (1 + guidance) * logits - guidance * image_logits(ids, masked, null_text_ids, null_text_mask)
+    logits = pass_logits(params, ids, masked, model=model, text_ids=text_ids, text_mask=text_mask, boxes=boxes,
+                         codebook=codebook, guidance=guidance, null_text_ids=null_text_ids,
+                         null_text_mask=null_text_mask)
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     if temperature > 0:
       guess = jax.random.categorical(jax.random.fold_in(sample_rng, t), log_probs / temperature, axis=-1)
@@ -145,6 +139,24 @@ def decode_passes(params, rng: Array, *, passes: int, model, text_ids: Array, te
            jnp.zeros((batch, num_cells), jnp.float32))
   (ids, masked, confidence), _ = jax.lax.scan(step, start, jnp.arange(passes))
   return ids, masked, confidence
+
+
+def pass_logits(params, ids: Array, masked: Array, *, model, text_ids: Array, text_mask: Array, boxes: Array,
+                codebook: Array, guidance: float = 0.0, null_text_ids: Array | None = None,
+                null_text_mask: Array | None = None) -> Array:
+  """float32 [B, M, K]: one pass's image logits for the grid ``ids`` [B, M] with the cells ``masked`` [B, M] fed
+  the mask feature; with ``guidance`` w, (1 + w) * cond - w * uncond against the null captions. Differentiable in
+  ``params`` (stage 2's CLIP loss runs the last pass through it with gradients)."""
+  def logits(caption_ids, caption_mask):
+    return apply.apply_model(model, params, task="t2i", rng=None,
+                             head=lambda module, out: module.predict_image(out.vision),
+                             text_ids=caption_ids, text_mask=caption_mask, boxes=boxes, cluster_ids=ids,
+                             codebook=codebook, visual_mask=masked).astype(jnp.float32)
+
+  cond = logits(text_ids, text_mask)
+  if not guidance:
+    return cond
+  return (1 + guidance) * cond - guidance * logits(null_text_ids, null_text_mask)
 
 
 def cluster_features(ids: Array, codebook: Array) -> Array:

@@ -2,9 +2,10 @@
 draws for caption Y, I and T the frozen CLIP image and text towers. The gradient reaches the transformer through a
 Gumbel-softmax relaxation of the last decoding pass.
 
-In one compiled step: the first ``num_steps - 1`` passes of the decoder (``sampling.image_tokens.decode_passes``,
-argmax, without gradient: which cells each pass keeps is a discrete choice) leave ids int32 [B, 64] and the cells
-still masked; the last pass runs with gradients and gives logits [B, 64, K]. At those masked cells the cluster is
+In one compiled step: the first ``num_steps - 1`` passes of the decoder (``sampling.image_tokens.decode_passes``;
+argmax in the paper, any of the generation evaluator's decoders by the config; without gradient: which cells each
+pass keeps is a discrete choice) leave ids int32 [B, 64] and the cells still masked; the last pass
+(``image_tokens.pass_logits``) runs with gradients and gives logits [B, 64, K]. At those masked cells the cluster is
 relaxed by Gumbel-softmax at ``tau`` (``hard``: straight-through, a one-hot forward and the soft gradient); the
 cells earlier passes fixed are the constant one-hot of their ids (at inference the image is the ids, and the
 model's outputs there are never used). The relaxed one-hots [B, 64, K] times the centroid codebook [K, D] give the
@@ -22,7 +23,6 @@ import jax
 import jax.numpy as jnp
 import jax.scipy.special
 
-from bigen_jax.models import apply
 from bigen_jax.models import clip
 from bigen_jax.models import spade
 from bigen_jax.sampling import image_tokens
@@ -61,7 +61,7 @@ def relaxed_one_hot(logits: Array, ids: Array, masked: Array, rng: Array | None,
 def last_pass_state(params, rng: Array, *, model, inputs: dict[str, Array], cfg) -> tuple[Array, Array]:
   """(ids int32 [B, M], masked bool [B, M]): the decoder's state before its last pass, the earlier passes run
   without gradient; every cell masked when ``cfg.num_steps`` is 1. ``inputs``: text_ids, text_mask, boxes,
-  codebook."""
+  codebook, and null_text_ids/null_text_mask with guidance."""
   batch, num_cells = inputs["boxes"].shape[:2]
   if cfg.num_steps == 1:
     return jnp.zeros((batch, num_cells), jnp.int32), jnp.ones((batch, num_cells), bool)
@@ -70,21 +70,6 @@ def last_pass_state(params, rng: Array, *, model, inputs: dict[str, Array], cfg)
       order=cfg.order, schedule=cfg.schedule, temperature=cfg.get("temperature", 0.0),
       choice_temperature=cfg.get("choice_temperature", 0.0), guidance=cfg.get("guidance", 0.0), **inputs)
   return ids, masked
-
-
-def last_pass_logits(params, ids: Array, masked: Array, *, model, inputs: dict[str, Array], cfg) -> Array:
-  """float32 [B, M, K]: the last pass's logits, differentiable in ``params``; with ``cfg.guidance`` w, the guided
-  (1 + w) * cond - w * uncond of ``image_tokens.parallel_decode`` (uncond: ``inputs``' null captions)."""
-  def logits(text_ids, text_mask):
-    return apply.apply_model(model, params, task="t2i", rng=None,
-                             head=lambda module, out: module.predict_image(out.vision), cluster_ids=ids,
-                             visual_mask=masked, text_ids=text_ids, text_mask=text_mask, boxes=inputs["boxes"],
-                             codebook=inputs["codebook"]).astype(jnp.float32)
-  cond = logits(inputs["text_ids"], inputs["text_mask"])
-  guidance = cfg.get("guidance", 0.0)
-  if not guidance:
-    return cond
-  return (1 + guidance) * cond - guidance * logits(inputs["null_text_ids"], inputs["null_text_mask"])
 
 
 def loss_fn(params, batch, rng, *, model, cfg, frozen, deterministic=False):
@@ -107,7 +92,7 @@ def loss_fn(params, batch, rng, *, model, cfg, frozen, deterministic=False):
                                                 pad_id=cfg.pad_id)
     inputs.update(null_text_ids=null_ids, null_text_mask=null_mask)
   ids, masked = last_pass_state(params, decode_rng, model=model, inputs=inputs, cfg=cfg)
-  logits = last_pass_logits(params, ids, masked, model=model, inputs=inputs, cfg=cfg)
+  logits = image_tokens.pass_logits(params, ids, masked, model=model, guidance=cfg.get("guidance", 0.0), **inputs)
   probs = relaxed_one_hot(logits, ids, masked, None if deterministic else gumbel_rng, tau=cfg.tau, hard=cfg.hard)
   grid = (probs @ codebook.astype(jnp.float32)).reshape(ids.shape[0], spade.GRID, spade.GRID, codebook.shape[-1])
   images = spade.decode_image(jax.lax.stop_gradient(frozen["generator"]), grid, noise_rng)

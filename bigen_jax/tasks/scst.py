@@ -19,6 +19,7 @@ import numpy as np
 from bigen_jax.eval import cider
 from bigen_jax.models import apply
 from bigen_jax.sampling import captions
+from bigen_jax.tasks import layouts
 
 Array = jax.Array
 
@@ -76,11 +77,12 @@ def _causal_word_log_probs(params, ids: Array, *, model, visual: dict[str, Array
   """float32 [N, L - 1, V]: the sampling distribution of word l = 1..L-1 given ids[:, :l], from one pass in the
   causal layout (``layouts.i2t_causal_inputs``'s attention; every position a key, later ones hidden)."""
   length = ids.shape[1]
-  real = jnp.ones(ids.shape, bool)
+  every = jnp.ones(ids.shape, jnp.int32)
+  layout = layouts.i2t_causal_inputs(text_ids=ids, text_mask=every, pad_id=tokens.pad_id)
   logits = apply.apply_model(model, params, task="i2t", rng=None,
                              head=lambda module, out: module.predict_text(out.language[:, :-1]), text_ids=ids,
-                             text_mask=real.astype(jnp.int32), text_attention=apply.causal_attention(real),
-                             vision_text_mask=apply.cls_only(ids.shape), boxes=boxes, **visual)
+                             text_mask=every, text_attention=layout.text_attention,
+                             vision_text_mask=layout.vision_text_mask, boxes=boxes, **visual)
   log_probs = captions.word_log_probs(logits, jnp.arange(1, length) == length - 1, tokens)
   flat = captions.filter_logits(log_probs.reshape(-1, log_probs.shape[-1]), temperature=temperature)
   return flat.reshape(log_probs.shape)
