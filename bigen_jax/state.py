@@ -1,11 +1,13 @@
 """The train state and how it is made on the mesh: ``TrainState``, ``param_layout`` (abstract params and their
 shardings, from the logical-axis rules) and ``create_state`` (a jitted init whose large inputs, ``init_from``'s
 params and the codebook, are sharded arguments, never compiled-in constants). ``bigen_jax.train`` creates or
-restores a state with them; ``bigen_jax.evaluate`` restores only its params into ``param_layout``.
+restores a state with them; ``bigen_jax.evaluate`` restores only its params into ``param_layout``. Converted
+``init_from`` params are first checked against the data by their provenance (``check_init_provenance``).
 """
 
 from typing import Any, Callable
 
+from absl import logging
 import flax
 import flax.linen as nn
 import jax
@@ -14,7 +16,10 @@ import numpy as np
 import optax
 
 from bigen_jax import errors
+from bigen_jax import fileio
 from bigen_jax import parallel
+from bigen_jax.data import records
+from bigen_jax.data import vocab as vocab_lib
 from bigen_jax.experiment import Context
 from bigen_jax.models import heads
 from bigen_jax.models import lxmert
@@ -41,6 +46,59 @@ def load_init_params(path: str, abstract: Any, scan_layers: bool) -> Any:
     raise errors.ConfigError(f"--config.init_from={path} does not fit the model: missing {missing[:5]}, unexpected "
                      f"{extra[:5]}, shape mismatch {bad[:5]}")
   return params
+
+
+def reads_codebook(config) -> bool:
+  """Whether training from ``config`` uses the vocabulary's clusters through the model: a task on that predicts
+  them (T2I, the CLIP loss's decoding) or reads them as input (``visual_input="discrete"``), or the generation
+  evaluator."""
+  for name, task in config.tasks.items():
+    if task.weight > 0 and (name in ("t2i", "clip") or task.get("visual_input") == "discrete"):
+      return True
+  evaluation = config.get("eval")
+  return bool(evaluation and evaluation.every and "generation" in evaluation.evaluators)
+
+
+def check_init_provenance(init_from: str, *, records_dir: str, vocab: vocab_lib.Vocab, uses_codebook: bool) -> None:
+  """Converted params ``init_from`` against the data, by their provenance file (``convert/provenance.py``).
+
+  The records' manifest ``backbone`` must be the checkpoint's ``feature_extractor`` and, when ``uses_codebook``
+  and the provenance has a codebook sha256, ``vocab``'s codebook [K, D] must be the checkpoint's centroids; else
+  a ``ConfigError`` names the flag, both files and both values. Params without a provenance file (converted
+  before it existed) only log a warning. Reads two small JSON files and hashes the loaded codebook; the params
+  file is not opened.
+  """
+  from bigen_jax.convert import io as convert_io  # pylint: disable=g-import-not-at-top
+  from bigen_jax.convert import provenance  # pylint: disable=g-import-not-at-top
+  flag, source = f"--config.init_from={init_from}", provenance.provenance_path(init_from)
+  try:
+    record = provenance.read_provenance(init_from)
+  except convert_io.ConversionError as e:
+    raise errors.ConfigError(f"{flag}: {e}") from None
+  if record is None:
+    logging.warning("%s has no provenance file %s (converted before tools/convert_lxmert.py wrote one): the "
+                    "records' backbone and the vocabulary's codebook are not checked against the checkpoint; "
+                    "convert it again to check them", flag, source)
+    return
+  manifest = fileio.join(records_dir, records.MANIFEST_NAME)
+  backbone, extractor = records.read_manifest(records_dir)["backbone"], record["feature_extractor"]
+  if backbone != extractor:
+    raise errors.ConfigError(
+        f"{flag} was trained on {extractor!r} features ({source}: feature_extractor) but "
+        f"--config.data.records_dir={records_dir} holds {backbone!r} features ({manifest}: backbone): extract "
+        f"features with the checkpoint's backbone ({extractor!r}) and train on those records")
+  want = record["codebook_sha256"]
+  if not (want and uses_codebook):
+    return
+  have = vocab_lib.codebook_sha256(vocab.codebook)
+  if have != want:
+    kind = vocab.codebook_source.get("path") or "k-means"
+    codebook_file = fileio.join(vocab.dir, vocab_lib.CODEBOOK_NAME)
+    raise errors.ConfigError(
+        f"{flag}: the codebook of --config.data.vocab_dir={vocab.dir} ({codebook_file}, from {kind}, sha256 "
+        f"{have[:16]}) is not the checkpoint's ({source}: codebook_sha256 {want[:16]}): build "
+        f"the vocabulary with tools/build_vocab.py --records {records_dir} --out <vocab_dir> --codebook "
+        f"{record.get('codebook_file') or '<codebook.npy>'} (written by tools/convert_lxmert.py --codebook_out)")
 
 
 def is_run_directory(path: str) -> bool:
@@ -101,7 +159,8 @@ def create_state(ctx: Context, tx: optax.GradientTransformation, codebook: np.nd
   """Abstract train state and its shardings, and ``init(rng)`` (``_Init``) placing a new state on the mesh.
 
   codebook [K, D] (numpy) initialises the image head's last layer unless ``config.init_from`` is given. The
-  ``init_from`` file is read only when ``init`` is called: evaluation, which restores, never needs it.
+  ``init_from`` file is read only when ``init`` is called: evaluation, which restores, never needs it; converted
+  params are checked against the data here first (``check_init_provenance``).
   """
   config, model = ctx.config, ctx.model
   abstract_params, param_sh = param_layout(ctx)
@@ -109,6 +168,9 @@ def create_state(ctx: Context, tx: optax.GradientTransformation, codebook: np.nd
   replicated = jax.sharding.NamedSharding(ctx.mesh, jax.sharding.PartitionSpec())
   shardings = TrainState(step=replicated, params=param_sh, opt_state=opt_sh, rng=replicated)
   use_codebook = not config.init_from and config.init_image_head_from_codebook
+  if config.init_from and not is_run_directory(config.init_from):
+    check_init_provenance(config.init_from, records_dir=config.data.records_dir, vocab=ctx.vocab,
+                          uses_codebook=reads_codebook(config))
 
   def init(rng, init_params, codebook):
     params_rng, state_rng = jax.random.split(rng)

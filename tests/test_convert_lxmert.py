@@ -1,5 +1,7 @@
-"""PyTorch LXMERT -> Flax: numerical parity with Hugging Face's implementation, namings, errors, the CLI."""
+"""PyTorch LXMERT -> Flax: numerical parity with Hugging Face's implementation, namings, errors, the CLI and the
+provenance file it writes beside the params."""
 
+import json
 import os
 import subprocess
 import sys
@@ -11,9 +13,13 @@ import torch
 from transformers import LxmertConfig, LxmertForPreTraining, LxmertModel
 from transformers.models.lxmert.modeling_lxmert import LxmertPredictionHeadTransform
 
+from bigen_jax import errors
+from bigen_jax import state as state_lib
 from bigen_jax.convert import io
 from bigen_jax.convert import lxmert as convert
+from bigen_jax.data import vocab
 from bigen_jax.models import lxmert
+from conftest import write_records
 from test_model import jit, model_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -213,3 +219,40 @@ def test_cli(tmp_path, tiny_pretraining):
                                        init_missing_heads=True)
   for key in ("text_embed", "language", "vision", "cross", "pooler", "text_head"):
     jax.tree.map(np.testing.assert_array_equal, params[key], expected[key])
+  with open(out + ".provenance.json") as f:
+    record = json.load(f)
+  assert record["feature_extractor"] == "frcnn_vg" and record["codebook_sha256"] is None  # LXMERT: no centroids
+
+
+def test_cli_codebook_and_provenance_are_what_training_checks(tmp_path, tiny_pretraining):
+  """X-LXMERT naming to an orbax directory: --codebook_out and <output>.provenance.json; a vocabulary imported
+  from that codebook passes the trainer's check, a k-means one does not."""
+  config, hf = tiny_pretraining
+  rng = np.random.default_rng(4)
+  centroids = rng.normal(size=(config.num_clusters, config.visual_feat_dim)).astype(np.float32)
+  mask_feat = rng.normal(size=config.visual_feat_dim).astype(np.float32)
+  torch.save(_xlxmert_state_dict(config, hf, _XLxmertObjHead(hf.config, centroids), mask_feat, centroids),
+             tmp_path / "xlxmert.pth")
+  out, codebook_out = str(tmp_path / "xlxmert_params"), str(tmp_path / "centroids.npy")
+  subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_lxmert.py"),
+                  f"--input={tmp_path / 'xlxmert.pth'}", f"--output={out}", f"--codebook_out={codebook_out}",
+                  "--feature_extractor=fixture", f"--config={os.path.join(ROOT, 'configs', 'model.py')}:tiny"],
+                 capture_output=True, text=True, check=True)
+  np.testing.assert_array_equal(np.load(codebook_out), centroids)
+  with open(out + ".provenance.json") as f:
+    record = json.load(f)
+  assert record == {"converter": "tools/convert_lxmert.py", "input": str(tmp_path / "xlxmert.pth"),
+                    "feature_extractor": "fixture", "visual_feat_dim": config.visual_feat_dim,
+                    "num_clusters": config.num_clusters, "codebook_sha256": vocab.codebook_sha256(centroids),
+                    "codebook_file": codebook_out}
+  records_dir = str(tmp_path / "records")
+  write_records(records_dir, splits={"train": 4, "validation": 2}, dim=config.visual_feat_dim)
+  vocab.import_vocab(records_dir, str(tmp_path / "imported"), codebook_out)
+  vocab.build_vocab(records_dir, str(tmp_path / "kmeans"), k=config.num_clusters, iterations=2, sample_size=200)
+
+  def check(name):
+    state_lib.check_init_provenance(out, records_dir=records_dir, vocab=vocab.load_vocab(str(tmp_path / name)),
+                                    uses_codebook=True)
+  check("imported")
+  with pytest.raises(errors.ConfigError, match=f"init_from={out}: .* from k-means.*--codebook {codebook_out} "):
+    check("kmeans")

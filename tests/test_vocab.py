@@ -106,3 +106,64 @@ def test_cli(tmp_path, records_dir):
   assert "relative quantisation error" in proc.stdout
   with open(os.path.join(out, "vocab.json")) as f:
     assert json.load(f)["sample_size_used"] == 1000
+
+
+def _centroids(records_dir, k=7, seed=5):
+  dim = records.read_manifest(records_dir)["feature_dim"]
+  return (np.random.default_rng(seed).normal(size=(k, dim)) * 10).astype(np.float32)
+
+
+def test_import_assigns_every_cell_to_the_given_codebook(tmp_path, records_dir):
+  centroids = _centroids(records_dir)
+  path = str(tmp_path / "xlxmert_centroids.npy")
+  np.save(path, centroids)
+  out = str(tmp_path / "vocab")
+  meta = vocab.import_vocab(records_dir, out, path)
+  source = meta["codebook_source"]
+  assert source == {"kind": "imported", "path": path, "sha256": vocab.codebook_sha256(centroids)}
+  assert meta["k"] == 7 and meta["dim"] == 8 and "iterations" not in meta
+  v = vocab.load_vocab(out, records_dir=records_dir)
+  np.testing.assert_array_equal(v.codebook, centroids)
+  assert v.codebook_source == source
+  for split, n in (("train", 37), ("validation", 13)):
+    assert meta["splits"][split]["num_examples"] == n
+    ids = v.cluster_ids(split)
+    assert meta["splits"][split]["used_clusters"] == np.unique(ids).size
+    for batch in records.read_split(records_dir, split):
+      d2 = ((batch["dense"].astype(np.float32)[..., None, :] - centroids) ** 2).sum(-1)
+      np.testing.assert_array_equal(ids[batch["index"]], d2.argmin(-1))
+  stamp = os.path.getmtime(os.path.join(out, "codebook.npy"))
+  assert vocab.import_vocab(records_dir, out, path) == meta and os.path.getmtime(
+      os.path.join(out, "codebook.npy")) == stamp  # up to date
+  kmeans = vocab.build_vocab(records_dir, out, k=4, iterations=2, sample_size=500, seed=0)  # replaces it
+  assert kmeans["codebook_source"] == {"kind": "kmeans", "sha256": vocab.codebook_sha256(vocab.load_vocab(
+      out).codebook)}
+
+
+def test_import_refuses_a_codebook_of_another_width_or_not_a_codebook(tmp_path, records_dir):
+  path = str(tmp_path / "wide.npy")
+  np.save(path, np.zeros((7, 2048), np.float32))
+  manifest = os.path.join(records_dir, "manifest.json")
+  with pytest.raises(records.DataError, match=rf"{path} has 2048-d centroids.*{manifest} has feature_dim=8"):
+    vocab.import_vocab(records_dir, str(tmp_path / "vocab"), path)
+  np.save(path, np.zeros(8, np.float32))
+  with pytest.raises(records.DataError, match=rf"codebook {path}: holds float32 \[8\], not a float \[K, D\]"):
+    vocab.import_vocab(records_dir, str(tmp_path / "vocab"), path)
+  with pytest.raises(records.DataError, match="no such file"):
+    vocab.import_vocab(records_dir, str(tmp_path / "vocab"), str(tmp_path / "missing.npy"))
+  assert not os.path.exists(tmp_path / "vocab" / "vocab.json")
+
+
+def test_cli_codebook(tmp_path, records_dir):
+  path = str(tmp_path / "centroids.npy")
+  np.save(path, _centroids(records_dir))
+  out = str(tmp_path / "vocab")
+  tool = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "build_vocab.py")
+  proc = subprocess.run([sys.executable, tool, "--records", records_dir, "--out", out, "--codebook", path, "--k", "5"],
+                        capture_output=True, text=True)
+  assert proc.returncode == 2 and "--k set k-means, which --codebook" in proc.stderr
+  proc = subprocess.run([sys.executable, tool, "--records", records_dir, "--out", out, "--codebook", path],
+                        capture_output=True, text=True, check=True)
+  assert "/7 clusters used" in proc.stdout
+  with open(os.path.join(out, "vocab.json")) as f:
+    assert json.load(f)["codebook_source"]["kind"] == "imported"

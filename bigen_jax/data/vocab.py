@@ -5,9 +5,13 @@ k-means with FAISS, assigns every cell of every split to its nearest centroid an
 
   codebook.npy            float32 [K, D]   the centroids (the discrete features)
   cluster_ids_{split}.npy int32 [n, 64]    cluster id of each cell; row = the record's ``index``
-  vocab.json              k, dim, iterations, sample size, seed, quantisation error per split and the
-                          fingerprint of the records it was built from; written last, so its presence
-                          means the vocabulary is complete.
+  vocab.json              k, dim, iterations, sample size, seed, quantisation error per split, the
+                          fingerprint of the records it was built from and ``codebook_source`` (``kind``
+                          "kmeans" or "imported", ``sha256``: ``codebook_sha256``); written last, so its
+                          presence means the vocabulary is complete.
+
+``import_vocab`` writes the same files for an imported codebook (X-LXMERT's centroids, written by
+``tools/convert_lxmert.py --codebook_out``): no k-means, every cell assigned to the given centroids.
 
 Re-running skips what is already written for the same settings; every file is written atomically.
 """
@@ -135,16 +139,33 @@ def assign_split(records_dir: str, split: str, codebook: np.ndarray) -> tuple[np
   return ids, stats
 
 
-def build_vocab(records_dir: str, vocab_dir: str, *, k: int, iterations: int = 20, sample_size: int,
-                seed: int = 0, splits: Sequence[str] | None = None, exact_min_count: int = 0
-                ) -> dict[str, Any]:
-  """Trains the codebook on train cells and assigns all splits; returns the contents of ``vocab.json``."""
-  manifest = records.read_manifest(records_dir)
-  splits = list(splits or manifest["splits"])
-  settings = {"k": k, "iterations": iterations, "sample_size": sample_size, "seed": seed,
-              "exact_min_count": exact_min_count,
-              "dim": manifest["feature_dim"], "records": fileio.absolute(records_dir),
-              "records_fingerprint": records_fingerprint(manifest), "backbone": manifest["backbone"]}
+def codebook_sha256(codebook: np.ndarray) -> str:
+  """The identity of a codebook [K, D]: sha256 of its float32 little-endian values, row-major (not of a file)."""
+  return hashlib.sha256(np.ascontiguousarray(codebook, "<f4").tobytes()).hexdigest()
+
+
+def read_codebook(path: str) -> np.ndarray:
+  """A codebook float32 [K, D] from a .npy file; a file that is not one is a ``DataError`` naming it."""
+  if not epath.Path(path).is_file():
+    raise records.DataError(f"codebook {path}: no such file")
+  try:
+    codebook = load_npy(path)
+  except (ValueError, OSError, EOFError) as e:
+    raise records.DataError(f"codebook {path}: not a .npy array file ({str(e).splitlines()[0][:200]})") from None
+  if codebook.ndim != 2 or not codebook.size or not np.issubdtype(codebook.dtype, np.floating):
+    raise records.DataError(f"codebook {path}: holds {codebook.dtype} {list(codebook.shape)}, not a float [K, D] "
+                            "array of centroids")
+  return codebook.astype(np.float32)
+
+
+def _records_settings(records_dir: str, manifest: Mapping[str, Any]) -> dict[str, Any]:
+  return {"dim": manifest["feature_dim"], "records": fileio.absolute(records_dir),
+          "records_fingerprint": records_fingerprint(manifest), "backbone": manifest["backbone"]}
+
+
+def _existing(vocab_dir: str, settings: Mapping[str, Any], splits: Sequence[str]) -> dict[str, Any] | None:
+  """vocab.json of ``vocab_dir`` when it was built with ``settings`` for ``splits`` and more; else None, a stale
+  vocab.json removed (the directory is created)."""
   epath.Path(vocab_dir).mkdir(parents=True, exist_ok=True)
   meta_path = fileio.join(vocab_dir, META_NAME)
   if epath.Path(meta_path).exists():
@@ -153,23 +174,65 @@ def build_vocab(records_dir: str, vocab_dir: str, *, k: int, iterations: int = 2
       logging.info("vocabulary in %s is up to date", vocab_dir)
       return old
     epath.Path(meta_path).unlink()
-  codebook_path = fileio.join(vocab_dir, CODEBOOK_NAME)
-  t = time.time()
-  samples = sample_cells(records_dir, sample_size=sample_size, seed=seed)
-  codebook = train_codebook(samples, k=k, iterations=iterations, seed=seed, exact_min_count=exact_min_count)
-  save_npy(codebook_path, codebook)
-  logging.info("k-means: %d clusters on %d cells of dim %d in %.1fs", k, len(samples), samples.shape[1],
-               time.time() - t)
-  meta = {**settings, "sample_size_used": int(len(samples)),
-          "exact_codes": int(len(exact_codes(samples, exact_min_count)[0])), "splits": {}}
+  return None
+
+
+def _write_vocab(records_dir: str, vocab_dir: str, codebook: np.ndarray, meta: dict[str, Any],
+                 splits: Sequence[str]) -> dict[str, Any]:
+  """Writes ``codebook`` [K, D], every split's cluster ids and, last, vocab.json (``meta`` + split statistics)."""
+  save_npy(fileio.join(vocab_dir, CODEBOOK_NAME), codebook)
+  meta = {**meta, "splits": {}}
   for split in splits:
     ids, stats = assign_split(records_dir, split, codebook)
     save_npy(fileio.join(vocab_dir, cluster_ids_name(split)), ids)
     meta["splits"][split] = stats
     print(f"[vocab] {split}: {stats['num_examples']} images, mse {stats['mse']:.4f}, relative quantisation "
-          f"error {stats['relative_error']:.4f}, {stats['used_clusters']}/{k} clusters used", flush=True)
-  fileio.write_json_atomic(meta_path, meta)
+          f"error {stats['relative_error']:.4f}, {stats['used_clusters']}/{len(codebook)} clusters used", flush=True)
+  fileio.write_json_atomic(fileio.join(vocab_dir, META_NAME), meta)
   return meta
+
+
+def build_vocab(records_dir: str, vocab_dir: str, *, k: int, iterations: int = 20, sample_size: int,
+                seed: int = 0, splits: Sequence[str] | None = None, exact_min_count: int = 0
+                ) -> dict[str, Any]:
+  """Trains the codebook on train cells and assigns all splits; returns the contents of ``vocab.json``."""
+  manifest = records.read_manifest(records_dir)
+  splits = list(splits or manifest["splits"])
+  settings = {"k": k, "iterations": iterations, "sample_size": sample_size, "seed": seed,
+              "exact_min_count": exact_min_count, **_records_settings(records_dir, manifest)}
+  old = _existing(vocab_dir, settings, splits)
+  if old is not None:
+    return old
+  t = time.time()
+  samples = sample_cells(records_dir, sample_size=sample_size, seed=seed)
+  codebook = train_codebook(samples, k=k, iterations=iterations, seed=seed, exact_min_count=exact_min_count)
+  logging.info("k-means: %d clusters on %d cells of dim %d in %.1fs", k, len(samples), samples.shape[1],
+               time.time() - t)
+  meta = {**settings, "sample_size_used": int(len(samples)),
+          "exact_codes": int(len(exact_codes(samples, exact_min_count)[0])),
+          "codebook_source": {"kind": "kmeans", "sha256": codebook_sha256(codebook)}}
+  return _write_vocab(records_dir, vocab_dir, codebook, meta, splits)
+
+
+def import_vocab(records_dir: str, vocab_dir: str, codebook_path: str, *, splits: Sequence[str] | None = None
+                 ) -> dict[str, Any]:
+  """Assigns every cell of ``splits`` (default: all) to the imported codebook [K, D] in ``codebook_path`` (.npy)
+  instead of training k-means; writes what ``build_vocab`` writes and returns the contents of ``vocab.json``."""
+  manifest = records.read_manifest(records_dir)
+  splits = list(splits or manifest["splits"])
+  codebook = read_codebook(codebook_path)
+  if codebook.shape[1] != manifest["feature_dim"]:
+    raise records.DataError(
+        f"codebook {codebook_path} has {codebook.shape[1]}-d centroids but the records' "
+        f"{fileio.join(records_dir, records.MANIFEST_NAME)} has feature_dim={manifest['feature_dim']} (backbone "
+        f"{manifest['backbone']!r}): extract features with the backbone the codebook was made for")
+  source = {"kind": "imported", "path": fileio.absolute(codebook_path), "sha256": codebook_sha256(codebook)}
+  settings = {"k": int(codebook.shape[0]), **_records_settings(records_dir, manifest), "codebook_source": source}
+  old = _existing(vocab_dir, settings, splits)
+  if old is not None:
+    return old
+  logging.info("imported codebook %s: %d clusters of dim %d", codebook_path, *codebook.shape)
+  return _write_vocab(records_dir, vocab_dir, codebook, settings, splits)
 
 
 class Vocab:
@@ -194,6 +257,11 @@ class Vocab:
   @property
   def k(self) -> int:
     return self.meta["k"]
+
+  @property
+  def codebook_source(self) -> dict[str, Any]:
+    """Where the codebook came from: {"kind": "kmeans"} or {"kind": "imported", "path", "sha256"}."""
+    return self.meta.get("codebook_source", {"kind": "kmeans"})
 
   def cluster_ids(self, split: str) -> np.ndarray:
     """int32 [n, 64] cluster ids of ``split`` (row = record index)."""
