@@ -88,6 +88,21 @@ def test_known_answer_scores_with_the_true_scene_as_the_reading(examples):
   assert (M.caption_scores(oracle, negatives) < 1.0).all()
 
 
+def test_caption_scorer_ranks_each_image_against_many_captions_as_scoring_each_pair_alone(examples):
+  """R-precision's ranker (images decoded once, captions parsed once) gives every (image, caption) pair the score
+  ``caption_scores`` gives it on that image's own row, for repeated images and repeated captions alike."""
+  graphs = [json.loads(e["scene_graph"]) for e in examples]
+  rng = np.random.default_rng(0)
+  probs = {k: np.clip(v + rng.uniform(0, 0.3, v.shape), 0, 1).astype(np.float32)
+           for k, v in R.target_probabilities(S.stack_targets(graphs)).items()}
+  captions = [c for e in examples for c in e["captions"][:2]] + ["not a caption"]
+  index = rng.integers(N_SCENES, size=60)
+  texts = [captions[i] for i in rng.integers(len(captions), size=60)]
+  alone = M.caption_scores({k: v[index] for k, v in probs.items()}, texts)
+  assert len(set(np.round(alone, 4))) > 10
+  np.testing.assert_array_equal(M.caption_scorer(probs)(index, texts), alone)
+
+
 @pytest.fixture(scope="module")
 def short_run():
   """60 steps of 8 from 256 scenes (about 12 s): enough to find objects and read their colours."""

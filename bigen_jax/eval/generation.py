@@ -215,9 +215,7 @@ class Evaluator:
       read = {k.split("/", 1)[1]: v for k, v in gathered.items() if k.startswith("read/")}
       semantic = self.reader.semantic_accuracy(read, self.all_captions)
       out.update({f"semantic/{k}": float(v) for k, v in semantic.items()})
-      score_fn = lambda index, texts: self.reader.caption_scores(  # noqa: E731
-          {k: v[index] for k, v in read.items()}, texts)
-      out.update(self._r_precision(score_fn, "r_precision"))
+      out.update(self._r_precision(self.reader.caption_scorer(read), "r_precision"))
     if "clip/image" in gathered:
       image_emb = gathered["clip/image"]
       text_emb = self.clip.text_embeddings(self.all_captions)

@@ -29,8 +29,9 @@ class ImageReader(Protocol):
   def semantic_accuracy(self, outputs: Mapping[str, np.ndarray], captions: Sequence[str]) -> dict[str, float]:
     """Whether image i shows ``captions[i]``, from the gathered ``read`` outputs."""
 
-  def caption_scores(self, outputs: Mapping[str, np.ndarray], captions: Sequence[str]) -> np.ndarray:
-    """Image-caption agreement [N] (image i against ``captions[i]``): the R-precision ranker."""
+  def caption_scorer(self, outputs: Mapping[str, np.ndarray]) -> Callable[[np.ndarray, Sequence[str]], np.ndarray]:
+    """The R-precision ranker of the gathered ``read`` outputs of N images: ``score(index, captions) -> [K]``,
+    the agreement of image ``index[k]`` with ``captions[k]``."""
 
 
 class SourcePlugin(Protocol):

@@ -39,8 +39,8 @@ class RecognizerReader:
   def semantic_accuracy(self, outputs: Mapping[str, np.ndarray], captions: Sequence[str]) -> dict[str, float]:
     return semantic.semantic_accuracy(outputs, captions)
 
-  def caption_scores(self, outputs: Mapping[str, np.ndarray], captions: Sequence[str]) -> np.ndarray:
-    return semantic.caption_scores(outputs, captions)
+  def caption_scorer(self, outputs: Mapping[str, np.ndarray]) -> Callable[[np.ndarray, Sequence[str]], np.ndarray]:
+    return semantic.caption_scorer(outputs)
 
 
 class ScenesPlugin:

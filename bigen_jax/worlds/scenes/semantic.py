@@ -13,7 +13,7 @@ object has each stated attribute), ``counts`` (each "two red circles" exactly), 
 relation with its two noun phrases) and ``background``.
 """
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -116,12 +116,13 @@ def semantic_accuracy(probs: Mapping[str, np.ndarray], captions: Sequence[str], 
           "accuracy": float(whole.mean()) if len(whole) else float("nan"), **_type_summary(by_type, "accuracy")}
 
 
-def _soft_match(probs: Mapping[str, np.ndarray], n: int, desc: Mapping[str, Any]) -> float:
-  """Max over cells of P(object centre) x P(each stated attribute): how surely some object fits ``desc``."""
+def _soft_match(probs: Mapping[str, np.ndarray], n: int, desc: tuple[str | None, str | None, str | None]) -> float:
+  """Max over cells of P(object centre) x P(each stated attribute): how surely some object fits ``desc``
+  (shape, colour, size; None where the caption does not say)."""
   p = probs["heat"][n].copy()
-  for key, vocab in (("shape", world.SHAPES), ("colour", world.COLOURS), ("size", world.SIZES)):
-    if desc[key] is not None:
-      p = p * probs[key][n][..., vocab.index(desc[key])]
+  for value, (key, vocab) in zip(desc, (("shape", world.SHAPES), ("colour", world.COLOURS), ("size", world.SIZES))):
+    if value is not None:
+      p = p * probs[key][n][..., vocab.index(value)]
   return float(p.max())
 
 
@@ -139,19 +140,46 @@ def caption_image_score(params: Any, images: np.ndarray, captions: Sequence[str]
 
 def caption_scores(probs: Mapping[str, np.ndarray], captions: Sequence[str], *,
                    margin: float = recognizer.LENIENT_MARGIN, threshold: float = 0.3) -> np.ndarray:
-  """``caption_image_score`` from the recogniser's outputs (``recognizer.predict``) of the images: read each image
-  once, score it against many captions (R-precision)."""
+  """``caption_image_score`` from the recogniser's outputs (``recognizer.predict``) of the images."""
+  return caption_scorer(probs, margin=margin, threshold=threshold)(np.arange(len(captions)), captions)
+
+
+def caption_scorer(probs: Mapping[str, np.ndarray], *, margin: float = recognizer.LENIENT_MARGIN,
+                   threshold: float = 0.3) -> Callable[[np.ndarray, Sequence[str]], np.ndarray]:
+  """``score(index, captions) -> [K]``: ``caption_image_score`` of image ``index[k]`` (a row of ``probs``, the
+  recogniser's outputs of N images) against ``captions[k]``. Each image is decoded once and each distinct caption
+  parsed once, however many captions it is ranked against (R-precision scores each image against 100)."""
   graphs = R.decode(probs, threshold=threshold, relation_margin=margin)
-  scores = np.zeros(len(captions), np.float32)
-  for n, (caption, graph) in enumerate(zip(captions, graphs, strict=True)):
-    claims = _parse(caption)
-    if claims is None:
-      continue
-    parts = claim_parts(claims)
-    frac = np.mean([G.check_claims(p, graph, margin=margin) for _, p in parts]) if parts else 1.0
-    soft = [_soft_match(probs, n, d) for d in list(claims["mentions"]) + [d for d, _ in claims["counts"]]]
-    if claims["background"] is not None:
-      soft.append(float(probs["background"][n][world.BACKGROUNDS.index(claims["background"])]))
-    whole = G.check_claims(claims, graph, margin=margin)
-    scores[n] = (float(whole) + frac + (np.mean(soft) if soft else 1.0)) / 3.0
-  return scores
+  prepared: dict[str, tuple[dict[str, Any], list[Any], list[tuple[Any, ...]]] | None] = {}
+  soft_cache: dict[tuple[int, tuple[Any, ...]], float] = {}
+
+  def prepare(caption: str):
+    if caption not in prepared:
+      claims = _parse(caption)
+      descs = None if claims is None else [
+          (d["shape"], d["colour"], d["size"]) for d in list(claims["mentions"]) + [d for d, _ in claims["counts"]]]
+      prepared[caption] = None if claims is None else (claims, [p for _, p in claim_parts(claims)], descs)
+    return prepared[caption]
+
+  def soft(n: int, desc: tuple[Any, ...]) -> float:
+    if (n, desc) not in soft_cache:
+      soft_cache[n, desc] = _soft_match(probs, n, desc)
+    return soft_cache[n, desc]
+
+  def score(index: np.ndarray, captions: Sequence[str]) -> np.ndarray:
+    scores = np.zeros(len(captions), np.float32)
+    for k, (n, caption) in enumerate(zip(np.asarray(index).tolist(), captions, strict=True)):
+      entry = prepare(caption)
+      if entry is None:
+        continue
+      claims, parts, descs = entry
+      graph = graphs[n]
+      frac = np.mean([G.check_claims(p, graph, margin=margin) for p in parts]) if parts else 1.0
+      terms = [soft(n, d) for d in descs]
+      if claims["background"] is not None:
+        terms.append(float(probs["background"][n][world.BACKGROUNDS.index(claims["background"])]))
+      whole = G.check_claims(claims, graph, margin=margin)
+      scores[k] = (float(whole) + frac + (np.mean(terms) if terms else 1.0)) / 3.0
+    return scores
+
+  return score
