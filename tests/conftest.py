@@ -14,13 +14,34 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 
+QA_TYPES = ("number", "other", "yes/no")
+QA_MAX_ANSWERS = 10
+
+
+def qa_fixture(i):
+  """Record i's questions in ``write_records(questions=True)``: ``i % 4`` of them (record 0 none), question j
+  ``(ids [L], text, type, answers [10])``; ids [CLS] 200+i 20+j [SEP]; 10 annotators' answers, one of them for
+  every fifth question (padded with "")."""
+  out = []
+  for j in range(i % 4):
+    first = f"a{(i + j) % 4}"
+    if (i + j) % 5:
+      k = (i + 3 * j) % 11
+      given = [first] * k + ["yes"] * (QA_MAX_ANSWERS - k)
+    else:
+      given = [first] + [""] * (QA_MAX_ANSWERS - 1)
+    out.append(([2, 200 + i, 20 + j, 3], f"question {j} of {i}?", QA_TYPES[(i + j) % 3], given))
+  return out
+
+
 def write_records(out_dir, *, splits=None, dim=8, shard_size=10, max_len=6, max_captions=3, seed=0,
-                  clusters=5, images=False):
+                  clusters=5, images=False, questions=False):
   """A records directory written directly with the schema (no backbone, no tokenizer).
 
   Dense features are ``clusters`` well-separated blobs; record i of a split has ``1 + i % max_captions``
   captions whose ids encode (index, caption number). With ``images`` each record also holds a 32x32 PNG
-  whose 8x8 cells (4x4 pixels) have random colours. Returns the manifest.
+  whose 8x8 cells (4x4 pixels) have random colours. With ``questions`` records hold ``qa_fixture(i)``'s
+  questions (``max_answers`` 10). Returns the manifest.
   """
   import io
   from PIL import Image
@@ -32,11 +53,13 @@ def write_records(out_dir, *, splits=None, dim=8, shard_size=10, max_len=6, max_
   manifest = {"version": records.SCHEMA_VERSION, "backbone": "fixture", "feature_dim": dim,
               "grid": records.GRID, "max_len": max_len, "max_captions": max_captions, "store_images": images,
               "splits": {}}
+  if questions:
+    manifest.update(questions=True, max_answers=QA_MAX_ANSWERS)
   for split, n in splits.items():
     num_shards = -(-n // shard_size)
     shards = []
     for s in range(num_shards):
-      serialized = []
+      serialized, num_questions = [], 0
       for i in range(s * shard_size, min(n, (s + 1) * shard_size)):
         label = rng.integers(clusters, size=records.NUM_CELLS)
         dense = centres[label] + rng.normal(size=(records.NUM_CELLS, dim)).astype(np.float32) * 0.1
@@ -50,12 +73,23 @@ def write_records(out_dir, *, splits=None, dim=8, shard_size=10, max_len=6, max_
           buf = io.BytesIO()
           Image.fromarray(pixels).save(buf, format="PNG")
           image = buf.getvalue()
+        qa = {}
+        if questions:
+          rows = qa_fixture(i)
+          q_ids = np.zeros((len(rows), max_len), np.int64)
+          for j, row in enumerate(rows):
+            q_ids[j, :len(row[0])] = row[0]
+          qa = {"question_ids": q_ids, "questions": [r[1] for r in rows], "question_types": [r[2] for r in rows],
+                "answers": [r[3] for r in rows]}
+          num_questions += len(rows)
         serialized.append(records.encode_example(
             index=i, image_id=1000 + i, key=f"{split}/{i}", dense=dense, boxes=records.grid_boxes(),
-            caption_ids=ids, captions=[f"caption {c} of {i}" for c in range(num)], image=image))
+            caption_ids=ids, captions=[f"caption {c} of {i}" for c in range(num)], image=image, **qa))
       path = os.path.join(out_dir, records.shard_name(split, s, num_shards))
       os.makedirs(out_dir, exist_ok=True)
       shards.append(records.write_shard(path, serialized))
+      if questions:
+        shards[-1]["num_questions"] = num_questions
     manifest["splits"][split] = {"num_examples": n, "shards": shards, "complete": True}
   fileio.write_json_atomic(os.path.join(out_dir, records.MANIFEST_NAME), manifest)
   return manifest

@@ -223,3 +223,46 @@ def test_check_only_lists_every_bad_image_and_writes_nothing(fixture, tmp_path):
   assert lines[1] == f"image {missing} does not exist"
   assert lines[2].startswith("2 of 5 images in split(s) train,validation,test are missing or unreadable")
   assert not out.exists()
+
+
+def test_extract_features_cli_with_vqa_and_gqa_questions(fixture, tmp_path):
+  from bigen_jax.data import answers  # pylint: disable=g-import-not-at-top
+  from bigen_jax.data import tokenizer  # pylint: disable=g-import-not-at-top
+  vqa_q = {"questions": [{"image_id": 9, "question": "Is it red?", "question_id": 90},
+                         {"image_id": 3, "question": "How many?", "question_id": 30}]}
+  vqa_a = {"annotations": [
+      {"question_id": 90, "image_id": 9, "answer_type": "yes/no", "question_type": "is it",
+       "answers": [{"answer": "Yes", "answer_id": k} for k in range(10)]},
+      {"question_id": 30, "image_id": 3, "answer_type": "number", "question_type": "how many",
+       "answers": [{"answer": a, "answer_id": k} for k, a in enumerate(["two"] * 6 + ["3"] * 4)]}]}
+  gqa = {"5": {"imageId": "2354786", "question": "Is the cup white?", "answer": "no",
+               "types": {"structural": "verify", "semantic": "attr", "detailed": "verifyAttr"}}}
+  image_data = [{"image_id": 2354786, "coco_id": 9}, {"image_id": 1, "coco_id": None}]
+  files = {}
+  for name, obj in (("vqa_q", vqa_q), ("vqa_a", vqa_a), ("gqa", gqa), ("image_data", image_data)):
+    files[name] = str(tmp_path / f"{name}.json")
+    with open(files[name], "w") as f:
+      json.dump(obj, f)
+  texts = [c for ex in coco.source("train", **fixture) for c in ex["captions"]] + ["is it red how many"]
+  vocab_path = tokenizer.train_wordpiece(texts, vocab_size=80, out_dir=str(tmp_path / "tok"))
+  out = str(tmp_path / "records")
+  args = [sys.executable, os.path.join(ROOT, "tools", "extract_features.py"), "--source", "coco",
+          "--annotations", fixture["annotations_file"], "--images_dir", fixture["images_dir"],
+          "--karpathy", fixture["karpathy_file"], "--split", "train", "--backbone", "demo", "--vocab", vocab_path,
+          "--out", out, "--vqa_questions", files["vqa_q"], "--vqa_annotations", files["vqa_a"]]
+  bad = subprocess.run(args + ["--gqa_questions", files["gqa"]], capture_output=True, text=True)
+  assert bad.returncode != 0 and "--gqa_questions needs --vg_image_data" in bad.stderr
+  subprocess.run(args + ["--gqa_questions", files["gqa"], "--vg_image_data", files["image_data"]], check=True,
+                 capture_output=True)
+  manifest = records.read_manifest(out)
+  assert manifest["questions"] and manifest["max_answers"] == 10 and manifest["source"]["questions"] == ["vqa", "gqa"]
+  assert manifest["splits"]["train"]["shards"][0]["num_questions"] == 3
+  rows = records.read_questions(out, "train")  # images 3, 9, 12
+  assert rows[0] == {"types": ["number"], "answers": [["2"] * 6 + ["3"] * 4]}
+  assert rows[1] == {"types": ["yes/no", "verify"], "answers": [["yes"] * 10, ["no"] + [""] * 9]}
+  assert rows[2] == {"types": [], "answers": []}
+  subprocess.run([sys.executable, os.path.join(ROOT, "tools", "build_answers.py"), "--records", out,
+                  "--min_count", "1"], check=True, capture_output=True)
+  vocab = answers.load_answer_vocab(answers.default_path(out), records_dir=out)
+  assert sorted(vocab.answers) == ["2", "no", "yes"] and vocab.types == ("number", "verify", "yes/no")
+  assert vocab.majority == {"number": "2", "verify": "no", "yes/no": "yes"}

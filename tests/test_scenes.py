@@ -226,13 +226,17 @@ def test_tfds_tiny_source(tiny_dir):
     assert [r["key"] for r in rows] == [f"scenes/{split}/{i:06d}" for i in range(n)]
     assert len({r["image_id"] for r in rows}) == n
   row = rows[3]
-  assert set(row) == {"image_id", "key", "image", "captions", "scene_graph", "hard_negatives", "qa"}
+  assert set(row) == {"image_id", "key", "image", "captions", "scene_graph", "hard_negatives", "qa", "questions"}
   assert row["image"].shape == (64, 64, 3) and row["image"].dtype == np.uint8
   want = scenes.make_example(3, scenes.SceneConfig(image_size=64), split="test")
   assert row["image"].tobytes() == want["image"].tobytes()
   for k in ("image_id", "key", "captions", "scene_graph", "hard_negatives", "qa"):
     assert row[k] == want[k], k
   assert all(isinstance(c, str) for c in row["captions"])
+  from bigen_jax.worlds.scenes import qa  # pylint: disable=g-import-not-at-top
+  typed = [{"question": p["question"], "answers": [p["answer"]], "type": qa.question_type(p["question"])}
+           for p in want["qa"]]
+  assert row["questions"] == typed  # the extractor's form, typed by template
 
 
 def test_tfds_custom_config_and_reimport(tiny_dir):

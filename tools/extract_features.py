@@ -5,6 +5,15 @@ r"""Extracts 8x8 grid features once (PyTorch) into TFRecord shards + manifest.js
   python tools/extract_features.py --source coco --annotations dataset_coco.json --images_dir coco/ \
       --karpathy dataset_coco.json --split train,val,test --backbone frcnn --weights frcnn.pth \
       --vocab bert-base-uncased-vocab.txt --out data/coco_frcnn --store_images --store_image_size 256
+  python tools/extract_features.py --source coco ... \
+      --vqa_questions v2_OpenEnded_mscoco_train2014_questions.json,v2_OpenEnded_mscoco_val2014_questions.json \
+      --vqa_annotations v2_mscoco_train2014_annotations.json,v2_mscoco_val2014_annotations.json \
+      --gqa_questions train_balanced_questions.json --vg_image_data image_data.json
+
+Question answering: the scenes source always writes the world's questions (one answer each); the coco source
+writes VQA v2's (10 answers each) and/or GQA's (1 answer; GQA's images are Visual Genome's, matched to COCO
+ids through ``--vg_image_data``) when given, answers normalised as the VQA evaluation does
+(``bigen_jax.data.qa_sources``). Records then hold the questions and the manifest ``max_answers``.
 
 Re-running resumes: finished shards are kept, missing or damaged ones rewritten. Images are decoded by
 ``bigen_jax.data.images`` (16-bit scaled, transparency composited on white, EXIF orientation applied).
@@ -13,6 +22,8 @@ one and exits with status 2 if there were any (0 otherwise); ``--on_bad_image=sk
 lists the bad ones in manifest.json (``splits.<split>.skipped``).
 """
 
+import functools
+import itertools
 import os
 import sys
 
@@ -63,22 +74,64 @@ _THREADS = flags.DEFINE_integer("threads", 0, "torch.set_num_threads (0: torch's
                                 "files checked in parallel (0: the CPU count).")
 _DEVICE = flags.DEFINE_string("device", "cpu", "torch device (cpu, cuda, cuda:1, ...).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of randomly initialised backbones (testing only).")
+_VQA_QUESTIONS = flags.DEFINE_list("vqa_questions", [], "coco: VQA v2 question JSON file(s); their questions are "
+                                   "stored with each image (--vqa_annotations: answers).")
+_VQA_ANNOTATIONS = flags.DEFINE_list("vqa_annotations", [], "coco: VQA v2 annotation JSON file(s), one per "
+                                     "--vqa_questions file in the same order; none for test-dev/test questions.")
+_GQA_QUESTIONS = flags.DEFINE_list("gqa_questions", [], "coco: GQA question JSON file(s) (needs --vg_image_data).")
+_VG_IMAGE_DATA = flags.DEFINE_string("vg_image_data", None, "coco with --gqa_questions: Visual Genome's "
+                                     "image_data.json (image_id -> coco_id).")
+
+
+def check_question_flags() -> None:
+  """UsageError for question flags that do not go together (before any model is built)."""
+  if _SOURCE.value == "scenes" and (_VQA_QUESTIONS.value or _GQA_QUESTIONS.value):
+    raise app.UsageError("--vqa_questions/--gqa_questions are for --source coco: the scenes source writes the "
+                         "world's own questions")
+  if _VQA_ANNOTATIONS.value and len(_VQA_ANNOTATIONS.value) != len(_VQA_QUESTIONS.value):
+    raise app.UsageError(f"--vqa_annotations names {len(_VQA_ANNOTATIONS.value)} file(s) but --vqa_questions "
+                         f"{len(_VQA_QUESTIONS.value)}: give one annotation file per question file, or none")
+  if _GQA_QUESTIONS.value and not _VG_IMAGE_DATA.value:
+    raise app.UsageError("--gqa_questions needs --vg_image_data (GQA's images are Visual Genome's: their COCO ids "
+                         "come from Visual Genome's image_data.json)")
+
+
+@functools.cache
+def coco_questions():
+  """COCO image id -> questions of --vqa_questions/--gqa_questions (None without them), and max_answers; read
+  once for all splits."""
+  from bigen_jax.data import qa_sources  # pylint: disable=g-import-not-at-top
+  check_question_flags()
+  parts = [qa_sources.read_vqa(q, a) for q, a in itertools.zip_longest(_VQA_QUESTIONS.value, _VQA_ANNOTATIONS.value)]
+  if _GQA_QUESTIONS.value:
+    parts.append(qa_sources.by_coco_id(qa_sources.read_gqa(_GQA_QUESTIONS.value),
+                                       qa_sources.coco_ids(_VG_IMAGE_DATA.value)))
+  max_answers = (qa_sources.VQA_ANSWERS if _VQA_QUESTIONS.value else
+                 qa_sources.GQA_ANSWERS if _GQA_QUESTIONS.value else 0)
+  return (qa_sources.merge(*parts) if parts else None), max_answers
 
 
 def make_source(split: str):
-  """A fresh source iterator for ``split`` and its manifest description."""
+  """A fresh source iterator for ``split``, its manifest description and its answers per question (0: no
+  questions)."""
   if _SOURCE.value == "scenes":
     from bigen_jax.worlds.scenes import tfds_builder  # pylint: disable=g-import-not-at-top
     return (tfds_builder.source(split, data_dir=_DATA_DIR.value, config=_SCENES_CONFIG.value),
-            {"name": "scenes", "config": _SCENES_CONFIG.value, "paths": {"data_dir": _DATA_DIR.value}})
+            {"name": "scenes", "config": _SCENES_CONFIG.value, "paths": {"data_dir": _DATA_DIR.value}}, 1)
   if not _ANNOTATIONS.value or not _IMAGES_DIR.value:
     raise app.UsageError("--source coco needs --annotations and --images_dir")
   from bigen_jax.data import coco  # pylint: disable=g-import-not-at-top
+  questions, max_answers = coco_questions()
+  info = {"name": "coco", "karpathy": bool(_KARPATHY.value),
+          "paths": {"annotations": _ANNOTATIONS.value, "images_dir": _IMAGES_DIR.value, "karpathy": _KARPATHY.value}}
+  if questions is not None:
+    info["questions"] = [name for name, files in (("vqa", _VQA_QUESTIONS.value), ("gqa", _GQA_QUESTIONS.value))
+                         if files]
+    info["paths"].update({"vqa_questions": _VQA_QUESTIONS.value, "vqa_annotations": _VQA_ANNOTATIONS.value,
+                          "gqa_questions": _GQA_QUESTIONS.value, "vg_image_data": _VG_IMAGE_DATA.value})
   return (coco.source(split, annotations_file=_ANNOTATIONS.value, images_dir=_IMAGES_DIR.value,
-                      karpathy_file=_KARPATHY.value, on_bad_image=_ON_BAD_IMAGE.value),
-          {"name": "coco", "karpathy": bool(_KARPATHY.value),
-           "paths": {"annotations": _ANNOTATIONS.value, "images_dir": _IMAGES_DIR.value,
-                     "karpathy": _KARPATHY.value}})
+                      karpathy_file=_KARPATHY.value, on_bad_image=_ON_BAD_IMAGE.value, questions=questions),
+          info, max_answers)
 
 
 def count_examples(split: str, src) -> int:
@@ -115,6 +168,7 @@ def main(argv):
     return check_images()
   if not _OUT.value or not _VOCAB.value:
     raise app.UsageError("--out and --vocab are required (unless --check_only)")
+  check_question_flags()
   import torch  # pylint: disable=g-import-not-at-top
   from bigen_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   from bigen_jax.features import backbones, extract  # pylint: disable=g-import-not-at-top
@@ -128,7 +182,7 @@ def main(argv):
   tok = tokenizer_lib.load_tokenizer(_VOCAB.value)
   batch_size = _BATCH_SIZE.value or (64 if _BACKBONE.value == "demo" else 4)
   for split in _SPLIT.value:
-    src, info = make_source(split)
+    src, info, max_answers = make_source(split)
     n = count_examples(split, src)
     if _NUM_EXAMPLES.value:
       n = min(n, _NUM_EXAMPLES.value)
@@ -136,7 +190,7 @@ def main(argv):
         src, split=split, out_dir=_OUT.value, backbone=backbone, tokenizer=tok, num_examples=n,
         shard_size=_SHARD_SIZE.value, batch_size=batch_size, store_images=_STORE_IMAGES.value,
         max_len=_MAX_LEN.value, max_captions=_MAX_CAPTIONS.value, store_image_size=_STORE_IMAGE_SIZE.value,
-        source_info=info, vocab_path=_VOCAB.value)
+        source_info=info, vocab_path=_VOCAB.value, max_answers=max_answers)
     logging.info("split %s: %d examples in %d shards under %s", split, entry["num_examples"],
                  len(entry["shards"]), _OUT.value)
 

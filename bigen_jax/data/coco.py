@@ -14,7 +14,7 @@ Captions whose image id is not in the annotations' images list are dropped with 
 import json
 import logging
 import os
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
@@ -67,6 +67,8 @@ class CocoIterator:
     self.pos += 1
     ex = {"image_id": entry["image_id"], "key": entry["key"], "captions": list(entry["captions"]),
           "path": entry["path"]}
+    if "questions" in entry:
+      ex["questions"] = list(entry["questions"])
     try:
       ex["image"] = load_image(entry["path"])
     except DataError as e:
@@ -150,11 +152,14 @@ def _karpathy_images(karpathy_file: str, split: str) -> list[dict[str, Any]]:
 
 
 def source(split: str, *, annotations_file: str, images_dir: str, karpathy_file: str | None = None,
-           limit: int | None = None, on_bad_image: str = "fail") -> CocoSource:
+           limit: int | None = None, on_bad_image: str = "fail",
+           questions: Mapping[int, list[dict[str, Any]]] | None = None) -> CocoSource:
   """The examples of ``split``. With ``karpathy_file``, ``split`` is train / validation (or val) / test of
   Karpathy's split and the image is ``images_dir/filepath/filename`` (or ``images_dir/filename``); without
   it every image of ``annotations_file`` forms the split, whatever its name. Captions come from
-  ``annotations_file``; ``limit`` keeps the first images by id; ``on_bad_image`` as in ``CocoSource``."""
+  ``annotations_file``; ``limit`` keeps the first images by id; ``on_bad_image`` as in ``CocoSource``.
+  ``questions``: COCO image id -> its questions (``qa_sources``); every example then has ``"questions"``
+  (empty for an image without any)."""
   files, captions = _annotations(annotations_file)
   if karpathy_file:
     chosen = _karpathy_images(karpathy_file, split)
@@ -176,6 +181,11 @@ def source(split: str, *, annotations_file: str, images_dir: str, karpathy_file:
   entries.sort(key=lambda e: e["image_id"])
   for e in entries:
     e["captions"] = captions.get(e["image_id"], [])
+    if questions is not None:
+      e["questions"] = list(questions.get(e["image_id"], []))
+  if questions is not None:
+    logging.info("split %s: %d of %d images have questions (%d questions)", split,
+                 sum(bool(e["questions"]) for e in entries), len(entries), sum(len(e["questions"]) for e in entries))
   return CocoSource(entries[:limit] if limit else entries, on_bad_image)
 
 

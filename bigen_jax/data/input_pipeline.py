@@ -54,6 +54,15 @@ Batch (per process, B = global batch / process count):
   train with_all_captions: caption_ids int32 [B, N, L], every caption of the image (SCST's references), N the
              manifest's ``max_captions``, missing rows all pad ids
   with_images: image bytes [B] (encoded PNG/JPEG as stored by the extractor)
+  questions (records with questions, an answer vocabulary of V classes: ``bigen_jax.data.answers``):
+    question_ids   int32 [B, L]   one question of the image (train: drawn with a stateless seed of
+                                  ``(seed, e, index)``, independent of the caption's; eval: the first)
+    question_mask  int32 [B, L]   1 on real tokens
+    answer_target  float32 [B, V] soft scores of the answer classes (VQA's; one-hot for one answer)
+    question_type  int32 [B]      index into the answer vocabulary's types; -1: the record has no question
+                                  (question ids all pad ids, target 0: leave the row out of QA losses)
+    question_index int32 [B]      which question of the record (-1: none)
+  (``qa_pipeline.QuestionEvalIterator``: every (image, question) pair of a split, for QA accuracy.)
 """
 
 from concurrent import futures
@@ -71,6 +80,7 @@ import numpy as np
 from bigen_jax import errors
 from bigen_jax import fileio
 from bigen_jax.data import batching
+from bigen_jax.data import qa_pipeline
 from bigen_jax.data import records
 from bigen_jax.data import vocab as vocab_lib
 
@@ -108,10 +118,11 @@ class BatchIterator(dataset_iterator.DatasetIterator):
                process_index: int | None = None, process_count: int | None = None,
                shuffle_buffer: int = 10_000, pad_id: int = 0, verify_checksums: bool = False,
                num_parallel_calls: int = 4, prefetch: int = 2, sharding: str = "global", num_examples: int = 0,
-               with_all_captions: bool = False):
+               with_all_captions: bool = False, questions: bool = False, answers_file: str = ""):
     """``num_examples`` (evaluation only): read the first ``num_examples`` records of the split (0: all).
     ``with_all_captions`` (training; evaluation batches always have them): batches also carry every caption's
-    ids, padded to the manifest's ``max_captions``."""
+    ids, padded to the manifest's ``max_captions``. ``questions``: batches also carry one question and its
+    answer target (module docstring), classes from ``answers_file`` ("": ``RECORDS_DIR/answers.json``)."""
     self.process_index = jax.process_index() if process_index is None else process_index
     self.process_count = jax.process_count() if process_count is None else process_count
     if global_batch_size % self.process_count:
@@ -160,7 +171,12 @@ class BatchIterator(dataset_iterator.DatasetIterator):
                    "%.1f MB per process, up to twice that at epoch ends while the next epoch's buffer fills",
                    records_dir, split, shuffle_buffer, num_bytes / max(total, 1) / 1e3,
                    self.shuffle_buffer_bytes / 1e6)
-    self._parse = records.make_parse_fn(self.manifest["feature_dim"], self.manifest["max_len"])
+    self.questions, self.tables, self.answer_vocab = questions, None, None
+    if questions:
+      self.answer_vocab, self.tables = qa_pipeline.load_tables(records_dir, self.manifest, answers_file=answers_file,
+                                                               pad_id=pad_id)
+    self._parse = records.make_parse_fn(self.manifest["feature_dim"], self.manifest["max_len"],
+                                        self.tables.max_answers if questions else 0)
     self._epoch, self._batch_in_epoch, self._it = 0, 0, None
     self._valid_rows = 0  # evaluation: real rows yielded so far, checked against the share when it ends
     self._next_epoch, self._executor = None, None  # (epoch, future of (iterator, first batch)) filling ahead
@@ -331,7 +347,7 @@ class BatchIterator(dataset_iterator.DatasetIterator):
   def _padding_values(self, spec):
     tf = _tf()
     def value(k, v):
-      if k in ("caption_ids", "text_ids"):
+      if k in qa_pipeline.PAD_WITH_PAD_ID:
         return self.pad_id
       return {tf.string: b"", tf.bool: False}.get(v.dtype, 0)
     return {k: tf.constant(value(k, v), v.dtype) for k, v in spec.items()}
@@ -364,15 +380,26 @@ class BatchIterator(dataset_iterator.DatasetIterator):
       n = self.manifest["max_captions"]
       padded = tf.pad(ids[:n], [[0, n - tf.minimum(num, n)], [0, 0]], constant_values=self.pad_id)
       out["caption_ids"] = tf.ensure_shape(padded, [n, self.manifest["max_len"]])
+    if self.questions:
+      out.update(self.tables.features(ex, self._question_pick(ex, epoch)))
     return out
+
+  def _question_pick(self, ex, epoch: int):
+    """Which question of a parsed record (tf int32 []): train: drawn (seeded by the seed, the epoch and the
+    record's index, another stream than the caption's); eval: the first; -1 when it has none."""
+    tf = _tf()
+    num = tf.shape(ex["question_ids"])[0]
+    if not self.train:
+      return tf.where(num > 0, 0, qa_pipeline.NO_QUESTION)
+    pick = tf.random.stateless_uniform(
+        [], seed=tf.stack([tf.constant(self.seed, tf.int64) * 1_000_003 + epoch, -1 - ex["index"]]),
+        maxval=tf.maximum(num, 1), dtype=tf.int32)
+    return tf.where(num > 0, pick, qa_pipeline.NO_QUESTION)
 
   def _pad(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Pads a short eval batch to ``batch_size`` rows (valid=False on padding)."""
-    out = {}
-    for k, v in batch.items():
-      fill = self.pad_id if k in ("caption_ids", "text_ids") else (b"" if v.dtype.kind in "OS" else 0)
-      out[k] = batching.pad_rows(v, self.batch_size, fill=fill)
-    return out
+    return {k: batching.pad_rows(v, self.batch_size, fill=qa_pipeline.pad_value(k, v.dtype, self.pad_id))
+            for k, v in batch.items()}
 
   def _padding_batch(self) -> dict[str, np.ndarray]:
     """An all-padding eval batch for a process whose share ran out before the others' (shaped like a batch

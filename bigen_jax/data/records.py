@@ -23,11 +23,23 @@ Each record is one image (a ``tf.train.Example``):
   caption_ids  int64[N*L]   WordPiece ids of N captions, each padded to L = max_len
   captions     bytes[N]     the raw caption strings (references for evaluation)
   image        bytes        optional encoded image (PNG/JPEG) for training the image generator
+Question answering (only in records of a manifest with ``"questions": true``; absent otherwise, so a source
+without questions writes the bytes it wrote before these fields existed):
+  question_ids    int64[Q*L]  WordPiece ids of the image's Q questions, each padded to L = max_len (the captions'
+                              tokenizer)
+  questions       bytes[Q]    the raw question strings
+  question_types  bytes[Q]    each question's type (VQA's answer type, GQA's structural type, the world's
+                              ``qa.QUESTION_TYPES``)
+  answers         bytes[Q*A]  each question's answers, normalised (``qa_sources.normalise_answer``; the world's
+                              are its fixed vocabulary), padded with b"" to A = the manifest's ``max_answers``
+                              (VQA v2: 10 annotators; GQA and the world: 1)
+Such a manifest also holds ``"questions": true`` and ``"max_answers": A``, and each shard entry its
+``"num_questions"``.
 """
 
 import hashlib
 import json
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 from etils import epath
 import numpy as np
@@ -65,10 +77,37 @@ def _tf():
   return tf
 
 
+def _question_features(key: str, question_ids: np.ndarray, questions: Sequence[str], question_types: Sequence[str],
+                       answers: Sequence[Sequence[str]]) -> dict[str, Any]:
+  """The question-answering features of one record (schema in the module docstring), checked for consistency."""
+  tf = _tf()
+  question_ids = np.asarray(question_ids, np.int64)
+  if question_ids.ndim != 2:
+    raise DataError(f"question_ids for {key!r} have shape {question_ids.shape}, expected [Q, L]")
+  num = question_ids.shape[0]
+  if not len(questions) == len(question_types) == len(answers) == num:
+    raise DataError(f"{key!r}: {num} rows of question_ids but {len(questions)} questions, {len(question_types)} "
+                    f"question types and {len(answers)} answer lists")
+  if len({len(a) for a in answers}) > 1:
+    raise DataError(f"{key!r}: answer lists of different lengths {sorted({len(a) for a in answers})}: pad each "
+                    "to the manifest's max_answers with empty strings")
+  flat = [a.encode("utf-8") for row in answers for a in row]
+  return {
+      "question_ids": tf.train.Feature(int64_list=tf.train.Int64List(value=question_ids.reshape(-1))),
+      "questions": tf.train.Feature(bytes_list=tf.train.BytesList(value=[q.encode("utf-8") for q in questions])),
+      "question_types": tf.train.Feature(bytes_list=tf.train.BytesList(
+          value=[t.encode("utf-8") for t in question_types])),
+      "answers": tf.train.Feature(bytes_list=tf.train.BytesList(value=flat)),
+  }
+
+
 def encode_example(*, index: int, image_id: int, key: str, dense: np.ndarray, boxes: np.ndarray,
-                   caption_ids: np.ndarray, captions: Iterable[str], image: bytes = b"") -> bytes:
+                   caption_ids: np.ndarray, captions: Iterable[str], image: bytes = b"",
+                   question_ids: np.ndarray | None = None, questions: Sequence[str] = (),
+                   question_types: Sequence[str] = (), answers: Sequence[Sequence[str]] = ()) -> bytes:
   """Serialises one image's record, byte-reproducibly. ``dense`` [64, D] (stored as float16), ``caption_ids``
-  [N, L]."""
+  [N, L]. With ``question_ids`` [Q, L] (None: no question fields at all, the bytes of a record without them),
+  ``questions`` and ``question_types`` [Q] and ``answers`` [Q][A] (each row padded to A with "")."""
   tf = _tf()
   dense = np.asarray(dense)
   if dense.ndim != 2 or dense.shape[0] != NUM_CELLS:
@@ -93,16 +132,20 @@ def encode_example(*, index: int, image_id: int, key: str, dense: np.ndarray, bo
       "captions": tf.train.Feature(bytes_list=tf.train.BytesList(value=captions)),
       "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image])),
   }
+  if question_ids is not None:
+    feats.update(_question_features(key, question_ids, questions, question_types, answers))
   # deterministic=True sorts the feature map: protobuf's default map order differs from process to process, and
   # a shard rewritten after corruption must have the bytes (sha256) the visual vocabulary was fingerprinted on.
   return tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString(deterministic=True)
 
 
-def make_parse_fn(feature_dim: int, max_len: int):
+def make_parse_fn(feature_dim: int, max_len: int, max_answers: int = 0):
   """Returns ``parse(serialized) -> dict`` of tensors for ``tf.data`` (one record, not batched).
 
   Output: index/image_id int64 [], key string [], dense float16 [64, D], boxes float32 [64, 4],
-  caption_ids int32 [N, L], captions string [N], image string [].
+  caption_ids int32 [N, L], captions string [N], image string []; with ``max_answers`` = A > 0 (the manifest's,
+  records with questions) also question_ids int32 [Q, L], questions and question_types string [Q], answers
+  string [Q, A] (Q = 0 for a record without the fields).
   """
   tf = _tf()
   spec = {
@@ -115,6 +158,9 @@ def make_parse_fn(feature_dim: int, max_len: int):
       "captions": tf.io.VarLenFeature(tf.string),
       "image": tf.io.FixedLenFeature([], tf.string, default_value=""),
   }
+  if max_answers:
+    spec.update({"question_ids": tf.io.VarLenFeature(tf.int64), "questions": tf.io.VarLenFeature(tf.string),
+                 "question_types": tf.io.VarLenFeature(tf.string), "answers": tf.io.VarLenFeature(tf.string)})
 
   def parse(serialized):
     ex = tf.io.parse_single_example(serialized, spec)
@@ -127,14 +173,19 @@ def make_parse_fn(feature_dim: int, max_len: int):
     ex["caption_ids"] = tf.cast(
         tf.reshape(tf.sparse.to_dense(ex["caption_ids"]), [-1, max_len]), tf.int32)
     ex["captions"] = tf.sparse.to_dense(ex["captions"], default_value="")
+    if max_answers:
+      ex["question_ids"] = tf.cast(tf.reshape(tf.sparse.to_dense(ex["question_ids"]), [-1, max_len]), tf.int32)
+      for k in ("questions", "question_types"):
+        ex[k] = tf.sparse.to_dense(ex[k], default_value="")
+      ex["answers"] = tf.reshape(tf.sparse.to_dense(ex["answers"], default_value=""), [-1, max_answers])
     return ex
 
   return parse
 
 
-def decode_example(serialized: bytes, feature_dim: int, max_len: int) -> dict[str, Any]:
+def decode_example(serialized: bytes, feature_dim: int, max_len: int, max_answers: int = 0) -> dict[str, Any]:
   """Eager numpy form of ``make_parse_fn`` for tools and tests."""
-  ex = make_parse_fn(feature_dim, max_len)(serialized)
+  ex = make_parse_fn(feature_dim, max_len, max_answers)(serialized)
   return {k: v.numpy() for k, v in ex.items()}
 
 
@@ -208,9 +259,15 @@ def split_shards(directory: str, split: str, *, manifest: Mapping[str, Any] | No
   return shards
 
 
+def max_answers(manifest: Mapping[str, Any]) -> int:
+  """A, the answers per question of records with questions; 0 when the manifest says its records have none."""
+  return int(manifest.get("max_answers") or 0) if manifest.get("questions") else 0
+
+
 def read_split(directory: str, split: str, *, batch_size: int = 256,
                fields: Iterable[str] = ("index", "dense")) -> Iterable[dict[str, np.ndarray]]:
-  """Numpy batches of one split's records in file order (tools: k-means, statistics), parsed by tf.data."""
+  """Numpy batches of one split's records in file order (tools: k-means, statistics), parsed by tf.data. Fields
+  of varying length (captions, questions) cannot be batched: ``read_caption_ids``, ``read_questions``."""
   tf = _tf()
   manifest = read_manifest(directory)
   files = [s["path"] for s in split_shards(directory, split, manifest=manifest)]
@@ -238,3 +295,48 @@ def read_caption_ids(directory: str, split: str, *, batch_size: int = 1024) -> l
     counts = np.cumsum(np.bincount(row, minlength=num))[:-1]
     out += [ids.reshape(-1, manifest["max_len"]).astype(np.int32) for ids in np.split(values, counts)]
   return out
+
+
+def read_questions(directory: str, split: str, *, batch_size: int = 1024) -> list[dict[str, list]]:
+  """Every record's question types and answers, ``{"types": [Q_i], "answers": [Q_i][A]}`` (str; answers padded
+  with ""), of one split in file order; parses those fields alone (the answer vocabulary). DataError naming the
+  manifest when its records hold no questions."""
+  tf = _tf()
+  manifest = read_manifest(directory)
+  num_answers = max_answers(manifest)
+  if not num_answers:
+    raise DataError(f"{fileio.join(directory, MANIFEST_NAME)} says its records hold no questions: extract them "
+                    "from a source with questions (tools/extract_features.py: the scenes source, or coco with "
+                    "--vqa_questions/--gqa_questions)")
+  files = [s["path"] for s in split_shards(directory, split, manifest=manifest)]
+  spec = {k: tf.io.VarLenFeature(tf.string) for k in ("question_types", "answers")}
+
+  def parse(serialized):
+    ex = tf.io.parse_example(serialized, spec)
+    return (tf.shape(serialized)[0], ex["question_types"].indices[:, 0], ex["question_types"].values,
+            ex["answers"].values)
+
+  out = []
+  ds = tf.data.TFRecordDataset(files).batch(batch_size).map(parse).prefetch(2)
+  for num, row, types, answers in ds.as_numpy_iterator():
+    counts = np.bincount(row, minlength=num)
+    answers = answers.reshape(-1, num_answers)
+    start = 0
+    for n in counts:
+      out.append({"types": [t.decode("utf-8") for t in types[start:start + n]],
+                  "answers": [[a.decode("utf-8") for a in r] for r in answers[start:start + n]]})
+      start += n
+  return out
+
+
+def num_questions(directory: str, split: str, *, num_examples: int = 0,
+                  manifest: Mapping[str, Any] | None = None) -> int:
+  """The questions of the first ``num_examples`` (0: all) records of a split: from the shard entries' counts
+  when they cover those records, else counted by reading the records' question types."""
+  manifest = manifest or read_manifest(directory)
+  shards = split_shards(directory, split, manifest=manifest, verify=False)
+  total = sum(s["num_examples"] for s in shards)
+  if (not num_examples or num_examples >= total) and all("num_questions" in s for s in shards):
+    return sum(s["num_questions"] for s in shards)
+  rows = read_questions(directory, split)
+  return sum(len(r["types"]) for r in rows[:num_examples or None])

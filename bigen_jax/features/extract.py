@@ -26,7 +26,8 @@ from bigen_jax.data import records
 
 # Top-level manifest fields that must agree between runs writing into the same directory.
 CHECKED_FIELDS = ("version", "backbone", "feature_dim", "grid", "max_len", "image_size", "backbone_config",
-                  "tokenizer", "max_captions", "store_images", "store_image_size", "source")
+                  "tokenizer", "max_captions", "store_images", "store_image_size", "source", "questions",
+                  "max_answers")
 # Fields of "source" that may differ between runs (where the files lie, not what they are).
 SOURCE_PATH_FIELD = "paths"
 
@@ -42,9 +43,11 @@ def tokenizer_info(tokenizer, vocab_path: str | None = None) -> dict[str, Any]:
 
 def manifest_header(*, backbone, tokenizer, max_len: int, max_captions: int | None, store_images: bool,
                     store_image_size: int | None = None, source_info: Mapping[str, Any] | None = None,
-                    vocab_path: str | None = None) -> dict[str, Any]:
-  """The manifest fields that describe how the features were made (everything but ``splits``)."""
-  return {
+                    vocab_path: str | None = None, max_answers: int = 0) -> dict[str, Any]:
+  """The manifest fields that describe how the features were made (everything but ``splits``); ``questions``
+  and ``max_answers`` only with ``max_answers`` > 0 (a manifest without questions is unchanged)."""
+  questions = {"questions": True, "max_answers": int(max_answers)} if max_answers else {}
+  return {**questions,
       "version": records.SCHEMA_VERSION, "backbone": backbone.name, "feature_dim": int(backbone.feature_dim),
       "grid": records.GRID, "max_len": int(max_len), "image_size": int(backbone.image_size),
       "backbone_config": backbone.config(), "tokenizer": tokenizer_info(tokenizer, vocab_path),
@@ -131,7 +134,7 @@ def extract_split(source_iter: Iterable[Mapping[str, Any]], *, split: str, out_d
                   num_examples: int | None = None, shard_size: int = 1000, batch_size: int = 32,
                   store_images: bool = False, max_len: int = 17, max_captions: int | None = 5,
                   store_image_size: int | None = None, source_info: Mapping[str, Any] | None = None,
-                  vocab_path: str | None = None, progress: bool = True) -> dict[str, Any]:
+                  vocab_path: str | None = None, progress: bool = True, max_answers: int = 0) -> dict[str, Any]:
   """Extracts one split into ``out_dir``; returns the split's manifest entry.
 
   ``source_iter`` yields ``{"image_id", "key", "image" uint8 [H, W, 3], "captions"}`` (``worlds.scenes.tfds_builder``
@@ -139,6 +142,11 @@ def extract_split(source_iter: Iterable[Mapping[str, Any]], *, split: str, out_d
   ``index`` = position in the split, ``shard_size`` records a shard. Each record holds ``backbone`` features
   [64, D] (float16), the cell boxes, the first ``max_captions`` captions as ids [N, max_len] and, with
   ``store_images``, the image as PNG (short side resized to ``store_image_size`` if given).
+
+  ``max_answers`` = A > 0: records also hold each example's ``"questions"`` (``[{"question", "answers",
+  "type"}]``, none when absent; questions as ids [Q, max_len] with the captions' tokenizer, answers padded to A
+  with ""; more than A answers is a ``DataError``), the manifest ``"questions": true, "max_answers": A`` and each
+  shard entry its ``"num_questions"``. 0: no question fields (records byte-identical to those of earlier versions).
   """
   if shard_size < 1 or batch_size < 1:
     raise ValueError(f"shard_size and batch_size must be positive, got {shard_size}, {batch_size}")
@@ -148,7 +156,7 @@ def extract_split(source_iter: Iterable[Mapping[str, Any]], *, split: str, out_d
   os.makedirs(out_dir, exist_ok=True)
   header = manifest_header(backbone=backbone, tokenizer=tokenizer, max_len=max_len, max_captions=max_captions,
                            store_images=store_images, store_image_size=store_image_size,
-                           source_info=source_info, vocab_path=vocab_path)
+                           source_info=source_info, vocab_path=vocab_path, max_answers=max_answers)
   manifest = _Manifest(out_dir, header)
   old = manifest.split(split)
   if old is not None:
@@ -213,13 +221,16 @@ def extract_split(source_iter: Iterable[Mapping[str, Any]], *, split: str, out_d
         total += done[i]["num_examples"]
         continue
       name = records.shard_name(split, i, final_shards)
-      counter = [0]
+      counter = [0, 0]  # records, questions
       path = os.path.join(out_dir, name)
       skipped[i] = []
       entry = records.write_shard(path, _records(
           itertools.islice(_good_examples(it, i, skipped[i]), expected[i]), start=total, backbone=backbone,
           tokenizer=tokenizer, batch_size=batch_size, max_len=max_len, max_captions=max_captions,
-          store_images=store_images, store_image_size=store_image_size, counter=counter, bar=bar))
+          store_images=store_images, store_image_size=store_image_size, counter=counter, bar=bar,
+          max_answers=max_answers))
+      if max_answers:
+        entry["num_questions"] = counter[1]
       total += counter[0]
       if counter[0] < expected[i] and any(j > i for j in done):
         raise records.DataError(f"split {split!r}: the source ended after {total} examples, but {manifest.path} "
@@ -270,10 +281,27 @@ def _good_examples(examples: Iterator[Mapping[str, Any]], shard: int,
                     "path": ex.get("path"), "reason": str(ex["error"])})
 
 
+def _question_fields(ex: Mapping[str, Any], tokenizer, max_len: int, max_answers: int) -> dict[str, Any]:
+  """``encode_example``'s question arguments of one source example (its ``"questions"``, none when absent)."""
+  qs = list(ex.get("questions") or [])
+  answers = []
+  for q in qs:
+    row = [str(a) for a in q["answers"]]
+    if len(row) > max_answers:
+      raise records.DataError(f"{ex['key']!r}: question {q['question']!r} has {len(row)} answers, more than "
+                              f"max_answers={max_answers}")
+    answers.append(row + [""] * (max_answers - len(row)))
+  texts = [str(q["question"]) for q in qs]
+  ids = tokenizer.encode(texts, max_len=max_len) if texts else np.zeros((0, max_len), np.int32)
+  return {"question_ids": ids, "questions": texts, "question_types": [str(q["type"]) for q in qs],
+          "answers": answers}
+
+
 def _records(examples: Iterator[Mapping[str, Any]], *, start: int, backbone, tokenizer, batch_size: int,
              max_len: int, max_captions: int | None, store_images: bool, store_image_size: int | None,
-             counter: list[int], bar) -> Iterator[bytes]:
-  """Serialised records of ``examples`` (indices from ``start``), the backbone run ``batch_size`` at a time."""
+             counter: list[int], bar, max_answers: int = 0) -> Iterator[bytes]:
+  """Serialised records of ``examples`` (indices from ``start``), the backbone run ``batch_size`` at a time;
+  ``counter``: [records, questions] written so far."""
   boxes = records.grid_boxes()
   while True:
     batch = list(itertools.islice(examples, batch_size))
@@ -285,9 +313,11 @@ def _records(examples: Iterator[Mapping[str, Any]], *, start: int, backbone, tok
     all_ids = tokenizer.encode(flat, max_len=max_len) if flat else np.zeros((0, max_len), np.int32)
     splits = np.cumsum([len(caps) for caps in captions])[:-1]
     for ex, dense, caps, ids in zip(batch, feats, captions, np.split(all_ids, splits)):
+      questions = _question_fields(ex, tokenizer, max_len, max_answers) if max_answers else {}
       yield records.encode_example(
           index=start + counter[0], image_id=int(ex["image_id"]), key=str(ex["key"]), dense=dense,
           boxes=boxes, caption_ids=ids, captions=caps,
-          image=_png(ex["image"], store_image_size) if store_images else b"")
+          image=_png(ex["image"], store_image_size) if store_images else b"", **questions)
       counter[0] += 1
+      counter[1] += len(questions.get("questions", ()))
     bar.update(len(batch))

@@ -1,5 +1,6 @@
 """Question–answer pairs about a scene graph, with answers from the fixed vocabulary ``ANSWERS``."""
 
+import re
 from typing import Any, Mapping
 
 import numpy as np
@@ -53,6 +54,37 @@ def _candidates(scene: Mapping[str, Any], rng: np.random.Generator) -> dict[str,
       if not V.relation_holds(oa, opposite, ob, 0.0):
         out["relation_yes_no"].append((f"is {subj} {opposite} {obj}?", "no"))
   return out
+
+
+def _words(words) -> str:
+  return "|".join(sorted(words, key=len, reverse=True))
+
+
+_SHAPE, _COLOUR, _REL = _words(V.SHAPES), _words(V.COLOURS), _words(V.RELATIONS)
+_OBJECT = f"the (?:{_COLOUR}) (?:{_SHAPE})"
+# The templates of ``_candidates``, one pattern per question type.
+_PATTERNS = {
+    "count_all": "how many shapes are there",
+    "count_shape": f"how many (?:{_words(V.PLURAL_OF[s] for s in V.SHAPES)}) are there",
+    "count_colour": f"how many (?:{_COLOUR}) shapes are there",
+    "colour_of": f"what colour is the (?:{_SHAPE})",
+    "shape_of": f"what shape is the (?:{_COLOUR}) object",
+    "size_of": f"what size is {_OBJECT}",
+    "exists": f"is there a (?:{_COLOUR}) (?:{_SHAPE})",
+    "relation_shape": f"what shape is (?:{_REL}) {_OBJECT}",
+    "relation_yes_no": f"is {_OBJECT} (?:{_REL}) {_OBJECT}",
+    "background": "what pattern is the background",
+}
+_TYPE_OF = [(t, re.compile(p + r"\?")) for t, p in _PATTERNS.items()]
+
+
+def question_type(question: str) -> str:
+  """The ``QUESTION_TYPES`` entry of a question of this world, from its template (the TFDS dataset stores the
+  questions and answers only); ValueError for a question no template makes."""
+  for t, pattern in _TYPE_OF:
+    if pattern.fullmatch(question):
+      return t
+  raise ValueError(f"{question!r} is not a question of the captioned-scenes world (no template matches it)")
 
 
 def questions(scene: Mapping[str, Any] | str, rng: np.random.Generator, n: int = 6) -> list[tuple[str, str]]:

@@ -15,6 +15,7 @@ from typing import Any, Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
+from bigen_jax.worlds.scenes import qa
 from bigen_jax.worlds.scenes import world
 
 
@@ -116,12 +117,15 @@ def source(split: str, *, data_dir: str, config: Any = "demo", **overrides) -> I
   """Yields the source dicts of one split, in index order, from the TFDS dataset (prepared on first use).
 
   ``config``: a config name ("demo", "tiny", "large") or a ``CaptionedScenesConfig``; keyword overrides
-  (e.g. ``num_train=100``) make a custom config (see ``builder``).
+  (e.g. ``num_train=100``) make a custom config (see ``builder``). ``questions`` holds the ``qa`` pairs in the
+  extractor's form, ``[{"question", "answers": [answer], "type"}]`` (type: ``qa.question_type``).
   """
   b = builder(data_dir, config=config, **overrides)
   prepare(b)
   for ex in as_numpy(b, split):
+    pairs = _rows(ex["questions"], ("question", "answer"))
     yield {"image_id": int(ex["image_id"]), "key": _text(ex["key"]), "image": ex["image"],
            "captions": [_text(c) for c in ex["captions"]], "scene_graph": _text(ex["scene_graph"]),
-           "hard_negatives": _rows(ex["hard_negatives"], ("caption", "category", "negative")),
-           "qa": _rows(ex["questions"], ("question", "answer"))}
+           "hard_negatives": _rows(ex["hard_negatives"], ("caption", "category", "negative")), "qa": pairs,
+           "questions": [{"question": p["question"], "answers": [p["answer"]], "type": qa.question_type(p["question"])}
+                         for p in pairs]}
