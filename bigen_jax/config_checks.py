@@ -73,6 +73,31 @@ def check_clip_loss(config: ml_collections.ConfigDict) -> None:
           "tasks.clip needs the training split's captions (the CLIP token table)")
 
 
+def check_pretraining(config: ml_collections.ConfigDict) -> None:
+  """The fields of X-LXMERT's objectives (``tasks.mlm``, ``tasks.qa``, the objective of ``tasks.t2i``/``ccc``)."""
+  from bigen_jax.tasks import qa, t2i  # pylint: disable=g-import-not-at-top
+  for name in ("t2i", "ccc"):
+    task = config.tasks.get(name)
+    if task is None:
+      continue
+    objective = task.get("objective", "ccc")
+    require(objective in t2i.OBJECTIVES, f"tasks.{name}.objective", objective, f"expected one of {t2i.OBJECTIVES}")
+    require(objective == "ccc" or not task.get("feature_regression", 0.0), f"tasks.{name}.feature_regression",
+            task.get("feature_regression"), f"adds a regression to the classification: 0 with objective={objective!r}")
+  if task_on(config, "mlm"):
+    rate = config.tasks.mlm.mask_rate
+    require(0 < rate <= 1, "tasks.mlm.mask_rate", rate, "must be in (0, 1]")
+  num_answers = config.model.get("num_answers", 0)
+  questions = config.data.get("questions", False)
+  require(num_answers >= 0 or questions, "model.num_answers", num_answers,
+          "-1 (the answer vocabulary's size) needs --config.data.questions=True")
+  if task_on(config, "qa"):
+    require(questions, "data.questions", questions, "tasks.qa needs batches with questions")
+    require(num_answers != 0, "model.num_answers", num_answers, "tasks.qa needs the answer head (-1: the answer "
+            "vocabulary's size)")
+    require(config.tasks.qa.loss in qa.LOSSES, "tasks.qa.loss", config.tasks.qa.loss, f"expected one of {qa.LOSSES}")
+
+
 def check_config(config: ml_collections.ConfigDict, num_devices: int | None = None,
                  process_count: int | None = None) -> tuple[int, int, int]:
   """Raises ``ConfigError`` for a config that cannot run on ``num_devices`` (default: all) devices over
@@ -87,6 +112,9 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int | None = No
   require(config.optimizer.lr > 0, "optimizer.lr", config.optimizer.lr, "must be positive")
   check_scst(config)
   check_clip_loss(config)
+  check_pretraining(config)
+  dropout_rng = config.model.get("dropout_rng", "threefry")
+  require(dropout_rng in ("threefry", "rbg"), "model.dropout_rng", dropout_rng, "expected 'threefry' or 'rbg'")
   code_bag = config.tasks.t2i.get("code_bag", 0.0)
   require(not code_bag or config.model.get("code_bag_head", ""), "tasks.t2i.code_bag", code_bag,
           "needs --config.model.code_bag_head=codes or features (the head it trains)")

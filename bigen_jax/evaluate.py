@@ -73,6 +73,12 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str, *, step: in
   return evaluate_runs(config, [workdir], steps=[step], evaluators=evaluators)[0]
 
 
+# Model fields that change how a model trains, not the params it has or what it computes in evaluation: runs that
+# differ only in them (e.g. stage 2 without stage 1's dropout) are evaluated as one model.
+TRAINING_ONLY_MODEL_FIELDS = ("model.dropout_rate", "model.attention_dropout_rate", "model.dropout_rng",
+                              "model.remat")
+
+
 def evaluate_runs(config: ml_collections.ConfigDict | None, workdirs: Sequence[str], *,
                   steps: Sequence[int | None] | None = None, evaluators: list[str] | None = None,
                   outputs: Sequence[str] | None = None) -> list[tuple[dict[str, float], int]]:
@@ -91,7 +97,8 @@ def evaluate_runs(config: ml_collections.ConfigDict | None, workdirs: Sequence[s
   for workdir in workdirs[1:]:
     if os.path.exists(run_config.saved_path(workdir)):
       saved = run_config.get_config(workdir)  # saved resolved, as ctx.config is
-      changed = [c for c in run_config.changed_fields(saved, ctx.config) if c.startswith("model.")]
+      changed = [c for c in run_config.changed_fields(saved, ctx.config)
+                 if c.startswith("model.") and c.split(":")[0] not in TRAINING_ONLY_MODEL_FIELDS]
       if changed:
         raise errors.UserError(f"{workdir} trained another model than {workdirs[0]}: {changed[:3]}")
   abstract_params, _ = state.param_layout(ctx)

@@ -19,11 +19,14 @@ import numpy as np
 from bigen_jax import config_checks
 from bigen_jax import errors
 from bigen_jax import parallel
+from bigen_jax.data import answers as answers_lib
+from bigen_jax.data import qa_pipeline
 from bigen_jax.data import records
 from bigen_jax.data import tokenizer as tokenizer_lib
 from bigen_jax.data import vocab as vocab_lib
 from bigen_jax.eval import cider
 from bigen_jax.models import lxmert
+from bigen_jax.tasks import qa
 from bigen_jax.tasks import scst
 
 TRAIN_FIELDS = ("text_ids", "text_mask", "dense", "boxes", "cluster_ids")
@@ -34,7 +37,8 @@ CAPTION_KEY_FIELDS = ("index", "caption_index")  # which caption of which record
 def train_fields(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   """The batch fields the training tasks of ``config`` read."""
   return (TRAIN_FIELDS + (REFERENCE_FIELDS if config_checks.task_on(config, "scst") else ())
-          + (CAPTION_KEY_FIELDS if config_checks.task_on(config, "clip") else ()))
+          + (CAPTION_KEY_FIELDS if config_checks.task_on(config, "clip") else ())
+          + (qa.QUESTION_FIELDS if config_checks.task_on(config, "qa") else ()))
 
 
 @dataclasses.dataclass
@@ -76,6 +80,10 @@ def resolve_config(config: ml_collections.ConfigDict):
   vocab = vocab_lib.load_vocab(data.vocab_dir, records_dir=data.records_dir)
   sizes = {"vocab_size": tok.vocab_size, "max_len": manifest["max_len"],
            "visual_feat_dim": manifest["feature_dim"], "num_clusters": vocab.k, "num_cells": records.NUM_CELLS}
+  if data.get("questions") and config.model.get("num_answers", 0):  # the QA head's classes: the answer vocabulary
+    sizes["num_answers"] = answers_lib.load_answer_vocab(
+        qa_pipeline.answers_path(data.records_dir, data.get("answers_file", "")), records_dir=data.records_dir
+    ).num_answers
   for field, value in sizes.items():
     if config.model[field] == -1:
       config.model[field] = value

@@ -3,6 +3,7 @@ last log (``summarise``: means per task; a non-finite loss stops the run) and th
 estimate (``model_flops_per_example``).
 """
 
+import collections
 import json
 
 from etils import epath
@@ -20,16 +21,20 @@ HISTORY_NAME = "metrics.jsonl"
 
 def model_flops_per_example(config: ml_collections.ConfigDict, cycle: list[str]) -> float:
   """Training FLOPs of one example averaged over the task cycle (analytic, ``bigen_jax.models.flops``):
-  I2T runs the text head at one position, T2I the image head on every cell."""
+  I2T runs the text head at one position, T2I and CCC the image head on every cell, MLM the text head on every
+  word."""
   per_task = {"i2t": flops.train_flops(config.model) + 3 * 2 * config.model.hidden_size * (
       config.model.hidden_size + config.model.vocab_size),
-              "t2i": flops.train_flops(config.model, image_logits=True)}
+              "t2i": flops.train_flops(config.model, image_logits=True),
+              "ccc": flops.train_flops(config.model, image_logits=True),
+              "mlm": flops.train_flops(config.model, text_logits=True)}
 
   def one(task):
     return per_task.get(task, flops.train_flops(config.model))
   if cycle == [tasks_lib.JOINT]:
     return float(sum(one(name) for name, cfg in config.tasks.items() if cfg.weight > 0))
-  return float(np.mean([one(task) for task in cycle]))
+  counts = collections.Counter(cycle)  # the "random" schedule's cycle is the whole run
+  return float(sum(one(task) * n for task, n in counts.items()) / len(cycle))
 
 
 class History:

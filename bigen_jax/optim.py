@@ -11,14 +11,19 @@ from bigen_jax import errors
 
 
 def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-  """``cfg.schedule``: "warmup_cosine" (linear 0 -> lr over ``warmup_fraction``, cosine to 0) or "constant"."""
+  """``cfg.schedule``: "warmup_cosine" (linear 0 -> lr over ``warmup_fraction``, cosine to 0), "warmup_linear"
+  (linear 0 -> lr, then linear to 0 at ``total_steps``: LXMERT's BertAdam) or "constant"."""
+  warmup = max(1, int(round(cfg.get("warmup_fraction", 0.0) * total_steps)))
   if cfg.schedule == "warmup_cosine":
-    warmup = max(1, int(round(cfg.warmup_fraction * total_steps)))
     return optax.warmup_cosine_decay_schedule(init_value=0.0, peak_value=cfg.lr, warmup_steps=warmup,
                                               decay_steps=max(total_steps, warmup + 1), end_value=0.0)
+  if cfg.schedule == "warmup_linear":
+    return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup),
+                                 optax.linear_schedule(cfg.lr, 0.0, max(total_steps - warmup, 1))], [warmup])
   if cfg.schedule == "constant":
     return optax.constant_schedule(cfg.lr)
-  raise errors.ConfigError(f"--config.optimizer.schedule={cfg.schedule!r}: use 'warmup_cosine' or 'constant'")
+  raise errors.ConfigError(f"--config.optimizer.schedule={cfg.schedule!r}: use 'warmup_cosine', 'warmup_linear' or "
+                           "'constant'")
 
 
 def decay_mask(params: Any) -> Any:

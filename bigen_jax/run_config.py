@@ -38,7 +38,8 @@ ADDED_FIELDS = {"model.shared_cross_attention": True, "model.image_head_dim": 0,
                 "tasks.clip.temperature": 0.0, "tasks.clip.choice_temperature": 0.0, "tasks.clip.guidance": 0.0,
                 "tasks.clip.hard": False, "tasks.clip.scale": 2.5, "tasks.clip.generator_dir": "",
                 "tasks.clip.clip_path": "", "tasks.clip.clip_variant": "", "tasks.clip.prompt": "a photo depicts ",
-                "task_order": ()}
+                "task_order": (), "data.questions": False, "data.answers_file": "", "tasks.t2i.objective": "ccc",
+                "model.num_answers": 0, "model.dropout_rng": "threefry"}
 # Saved in place of this process's launch settings (process 0's id and coordinator would make an evaluation wait
 # for processes that never come).
 LAUNCH = {"num_processes": 1, "process_id": 0, "coordinator_address": "", "auto": False}

@@ -87,7 +87,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
   """Trains ``config.total_steps`` steps (resuming from ``workdir``); returns the final train state."""
   ctx = experiment.build_context(config, workdir)
   config, mesh, rules, frozen = ctx.config, ctx.mesh, ctx.rules, ctx.frozen
-  cycle = tasks_lib.task_cycle(config.tasks, config.get("task_schedule", "cycle"), config.get("task_order", ()))
+  cycle = tasks_lib.task_cycle(config.tasks, config.get("task_schedule", "cycle"), config.get("task_order", ()),
+                               seed=config.seed, num_steps=config.total_steps)
   tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
 
   # The state is placed by ``out_shardings``; activations are constrained only inside the mesh context below.
@@ -99,14 +100,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
       records_dir=config.data.records_dir, split=config.data.train_split, global_batch_size=config.batch_size,
       seed=config.seed, vocab_dir=config.data.vocab_dir, shuffle_buffer=config.data.shuffle_buffer,
       verify_checksums=config.data.verify_checksums, pad_id=ctx.tokenizer.pad_id,
-      sharding=config.data.sharding, with_all_captions=references)
+      sharding=config.data.sharding, with_all_captions=references, questions=config.data.get("questions", False),
+      answers_file=config.data.get("answers_file", ""))
   state, start = loop.restore_or_init(ckpt, abstract, lambda: init(jax.random.key(config.seed)), data)
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     steps = {task: _with_frozen(make_train_step(ctx, task, tx, schedule, shardings), frozen)
              for task in set(cycle)}
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
-    logging.info("model: %.1fM parameters; tasks cycle %s; starting at step %d", num_params / 1e6, cycle, start)
+    logging.info("model: %.1fM parameters; %s schedule of tasks %s; starting at step %d", num_params / 1e6,
+                 config.get("task_schedule", "cycle"), cycle if len(cycle) <= 16 else sorted(steps), start)
     evaluators = [eval_registry.create(name, ctx) for name in config.eval.evaluators] if config.eval.every else []
     step_flops = metrics_lib.model_flops_per_example(config, cycle) * config.batch_size
     return loop.run(config, workdir, state=state, start=start, steps=steps, cycle=cycle, data=data,

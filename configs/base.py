@@ -26,7 +26,11 @@ def get_config(model: str = "paper") -> ml_collections.ConfigDict:
       shuffle_buffer=10_000, verify_checksums=False,
       # "global": every process reads every record, batches independent of the process count; "files": each
       # process reads its 1/P of the records (large pods). shuffle_buffer: serialized records per process.
-      sharding="global"))
+      sharding="global",
+      # True: batches also carry one question per image and its soft answer target (question_ids, question_mask,
+      # answer_target, question_type: bigen_jax/data/input_pipeline.py), for records extracted with questions;
+      # answers_file: the answer vocabulary (tools/build_answers.py), "" = RECORDS_DIR/answers.json.
+      questions=False, answers_file=""))
 
   config.model = model_config.get_config(model)
   for field in ("vocab_size", "max_len", "visual_feat_dim", "num_clusters"):
@@ -54,6 +58,9 @@ def get_config(model: str = "paper") -> ml_collections.ConfigDict:
                # weight of an auxiliary loss: the image head's D-wide feature regressed on the target cluster's
                # centroid (masked cells; MSE over the codebook's mean square); 0 in the paper
                feature_regression=0.0,
+               # "ccc": cross-entropy of the masked cells' cluster ids (the paper's and X-LXMERT's); "regression": the
+               # image head's feature regressed on the masked cells' input features instead (LXMERT's objective)
+               objective="ccc",
                # weight of an auxiliary loss: every masked cell predicts which codes the whole image contains
                # (model.code_bag_head; cross-entropy to the uniform distribution over the image's distinct
                # codes); 0 in the paper
@@ -94,8 +101,12 @@ def get_config(model: str = "paper") -> ml_collections.ConfigDict:
   config.eval = ml_collections.ConfigDict(dict(every=5000, evaluators=("validation_loss",), num_batches=20,
                                                batch_size=0))
   # Generation evaluators (bigen_jax/eval/captioning.py, generation.py); batch sizes divide the devices.
+  # captioning: decoder "gibbs" (X-LXMERT's, for a model trained with tasks.mlm) redraws a caption of gibbs_length
+  # [MASK]s (-1: the longest that fits) in gibbs_sweeps sweeps (gibbs_order "left_to_right" or "random"), argmax at
+  # gibbs_temperature 0; X-LXMERT's paper does not give its settings.
   config.eval.captioning = ml_collections.ConfigDict(dict(
-      decoder="greedy", beam_size=3, num_examples=0, batch_size=64, spice=True))
+      decoder="greedy", beam_size=3, num_examples=0, batch_size=64, spice=True, gibbs_sweeps=4, gibbs_length=-1,
+      gibbs_order="left_to_right", gibbs_temperature=0.0))
   # generation: the main decoder (sampling/image_tokens.py: order, num_steps, temperature, schedule,
   # choice_temperature, guidance), and ``variants``, name -> overrides of those fields, each decoded and scored
   # beside it (generation/<name>/...), e.g. {"sampling": {"order": "maskgit", "temperature": 1.0}}.

@@ -106,10 +106,18 @@ VARIANTS = {
                                    _feature_bag(2.0, seed=1)),
     "demo_feature_bag3_w4": ("demo_feature_bag with the feature bag weighted 3, decoded with guidance w = 4",
                              _feature_bag(3.0)),
+    "demo_dropout": ("configs/demo.py with dropout 0.1 (hidden and attention; the demo until 2026-12-07)",
+                     {"model.dropout_rate": 0.1, "model.attention_dropout_rate": 0.1}),
+    "demo_dropout_rbg": ("demo_dropout with its masks drawn by XLA's RngBitGenerator (model.dropout_rng=rbg)",
+                         {"model.dropout_rate": 0.1, "model.attention_dropout_rate": 0.1,
+                          "model.dropout_rng": "rbg"}),
+    "demo_no_dropout": ("configs/demo.py without dropout (hidden or attention): the demo since 2026-12-07",
+                        {"model.dropout_rate": 0.0, "model.attention_dropout_rate": 0.0}),
 }
 KEYS = ("validation_loss/i2t/loss", "validation_loss/i2t/gap", "validation_loss/t2i/loss", "validation_loss/t2i/gap",
         "captioning/CIDEr-D", "captioning/semantic/accuracy", "captioning/distinct_captions",
         "generation/semantic/accuracy", "generation/r_precision_easy", "generation/r_precision_hard",
+        "generation/guidance/semantic/accuracy", "generation/guidance/r_precision_hard",
         "generation/reference/semantic/accuracy")
 
 

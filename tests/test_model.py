@@ -160,6 +160,32 @@ def test_dropout_determinism():
   np.testing.assert_array_equal(run(0, deterministic=True), run(1, deterministic=True))
 
 
+@pytest.mark.parametrize("impl", ["threefry", "rbg"])
+def test_dropout_rng_draws_seeded_masks_at_the_rate_and_the_same_on_any_mesh(impl):
+  """``model.dropout_rng``: masks at the configured rate, a function of the key alone (same key, same output;
+  another key, another output), and the same on 8 devices (data, fsdp, tensor = 2) as on one."""
+  from bigen_jax.models import apply as apply_lib  # pylint: disable=g-import-not-at-top
+  keep = jax.random.bernoulli(apply_lib.dropout_key(jax.random.key(0), impl), 0.9, (200_000,))
+  assert abs(float(keep.mean()) - 0.9) < 0.005
+  config = model_config("tiny", **ONE_LAYER, dropout_rng=impl)
+  model, params = _init(config)
+  inputs = _inputs(config, batch=4)
+
+  def run(p, x, seed):
+    head = lambda module, out: out.language  # noqa: E731
+    return apply_lib.apply_model(model, p, task="i2t", rng=jax.random.key(seed), head=head, **x)
+
+  single = jit(run, static_argnums=2)(params, inputs, 0)
+  np.testing.assert_array_equal(single, jit(run, static_argnums=2)(params, inputs, 0))
+  assert not np.allclose(single, jit(run, static_argnums=2)(params, inputs, 1))
+  layout = layout_config(data=2, fsdp=2, tensor=2)
+  mesh, rules = parallel.make_mesh(layout), parallel.axis_rules(layout)
+  sharded = jax.device_put(params, parallel.logical_shardings(lxmert.abstract_params(model, config), mesh, rules))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    out = jit(run, static_argnums=2)(sharded, jax.device_put(inputs, parallel.data_sharding(mesh)), 0)
+  np.testing.assert_allclose(out, single, atol=1e-5)
+
+
 def test_logical_axis_names_on_every_param():
   for scan in (False, True):
     config = model_config("tiny", scan_layers=scan)

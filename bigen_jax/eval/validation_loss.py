@@ -12,12 +12,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bigen_jax import experiment
 from bigen_jax import tasks as tasks_lib
 from bigen_jax.data import input_pipeline
+from bigen_jax.tasks import qa
 
 VISUAL_FIELDS = ("dense", "cluster_ids")
 TEXT_FIELDS = ("text_ids", "text_mask")
-CONDITION = {"i2t": VISUAL_FIELDS, "itm": VISUAL_FIELDS, "t2i": TEXT_FIELDS}  # other tasks: the images
+CONDITION = {"i2t": VISUAL_FIELDS, "itm": VISUAL_FIELDS, "t2i": TEXT_FIELDS, "ccc": TEXT_FIELDS}  # others: images
 # Tasks left out: SCST's loss is a policy-gradient surrogate over sampled captions, not a held-out loss (the
 # captioning evaluator's CIDEr-D measures it); the CLIP loss scores relaxed samples (the generation evaluator's
 # CLIPScore measures decoded images).
@@ -46,10 +48,12 @@ class Evaluator:
     batch_size = config.eval.batch_size or config.batch_size
     data = input_pipeline.create_iterator(
         records_dir=config.data.records_dir, split=config.data.eval_split, global_batch_size=batch_size,
-        seed=config.seed, vocab_dir=config.data.vocab_dir, shuffle_buffer=1, pad_id=ctx.tokenizer.pad_id)
+        seed=config.seed, vocab_dir=config.data.vocab_dir, shuffle_buffer=1, pad_id=ctx.tokenizer.pad_id,
+        questions=config.data.get("questions", False), answers_file=config.data.get("answers_file", ""))
     num = min(config.eval.num_batches, data.batches_per_epoch)
-    self.batches = [ctx.batch_to_global(next(data)) for _ in range(num)]
     self.tasks = [name for name, cfg in config.tasks.items() if cfg.weight > 0 and name not in NO_HELD_OUT_LOSS]
+    fields = experiment.TRAIN_FIELDS + (qa.QUESTION_FIELDS if "qa" in self.tasks else ())
+    self.batches = [ctx.batch_to_global(next(data), fields) for _ in range(num)]
     self.losses = {name: jax.jit(self._loss_fn(name)) for name in self.tasks}
 
   def _loss_fn(self, task):

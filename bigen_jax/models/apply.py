@@ -35,6 +35,24 @@ def cls_only(shape: tuple[int, int]) -> Array:
   return jnp.broadcast_to(jnp.arange(shape[1]) == 0, shape).astype(jnp.int32)
 
 
+DROPOUT_RNGS = ("threefry", "rbg")
+
+
+def dropout_key(rng: Array, impl: str) -> Array:
+  """The key the model's dropout masks are drawn from: ``rng`` itself ("threefry"), or an XLA RngBitGenerator
+  key seeded by ``rng``'s bits ("rbg"; ``configs/model.py:dropout_rng``)."""
+  if impl == "threefry":
+    return rng
+  if impl == "rbg":
+    return jax.random.wrap_key_data(jax.random.bits(rng, (4,), jnp.uint32), impl="rbg")
+  raise ValueError(f"model.dropout_rng {impl!r}: expected one of {DROPOUT_RNGS}")
+
+
+def _spec(model):
+  """The ``LayerSpec`` of a model (of its I2T half for the two-model ablation: both share the config)."""
+  return model.i2t.spec if isinstance(model, lxmert.TwoModel) else model.spec
+
+
 def apply_model(model, params, *, task: str, rng: Array | None, head: Callable[[Any, Any], Array],
                 **inputs) -> Array:
   """Runs ``model`` on ``inputs`` and ``head(module, ModelOutput)`` inside one ``apply``.
@@ -51,5 +69,5 @@ def apply_model(model, params, *, task: str, rng: Array | None, head: Callable[[
     sub = getattr(module, task) if two_model else module
     return head(sub, out)
 
-  rngs = {} if rng is None else {"dropout": rng}
+  rngs = {} if rng is None else {"dropout": dropout_key(rng, _spec(model).dropout_rng)}
   return model.apply({"params": params}, method=forward, rngs=rngs, deterministic=rng is None, **inputs)

@@ -1,5 +1,5 @@
 """Prediction heads on the cross-modality outputs: text (tied to the word embeddings), image (visual
-cluster ids, X-LXMERT's CCC head) and image-text matching. Logits are returned in float32.
+cluster ids, X-LXMERT's CCC head), image-text matching and question answering. Logits are returned in float32.
 
 The image head is transform -> dense H->D -> dense D->K, D = visual feature size (2048), K clusters; its
 last layer can start from the codebook (``init_image_head_from_codebook``), as X-LXMERT's ``out_cluster``
@@ -72,6 +72,20 @@ class MatchHead(nn.Module):
   def __call__(self, pooled: Array) -> Array:
     """pooled [B, H] -> logits [B, 2] float32."""
     return dense(self.spec, 2, ("embed", "classes"), name="dense")(pooled).astype(jnp.float32)
+
+
+class AnswerHead(nn.Module):
+  """Answer logits from the pooled output (LXMERT's ``answer_head``): dense H->2H, GELU, LayerNorm,
+  dense 2H->A."""
+  spec: LayerSpec
+  num_answers: int
+
+  @nn.compact
+  def __call__(self, pooled: Array) -> Array:
+    """pooled [B, H] -> logits [B, A] float32."""
+    x = gelu(dense(self.spec, 2 * self.spec.hidden_size, ("embed", "mlp"), name="dense")(pooled))
+    x = layer_norm(self.spec, name="norm")(x)
+    return dense(self.spec, self.num_answers, ("mlp", "answers"), name="classifier")(x).astype(jnp.float32)
 
 
 def standardise_columns(codebook: Any) -> Array:

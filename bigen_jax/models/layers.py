@@ -25,6 +25,7 @@ class LayerSpec:
   mlp_dim: int = 3072
   dropout_rate: float = 0.1
   attention_dropout_rate: float = 0.1
+  dropout_rng: str = "threefry"
   layer_norm_eps: float = 1e-12
   init_std: float = 0.02
   shared_cross_attention: bool = True

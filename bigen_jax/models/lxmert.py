@@ -1,5 +1,5 @@
-"""The unified image<->text transformer: LXMERT language/vision/cross-modality encoders plus the text, image
-and matching heads, in Flax linen.
+"""The unified image<->text transformer: LXMERT language/vision/cross-modality encoders plus the text, image,
+matching and (optional) answer heads, in Flax linen.
 
 Parameter tree (``scan_layers=False``; with ``scan_layers=True`` each stack holds one ``layers`` entry whose
 arrays have a leading layer axis)::
@@ -7,7 +7,7 @@ arrays have a leading layer axis)::
   text_embed/{word,position,token_type}/embedding, text_embed/norm
   visual_embed/{feat_proj,feat_norm,box_proj,box_norm}, visual_mask_feature [D]
   language/layers_i, vision/layers_i (SelfLayer), cross/layers_i (CrossLayer), pooler
-  text_head (bias; decoder tied to text_embed/word), image_head, match_head
+  text_head (bias; decoder tied to text_embed/word), image_head, match_head, answer_head (``num_answers`` > 0)
 
 The visual codebook [K, D] (float32, from ``tools/build_vocab.py``) is a frozen *input* of ``__call__``, not
 a parameter: the trainer keeps it outside ``params`` and it never receives gradients.
@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from bigen_jax.models.heads import ImageHead, MatchHead, TextHead
+from bigen_jax.models.heads import AnswerHead, ImageHead, MatchHead, TextHead
 from bigen_jax.models.layers import CrossLayer, LayerSpec, LayerStack, SelfLayer, constrain, dense, layer_norm
 
 Array = jax.Array
@@ -119,6 +119,8 @@ class UnifiedTransformer(nn.Module):
   # A dense head on the cells (``predict_code_bag``) for T2I's code-bag auxiliary (``tasks.t2i.code_bag``):
   # "codes" (H->K logits), "features" (H->D, the bag's mean feature), "" none.
   code_bag_head: str = ""
+  # > 0: LXMERT's question-answering head on the pooled output, over this many answers (``tasks.qa``).
+  num_answers: int = 0
 
   def setup(self):
     s = self.spec
@@ -139,6 +141,8 @@ class UnifiedTransformer(nn.Module):
     self.text_head = TextHead(s, self.vocab_size)
     self.image_head = ImageHead(s, self.image_head_dim or self.visual_feat_dim, self.num_clusters)
     self.match_head = MatchHead(s)
+    if self.num_answers:
+      self.answer_head = AnswerHead(s, self.num_answers)
     if self.code_bag_head:
       width, names = ((self.num_clusters, ("embed", "clusters")) if self.code_bag_head == "codes" else
                       (self.visual_feat_dim, ("embed", "visual_feat")))
@@ -191,6 +195,8 @@ class UnifiedTransformer(nn.Module):
     init = self.is_initializing()
     if init:
       self.predict_match(out.pooled)
+      if self.num_answers:
+        self.predict_answer(out.pooled)
       if self.code_bag_head:
         self.predict_code_bag(vision_x)
     return out.replace(text_logits=self.predict_text(lang_x) if text_logits or init else None,
@@ -226,6 +232,12 @@ class UnifiedTransformer(nn.Module):
     """pooled [B, H] -> image-text matching logits [B, 2] float32."""
     return self.match_head(pooled)
 
+  def predict_answer(self, pooled: Array) -> Array:
+    """pooled [B, H] -> answer logits [B, A] float32 (needs ``num_answers`` > 0)."""
+    if not self.num_answers:
+      raise ValueError("the model has no answer head: set --config.model.num_answers to the answers of tasks.qa")
+    return self.answer_head(pooled)
+
   def predict_code_bag(self, hidden: Array) -> Array:
     """Cells' hidden [B, M, H] -> what the whole image contains, float32: logits [B, M, K] of its codes
     ("codes"), or the mean feature [B, M, D] of its codes ("features")."""
@@ -251,6 +263,9 @@ class TwoModel(nn.Module):
 
   def predict_match(self, pooled: Array, *, task: str = "i2t") -> Array:
     return getattr(self, task).predict_match(pooled)
+
+  def predict_answer(self, pooled: Array, *, task: str = "i2t") -> Array:
+    return getattr(self, task).predict_answer(pooled)
 
 
 def stack_layers(params: Any) -> Any:
@@ -285,6 +300,7 @@ def layer_spec(config: ml_collections.ConfigDict) -> LayerSpec:
   """The block hyper-parameters of a model config (``configs/model.py``)."""
   return LayerSpec(hidden_size=config.hidden_size, num_heads=config.num_heads, mlp_dim=config.mlp_dim,
                    dropout_rate=config.dropout_rate, attention_dropout_rate=config.attention_dropout_rate,
+                   dropout_rng=config.get("dropout_rng", "threefry"),
                    layer_norm_eps=config.layer_norm_eps, init_std=config.init_std,
                    shared_cross_attention=config.get("shared_cross_attention", True),
                    dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype))
@@ -299,7 +315,7 @@ def build_model(config: ml_collections.ConfigDict) -> nn.Module:
         image_head_dim=config.get("image_head_dim", 0), num_clusters=config.num_clusters,
         num_language_layers=config.num_language_layers, num_vision_layers=config.num_vision_layers,
         num_cross_layers=config.num_cross_layers, caption_to_cells=config.get("caption_to_cells", False),
-        code_bag_head=config.get("code_bag_head", ""),
+        code_bag_head=config.get("code_bag_head", ""), num_answers=config.get("num_answers", 0),
         scan_layers=config.scan_layers, remat=config.remat)
   return TwoModel(i2t=one(), t2i=one()) if config.get("two_model") else one()
 
@@ -334,12 +350,15 @@ def init_heads(config: ml_collections.ConfigDict, rng: Array) -> dict[str, Any]:
     k_text, k_image, k_match, k_mask = jax.random.split(key, 4)
     hidden = jnp.zeros((1, config.hidden_size), spec.dtype)
     table = jnp.zeros((config.vocab_size, config.hidden_size), spec.param_dtype)
-    return dict(
+    out = dict(
         text_head=TextHead(spec, config.vocab_size).init(k_text, hidden, table)["params"],
         image_head=ImageHead(spec, config.get("image_head_dim", 0) or config.visual_feat_dim,
                              config.num_clusters).init(k_image, hidden)["params"],
         match_head=MatchHead(spec).init(k_match, hidden)["params"],
         visual_mask_feature=jax.random.normal(k_mask, (config.visual_feat_dim,), spec.param_dtype))
+    if config.get("num_answers", 0):
+      out["answer_head"] = AnswerHead(spec, config.num_answers).init(jax.random.fold_in(key, 4), hidden)["params"]
+    return out
   return nn.unbox(jax.jit(init)(rng))
 
 

@@ -1,10 +1,12 @@
-"""Image-to-text decoding as compiled loops (METHOD.md §5): greedy, beam search and sampling.
+"""Image-to-text decoding as compiled loops (METHOD.md §5): greedy, beam search and sampling, and X-LXMERT's
+Gibbs sampling (``gibbs_captions``: a fixed-length all-[MASK] caption whose words are redrawn in sweeps).
 
 Step l (1..L-1) puts one [MASK] at l after the words decoded so far, hides every later position, runs the
 model and reads the text head at l (``layout="mask"``, the paper's; ``"causal"``: the words so far read left
 to right, the cells see [CLS] only, and the head reads position l - 1, as ``tasks.i2t.layout`` trained it).
-A bidirectional prefix changes every hidden state at each step, so there is no key/value cache: each step is a full forward pass. Captions stop at [SEP]; positions after it are
-[PAD]. Every decoder is one ``lax.scan`` over positions, so it compiles once for any batch.
+A bidirectional prefix changes every hidden state at each step, so there is no key/value cache: each step is a
+full forward pass. Captions stop at [SEP]; positions after it are [PAD]. Every decoder is one ``lax.scan`` over
+positions, so it compiles once for any batch.
 """
 
 import dataclasses
@@ -187,3 +189,77 @@ def beam_search_captions(params: Any, *, model, visual: dict[str, Array], boxes:
     ids = jnp.take_along_axis(ids, order[..., None], axis=1)
     scores = jnp.take_along_axis(scores, order, axis=1)
   return ids, scores
+
+
+GIBBS_ORDERS = ("left_to_right", "random")
+
+
+def gibbs_visits(rng: Array, *, batch: int, length: int, num_sweeps: int, order: str) -> Array:
+  """The positions Gibbs sampling resamples, int32 [B, num_sweeps * length]: each sweep visits 1..length once,
+  in order ("left_to_right") or in a random permutation per image and sweep ("random")."""
+  if order == "left_to_right":
+    sweep = jnp.arange(1, length + 1, dtype=jnp.int32)
+    return jnp.broadcast_to(jnp.tile(sweep, num_sweeps), (batch, num_sweeps * length))
+  if order == "random":
+    perm = jnp.argsort(jax.random.uniform(rng, (batch, num_sweeps, length)), axis=-1).astype(jnp.int32)
+    return perm.reshape(batch, num_sweeps * length) + 1
+  raise ValueError(f"Gibbs order {order!r} (eval.captioning.gibbs_order): expected one of {GIBBS_ORDERS}")
+
+
+def gibbs_start(batch: int, *, max_len: int, length: int, tokens: Tokens) -> tuple[Array, Array]:
+  """The all-[MASK] caption ``[CLS] [MASK] x length [SEP] [PAD]..``: (ids int32 [B, max_len], text_mask int32
+  [B, max_len])."""
+  positions = jnp.arange(max_len)
+  ids = jnp.where(positions == 0, tokens.cls_id, jnp.where(positions <= length, tokens.mask_id, jnp.where(
+      positions == length + 1, tokens.sep_id, tokens.pad_id)))
+  return (jnp.broadcast_to(ids, (batch, max_len)).astype(jnp.int32),
+          jnp.broadcast_to(positions <= length + 1, (batch, max_len)).astype(jnp.int32))
+
+
+def end_at_sep(ids: Array, tokens: Tokens) -> Array:
+  """``ids`` [B, L] with every position after the first [SEP] set to [PAD]."""
+  sep = ids == tokens.sep_id
+  return jnp.where(jnp.cumsum(sep, axis=1) - sep > 0, tokens.pad_id, ids).astype(ids.dtype)
+
+
+def gibbs_captions(params: Any, rng: Array, *, model, visual: dict[str, Array], boxes: Array, max_len: int,
+                   tokens: Tokens, num_sweeps: int = 4, length: int = -1, order: str = "left_to_right",
+                   temperature: float = 0.0) -> Array:
+  """X-LXMERT's captioning by Gibbs sampling (Wang & Cho, 2019): captions int32 [B, max_len], ``[CLS] w1 ..
+  [SEP] [PAD]..``.
+
+  Starts from ``gibbs_start`` (``length`` word slots; -1: max_len - 2) and, for ``num_sweeps`` sweeps of
+  ``gibbs_visits(order)``, puts [MASK] at the visited position, runs the model on the image and the whole caption
+  (bidirectional: the MLM layout, ``tasks.mlm``) and redraws that word from the text head: argmax at
+  ``temperature`` 0, else drawn from ``filter_logits`` at that temperature (step t uses ``fold_in(rng, t)``).
+  [CLS], [MASK], [PAD] and ``tokens.banned`` are never drawn. The caption ends at its first [SEP]. One
+  ``lax.fori_loop`` of num_sweeps x length full forward passes; visual and boxes as ``greedy_captions``.
+  """
+  length = max_len - 2 if length == -1 else length
+  if not 1 <= length <= max_len - 2:
+    raise ValueError(f"Gibbs caption length {length} (eval.captioning.gibbs_length): expected 1..{max_len - 2} "
+                     "(the model's max_len - 2), or -1 for that")
+  batch = boxes.shape[0]
+  order_rng, sample_rng = jax.random.split(rng)
+  visits = gibbs_visits(order_rng, batch=batch, length=length, num_sweeps=num_sweeps, order=order)
+  ids, text_mask = gibbs_start(batch, max_len=max_len, length=length, tokens=tokens)
+  not_last = jnp.zeros((batch,), bool)
+
+  def step(t, ids):
+    here = jnp.arange(max_len)[None, :] == visits[:, t][:, None]
+
+    def head(module, out):
+      return module.predict_text(jnp.take_along_axis(out.language, visits[:, t][:, None, None], axis=1)[:, 0])
+
+    logits = apply.apply_model(model, params, task="i2t", rng=None, head=head,
+                               text_ids=jnp.where(here, tokens.mask_id, ids), text_mask=text_mask, boxes=boxes,
+                               **visual)
+    log_probs = word_log_probs(logits, not_last, tokens)
+    if temperature == 0:
+      word = jnp.argmax(log_probs, axis=-1)
+    else:
+      word = jax.random.categorical(jax.random.fold_in(sample_rng, t),
+                                    filter_logits(log_probs, temperature=temperature), axis=-1)
+    return jnp.where(here, word[:, None].astype(ids.dtype), ids)
+
+  return end_at_sep(jax.lax.fori_loop(0, num_sweeps * length, step, ids), tokens)

@@ -5,6 +5,8 @@
       greedy  ``captions.greedy_captions`` (``rng`` unused)
       beam    ``captions.beam_search_captions``'s best beam (settings: beam_size, length_penalty)
       sample  ``captions.sample_captions`` (settings: temperature, top_k, top_p)
+      gibbs   ``captions.gibbs_captions``, X-LXMERT's (settings: gibbs_sweeps, gibbs_length, gibbs_order,
+              gibbs_temperature); it reads the bidirectional MLM text head whatever I2T's ``layout``
   image-token decoders (text -> image)  ``fn(params, rng, *, model, text_ids, text_mask, boxes, codebook,
       null_text_ids=None, null_text_mask=None) -> (ids [B, M], probabilities [B, M])``
       one per order of ``image_tokens.parallel_decode``: mask_predict, easy_first, left_to_right, random, maskgit
@@ -34,11 +36,19 @@ def _beam(params, rng, *, beam_size: int = 3, length_penalty: float = 0.0, **inp
   return captions.beam_search_captions(params, beam_size=beam_size, length_penalty=length_penalty, **inputs)[0][:, 0]
 
 
+def _gibbs(params, rng, *, gibbs_sweeps: int = 4, gibbs_length: int = -1, gibbs_order: str = "left_to_right",
+           gibbs_temperature: float = 0.0, layout: str = "mask", **inputs):
+  del layout  # I2T's layout: Gibbs sampling reads the MLM head, which sees the whole caption
+  return captions.gibbs_captions(params, rng, num_sweeps=gibbs_sweeps, length=gibbs_length, order=gibbs_order,
+                                 temperature=gibbs_temperature, **inputs)
+
+
 # name -> (decoder, the settings it takes)
 CAPTION_DECODERS: dict[str, tuple[Callable, tuple[str, ...]]] = {
     "greedy": (_greedy, ()),
     "beam": (_beam, ("beam_size", "length_penalty")),
     "sample": (captions.sample_captions, ("temperature", "top_k", "top_p")),
+    "gibbs": (_gibbs, ("gibbs_sweeps", "gibbs_length", "gibbs_order", "gibbs_temperature")),
 }
 IMAGE_DECODERS: dict[str, tuple[Callable, tuple[str, ...]]] = {
     order: (functools.partial(image_tokens.parallel_decode, order=order),

@@ -9,6 +9,9 @@ sees words <= j, the visual cells see [CLS] only, and the hidden state at j pred
 every caption is a target in each step (the paper's layout trains one word per caption per step), at the cost
 of a prefix that reads left to right and an image encoding that does not depend on the words.
 
+MLM (X-LXMERT's masked language modelling): BERT's masking of the caption's words (``mlm_inputs``); the caption
+attends bidirectionally, the image is whole.
+
 T2I (text -> image): a set of the 64 grid cells is masked (fed the learned mask feature) and their cluster
 ids are predicted; masked cells stay visible as keys, like BERT's [MASK] tokens. The null caption
 ``[CLS] [SEP]`` stands for "no caption": T2I training drops captions to it (``caption_dropout``) and
@@ -81,6 +84,38 @@ def sample_i2t_positions(rng: Array, *, text_mask: Array) -> Array:
   return jax.random.randint(rng, n.shape, 1, high).astype(jnp.int32)
 
 
+@flax.struct.dataclass
+class MLMInputs:
+  """text_ids [B, L]: the caption with its chosen words replaced; targets [B, L]: the original ids; chosen bool
+  [B, L]: the positions scored."""
+  text_ids: Array
+  targets: Array
+  chosen: Array
+
+
+def mlm_inputs(rng: Array, *, text_ids: Array, text_mask: Array, rate: float, mask_id: int, vocab_size: int,
+               special_ids: tuple[int, ...]) -> MLMInputs:
+  """BERT's masking of captions ``text_ids`` [B, L] with real tokens ``text_mask`` [B, L].
+
+  Each word (a real token not in ``special_ids``: never [CLS], [SEP] or [PAD]) is chosen with probability
+  ``rate``, and a caption's word of least noise is chosen in any case (at least one per caption that has a word).
+  A chosen word becomes [MASK] (80%), a random word (10%: uniform over the ids < ``vocab_size`` outside
+  ``special_ids`` and [MASK]) or stays (10%).
+  """
+  text_ids = jnp.asarray(text_ids)
+  choose_rng, how_rng, word_rng = jax.random.split(rng, 3)
+  specials = sorted({int(i) for i in (*special_ids, mask_id) if 0 <= int(i) < vocab_size})
+  word = jnp.asarray(text_mask).astype(bool) & ~jnp.isin(text_ids, jnp.asarray(specials, text_ids.dtype))
+  noise = jnp.where(word, jax.random.uniform(choose_rng, text_ids.shape), 2.0)
+  chosen = word & ((noise < rate) | (noise == noise.min(axis=1, keepdims=True)))
+  how = jax.random.uniform(how_rng, text_ids.shape)
+  random_word = jax.random.randint(word_rng, text_ids.shape, 0, vocab_size - len(specials))
+  for special in specials:  # the r-th id outside ``specials``, in increasing order
+    random_word = random_word + (random_word >= special)
+  replaced = jnp.where(how < 0.8, mask_id, jnp.where(how < 0.9, random_word, text_ids)).astype(text_ids.dtype)
+  return MLMInputs(text_ids=jnp.where(chosen, replaced, text_ids), targets=text_ids, chosen=chosen)
+
+
 def random_cells_mask(rng: Array, *, num_masked: Array | int, batch_size: int, num_cells: int = 64) -> Array:
   """bool [B, num_cells] with exactly ``num_masked`` (scalar or [B]) random True cells per row."""
   noise = jax.random.uniform(rng, (batch_size, num_cells))
@@ -93,19 +128,20 @@ def t2i_mask(rng: Array, *, batch_size: int, num_cells: int = 64, schedule: str 
   """Cells to mask for T2I training, bool [B, num_cells].
 
   schedule "count" (the paper's code): one count ~ U{min_masked..max_masked} for the whole batch;
-  "ratio" (X-LXMERT): a ratio r ~ U(0, 1] per example, ceil(r * num_cells) cells;
-  "cosine" (MaskGIT): r = cos(pi/2 * u), u ~ U[0, 1) per example, which favours nearly full masks: the
-  state every decoding starts from, where only the caption tells what to draw.
+  "uniform" (X-LXMERT's uniform masking, CCC; "ratio" is its older name): a ratio r ~ U(0, 1] per example,
+  ceil(r * num_cells) cells, at least one; "cosine" (MaskGIT): r = cos(pi/2 * u), u ~ U[0, 1) per example, which
+  favours nearly full masks: the state every decoding starts from, where only the caption tells what to draw.
   """
   count_rng, cells_rng = jax.random.split(rng)
   if schedule == "count":
     num = jax.random.randint(count_rng, (), min_masked, min(max_masked, num_cells) + 1)
-  elif schedule in ("ratio", "cosine"):
+  elif schedule in ("uniform", "ratio", "cosine"):
     u = jax.random.uniform(count_rng, (batch_size,))
-    ratio = 1.0 - u if schedule == "ratio" else jnp.cos(0.5 * jnp.pi * u)
+    ratio = jnp.cos(0.5 * jnp.pi * u) if schedule == "cosine" else 1.0 - u
     num = jnp.clip(jnp.ceil(ratio * num_cells), 1, num_cells).astype(jnp.int32)
   else:
-    raise ValueError(f"unknown T2I mask schedule {schedule!r}: expected 'count', 'ratio' or 'cosine'")
+    raise ValueError(f"unknown T2I mask schedule {schedule!r} (tasks.<t2i|ccc>.mask_schedule): expected 'count', "
+                     "'uniform' ('ratio') or 'cosine'")
   return random_cells_mask(cells_rng, num_masked=num, batch_size=batch_size, num_cells=num_cells)
 
 

@@ -1,7 +1,10 @@
 """Stage-1 text-to-image (METHOD.md §3, eq. 3): predict the cluster ids of masked grid cells.
 
 A set of cells is masked (the paper's code: one count ~ U{6..64} per batch; X-LXMERT: a ratio ~ U(0, 1] per
-example), fed the learned mask feature, and their cluster ids are predicted from the caption and the rest.
+example, ``mask_schedule="uniform"``), fed the learned mask feature, and their cluster ids are predicted from the
+caption and the rest. The same loss is X-LXMERT's masked cluster-centroid classification (CCC, the ``ccc`` task of
+the registry, its own config block). ``objective="regression"`` regresses the masked cells' input features instead
+of classifying them (LXMERT's masked feature regression, X-LXMERT's comparison to CCC).
 With ``caption_dropout`` p > 0 each training caption is replaced, with probability p, by the null caption
 ``[CLS] [SEP]`` (``layouts.null_captions``), which teaches the unconditional model that classifier-free guidance
 decodes against (``sampling.image_tokens``).
@@ -17,6 +20,7 @@ from bigen_jax.tasks import layouts
 from bigen_jax.tasks import losses
 
 Array = jax.Array
+OBJECTIVES = ("ccc", "regression")
 
 
 def drop_captions(rng: Array, *, text_ids: Array, text_mask: Array, rate: float, cls_id: int, sep_id: int,
@@ -33,7 +37,12 @@ def drop_captions(rng: Array, *, text_ids: Array, text_mask: Array, rate: float,
 def loss_fn(params, batch, rng, *, model, cfg, frozen, deterministic=False):
   """batch: text_ids/text_mask [B, L], cluster_ids [B, 64] (targets), boxes [B, 64, 4], dense for the
   "dense only" ablation. cfg: mask_schedule, min_masked, max_masked, label_smoothing, visual_input,
-  caption_dropout, feature_regression and code_bag (training only), cls_id, sep_id, pad_id."""
+  caption_dropout, feature_regression and code_bag (training only), objective ("ccc", default: cross-entropy of
+  the cluster ids; "regression": ``regression_loss`` of the image head's feature against the masked cells' input
+  features, accuracy by the nearest centroid), cls_id, sep_id, pad_id."""
+  objective = cfg.get("objective", "ccc")
+  if objective not in OBJECTIVES:
+    raise ValueError(f"tasks.<t2i|ccc>.objective {objective!r}: expected one of {OBJECTIVES}")
   mask_rng, dropout_rng = jax.random.split(rng)
   targets = batch["cluster_ids"]
   text_ids, text_mask = batch["text_ids"], batch["text_mask"]
@@ -57,11 +66,16 @@ def loss_fn(params, batch, rng, *, model, cfg, frozen, deterministic=False):
       return logits, feats, code_bag_loss(bag, targets, visual_mask)
     return logits, feats, feature_bag_loss(bag, targets, visual_mask, frozen["codebook"])
 
+  visual = apply.visual_input(batch, cfg.visual_input, frozen)
   logits, feats, bag_error = apply.apply_model(
       model, params, task="t2i", rng=None if deterministic else dropout_rng, head=head,
-      text_ids=text_ids, text_mask=text_mask, boxes=batch["boxes"],
-      visual_mask=visual_mask, **apply.visual_input(batch, cfg.visual_input, frozen))
-  loss, metrics = losses.cross_entropy(logits, targets, visual_mask, label_smoothing=cfg.label_smoothing)
+      text_ids=text_ids, text_mask=text_mask, boxes=batch["boxes"], visual_mask=visual_mask, **visual)
+  if objective == "regression":
+    inputs = visual["visual_feats"] if "visual_feats" in visual else jnp.asarray(frozen["codebook"])[targets]
+    loss = regression_loss(feats, inputs, visual_mask, frozen["codebook"])
+    metrics = {"loss": loss, "accuracy": nearest_centroid_accuracy(feats, targets, visual_mask, frozen["codebook"])}
+  else:
+    loss, metrics = losses.cross_entropy(logits, targets, visual_mask, label_smoothing=cfg.label_smoothing)
   metrics = {**metrics, "masked_cells": visual_mask.sum(-1).mean(), "caption_dropped": dropped.mean()}
   if regression and not deterministic:
     error = feature_regression_loss(feats, targets, visual_mask, frozen["codebook"])
@@ -110,6 +124,25 @@ def _cell_mean(error: Array, weights: Array) -> Array:
   return (error * weights).sum() / jnp.maximum(weights.sum(), 1.0)
 
 
+def regression_loss(feats: Array, target_feats: Array, weights: Array, codebook: Array) -> Array:
+  """Mean squared error between the predicted features [B, N, D] and ``target_feats`` [B, N, D] over the cells of
+  ``weights`` [B, N], divided by the mean square of ``codebook`` [K, D] (1.0 for predicting zeros)."""
+  codebook = jnp.asarray(codebook, jnp.float32)
+  if feats.shape[-1] != target_feats.shape[-1]:
+    raise ValueError(f"regressing features needs the image head's feature as wide as the visual features "
+                     f"({target_feats.shape[-1]}), got {feats.shape[-1]}: set --config.model.image_head_dim=0")
+  error = jnp.mean(jnp.square(feats - target_feats.astype(jnp.float32)), -1) / jnp.mean(jnp.square(codebook))
+  return _cell_mean(error, weights)
+
+
+def nearest_centroid_accuracy(feats: Array, targets: Array, weights: Array, codebook: Array) -> Array:
+  """The fraction of the cells of ``weights`` [B, N] whose feature [B, N, D] is nearest (Euclidean) to the centroid
+  of its target cluster (``targets`` [B, N], ``codebook`` [K, D])."""
+  codebook = jnp.asarray(codebook, jnp.float32)
+  score = 2.0 * jnp.einsum("bnd,kd->bnk", feats, codebook) - jnp.sum(jnp.square(codebook), -1)
+  return _cell_mean((jnp.argmax(score, -1) == targets).astype(jnp.float32), weights)
+
+
 def feature_regression_loss(feats: Array, targets: Array, weights: Array, codebook: Array) -> Array:
   """Mean squared error between the predicted features [B, N, D] and the target clusters' centroids
   (``codebook`` [K, D] at ``targets`` [B, N]) over the cells of ``weights`` [B, N], divided by the codebook's
@@ -123,5 +156,4 @@ def feature_regression_loss(feats: Array, targets: Array, weights: Array, codebo
   if feats.shape[-1] != codebook.shape[-1]:
     raise ValueError(f"--config.tasks.t2i.feature_regression needs the image head's feature as wide as the "
                      f"codebook ({codebook.shape[-1]}), got {feats.shape[-1]}: set --config.model.image_head_dim=0")
-  error = jnp.mean(jnp.square(feats - codebook[targets]), -1) / jnp.mean(jnp.square(codebook))
-  return _cell_mean(error, weights)
+  return regression_loss(feats, codebook[targets], weights, codebook)
