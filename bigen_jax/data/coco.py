@@ -24,7 +24,8 @@ from bigen_jax.data.records import DataError
 KARPATHY_SPLITS = {"train": ("train", "restval"), "validation": ("val",), "val": ("val",), "test": ("test",)}
 
 
-def _load_json(path: str, what: str) -> Any:
+def load_json(path: str, what: str) -> Any:
+  """The JSON file ``path`` (``what`` names it in errors: a missing file or bad JSON is a ``DataError``)."""
   if not path or not os.path.isfile(path):
     raise DataError(f"{what} {path!r} does not exist")
   try:
@@ -34,7 +35,8 @@ def _load_json(path: str, what: str) -> Any:
     raise DataError(f"{what} {path} is not valid JSON: {e}") from e
 
 
-def _field(obj: Any, key: str, path: str, where: str) -> Any:
+def json_field(obj: Any, key: str, path: str, where: str) -> Any:
+  """``obj[key]``, or a ``DataError`` naming the file ``path`` and the place ``where`` that lacks it."""
   if not isinstance(obj, dict) or key not in obj:
     raise DataError(f"{path}: {where} lacks the field {key!r}")
   return obj[key]
@@ -112,18 +114,18 @@ class CocoSource:
 
 def _annotations(annotations_file: str) -> tuple[dict[int, str], dict[int, list[str]]]:
   """(image id -> file name, image id -> captions in annotation-id order) of a COCO caption file."""
-  data = _load_json(annotations_file, "COCO caption annotations")
-  images = _field(data, "images", annotations_file, "the file")
-  annotations = _field(data, "annotations", annotations_file, "the file")
+  data = load_json(annotations_file, "COCO caption annotations")
+  images = json_field(data, "images", annotations_file, "the file")
+  annotations = json_field(data, "annotations", annotations_file, "the file")
   files = {}
   for i, im in enumerate(images):
-    files[int(_field(im, "id", annotations_file, f"images[{i}]"))] = _field(
+    files[int(json_field(im, "id", annotations_file, f"images[{i}]"))] = json_field(
         im, "file_name", annotations_file, f"images[{i}]")
   captions: dict[int, list[tuple[int, str]]] = {}
   orphans: dict[int, int] = {}
   for i, ann in enumerate(annotations):
-    image_id = int(_field(ann, "image_id", annotations_file, f"annotations[{i}]"))
-    text = str(_field(ann, "caption", annotations_file, f"annotations[{i}]")).strip()
+    image_id = int(json_field(ann, "image_id", annotations_file, f"annotations[{i}]"))
+    text = str(json_field(ann, "caption", annotations_file, f"annotations[{i}]")).strip()
     if image_id not in files:
       orphans[image_id] = orphans.get(image_id, 0) + 1
       continue
@@ -139,14 +141,14 @@ def _karpathy_images(karpathy_file: str, split: str) -> list[dict[str, Any]]:
   if split not in KARPATHY_SPLITS:
     raise DataError(f"split {split!r}: the Karpathy split file {karpathy_file} has "
                     f"{sorted(KARPATHY_SPLITS)}")
-  data = _load_json(karpathy_file, "Karpathy split file")
-  images = _field(data, "images", karpathy_file, "the file")
+  data = load_json(karpathy_file, "Karpathy split file")
+  images = json_field(data, "images", karpathy_file, "the file")
   wanted = KARPATHY_SPLITS[split]
   out = []
   for i, im in enumerate(images):
-    if _field(im, "split", karpathy_file, f"images[{i}]") in wanted:
-      _field(im, "cocoid", karpathy_file, f"images[{i}]")
-      _field(im, "filename", karpathy_file, f"images[{i}]")
+    if json_field(im, "split", karpathy_file, f"images[{i}]") in wanted:
+      json_field(im, "cocoid", karpathy_file, f"images[{i}]")
+      json_field(im, "filename", karpathy_file, f"images[{i}]")
       out.append(im)
   return out
 

@@ -20,6 +20,7 @@ import os
 import re
 from typing import Any, Iterable, Mapping
 
+from bigen_jax.data import coco
 from bigen_jax.data.records import DataError
 
 VQA_ANSWERS = 10  # annotators per VQA v2 question: the records' max_answers
@@ -77,22 +78,6 @@ def normalise_answer(answer: str) -> str:
   return " ".join(_CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES)
 
 
-def _load_json(path: str, what: str) -> Any:
-  if not path or not os.path.isfile(path):
-    raise DataError(f"{what} {path!r} does not exist")
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except json.JSONDecodeError as e:
-    raise DataError(f"{what} {path} is not valid JSON: {e}") from e
-
-
-def _field(obj: Any, key: str, path: str, where: str) -> Any:
-  if not isinstance(obj, dict) or key not in obj:
-    raise DataError(f"{path}: {where} lacks the field {key!r}")
-  return obj[key]
-
-
 def _check_type_field(type_field: str, allowed: tuple[str, ...], reader: str) -> None:
   if type_field not in allowed:
     raise ValueError(f"{reader}: type_field={type_field!r}, expected one of {allowed}")
@@ -112,24 +97,25 @@ def read_vqa(questions_file: str, annotations_file: str | None = None, *,
   Without ``annotations_file`` (test-dev, test) answers are empty and the type is "". ``type_field``:
   ``answer_type`` (yes/no, number, other: VQA's reported breakdown) or ``question_type`` (65 question prefixes)."""
   _check_type_field(type_field, VQA_TYPE_FIELDS, "read_vqa")
-  data = _load_json(questions_file, "VQA questions file")
-  questions = _field(data, "questions", questions_file, "the file")
+  data = coco.load_json(questions_file, "VQA questions file")
+  questions = coco.json_field(data, "questions", questions_file, "the file")
   annotations: dict[int, dict[str, Any]] = {}
   if annotations_file:
-    anns = _field(_load_json(annotations_file, "VQA annotations file"), "annotations", annotations_file, "the file")
+    anns = coco.json_field(coco.load_json(annotations_file, "VQA annotations file"), "annotations",
+                           annotations_file, "the file")
     for i, ann in enumerate(anns):
       where = f"annotations[{i}]"
-      qid = int(_field(ann, "question_id", annotations_file, where))
-      answers = _field(ann, "answers", annotations_file, where)
+      qid = int(coco.json_field(ann, "question_id", annotations_file, where))
+      answers = coco.json_field(ann, "answers", annotations_file, where)
       annotations[qid] = {
-          "answers": [normalise_answer(str(_field(a, "answer", annotations_file, f"{where}.answers[{j}]")))
+          "answers": [normalise_answer(str(coco.json_field(a, "answer", annotations_file, f"{where}.answers[{j}]")))
                       for j, a in enumerate(answers)],
-          "type": str(_field(ann, type_field, annotations_file, where))}
+          "type": str(coco.json_field(ann, type_field, annotations_file, where))}
   items, missing = [], []
   for i, q in enumerate(questions):
-    qid = int(_field(q, "question_id", questions_file, f"questions[{i}]"))
-    image = int(_field(q, "image_id", questions_file, f"questions[{i}]"))
-    text = str(_field(q, "question", questions_file, f"questions[{i}]")).strip()
+    qid = int(coco.json_field(q, "question_id", questions_file, f"questions[{i}]"))
+    image = int(coco.json_field(q, "image_id", questions_file, f"questions[{i}]"))
+    text = str(coco.json_field(q, "question", questions_file, f"questions[{i}]")).strip()
     if annotations_file and qid not in annotations:
       missing.append(qid)
       continue
@@ -154,15 +140,15 @@ def read_gqa(questions_files: str | Iterable[str], *, type_field: str = "structu
   files = [questions_files] if isinstance(questions_files, str) else list(questions_files)
   items = []
   for path in files:
-    data = _load_json(path, "GQA questions file")
+    data = coco.load_json(path, "GQA questions file")
     if not isinstance(data, dict):
       raise DataError(f"{path}: expected a JSON object of question id -> question (GQA's format)")
     for qid, q in data.items():
       where = f"question {qid!r}"
-      image = str(_field(q, "imageId", path, where))
+      image = str(coco.json_field(q, "imageId", path, where))
       answers = [normalise_answer(str(q["answer"]))] if "answer" in q else []
-      kind = str(_field(_field(q, "types", path, where), type_field, path, f"{where}.types"))
-      items.append((image, _gqa_order(str(qid)), {"question": str(_field(q, "question", path, where)).strip(),
+      kind = str(coco.json_field(coco.json_field(q, "types", path, where), type_field, path, f"{where}.types"))
+      items.append((image, _gqa_order(str(qid)), {"question": str(coco.json_field(q, "question", path, where)).strip(),
                                                   "answers": answers, "type": kind, "question_id": str(qid)}))
   return _group(items)
 
@@ -170,15 +156,15 @@ def read_gqa(questions_files: str | Iterable[str], *, type_field: str = "structu
 def coco_ids(image_data_file: str) -> dict[str, int]:
   """Visual Genome image id (as GQA writes it, a string) -> COCO image id, from VG's ``image_data.json``
   (``[{"image_id", "coco_id" or null, ...}]``); images that are not COCO's are left out."""
-  data = _load_json(image_data_file, "Visual Genome image data file")
+  data = coco.load_json(image_data_file, "Visual Genome image data file")
   if not isinstance(data, list):
     raise DataError(f"{image_data_file}: expected a JSON list of images (Visual Genome's image_data.json)")
   out = {}
   for i, im in enumerate(data):
-    vg = _field(im, "image_id", image_data_file, f"[{i}]")
-    coco = im.get("coco_id") if isinstance(im, dict) else None
-    if coco is not None:
-      out[str(vg)] = int(coco)
+    vg = coco.json_field(im, "image_id", image_data_file, f"[{i}]")
+    coco_id = im.get("coco_id") if isinstance(im, dict) else None
+    if coco_id is not None:
+      out[str(vg)] = int(coco_id)
   return out
 
 
