@@ -121,9 +121,13 @@ def split_fingerprint(manifest: Mapping[str, Any], split: str) -> str:
   return h.hexdigest()[:16]
 
 
-def _world_lists() -> tuple[tuple[str, ...], tuple[str, ...]]:
-  from bigen_jax.worlds.scenes import qa  # pylint: disable=g-import-not-at-top
-  return tuple(qa.ANSWERS), tuple(qa.QUESTION_TYPES)
+def fixed_table(manifest: Mapping[str, Any]) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+  """(answers, question types) of the records' source when its world has a fixed answer table (the
+  captioned-scenes world's, through its source plug-in: ``bigen_jax.eval.sources``), else None."""
+  from bigen_jax.eval import sources  # pylint: disable=g-import-not-at-top
+  plugin = sources.plugin(manifest.get("source") or {})
+  table = plugin.answer_table() if plugin is not None else None
+  return None if table is None else (tuple(table[0]), tuple(table[1]))
 
 
 def build_answer_vocab(records_dir: str, *, split: str = "train", min_count: int = 9, top_k: int = 0,
@@ -134,9 +138,10 @@ def build_answer_vocab(records_dir: str, *, split: str = "train", min_count: int
     raise ValueError(f"vocabulary={vocabulary!r}, expected one of {VOCABULARIES}")
   manifest = records.read_manifest(records_dir)
   source = (manifest.get("source") or {}).get("name")
+  fixed = fixed_table(manifest)
   if vocabulary == "auto":
-    vocabulary = "fixed" if source == "scenes" else "counted"
-  if vocabulary == "fixed" and source != "scenes":
+    vocabulary = "fixed" if fixed else "counted"
+  if vocabulary == "fixed" and not fixed:
     raise records.DataError(f"{fileio.join(records_dir, records.MANIFEST_NAME)}: source {source!r} has no fixed "
                             "answer vocabulary (only the captioned-scenes world has): count one (--vocabulary=counted)")
   rows = records.read_questions(records_dir, split)
@@ -153,7 +158,7 @@ def build_answer_vocab(records_dir: str, *, split: str = "train", min_count: int
     raise records.DataError(f"split {split!r} of {records_dir} has no questions to build an answer vocabulary from")
   by_count = sorted(majority_of, key=lambda a: (-majority_of[a], a))
   if vocabulary == "fixed":
-    answers, types = _world_lists()
+    answers, types = fixed
     min_count, top_k = None, None
   else:
     answers = tuple(a for a in by_count if majority_of[a] >= min_count)[:top_k or None]

@@ -52,6 +52,10 @@ class SourcePlugin(Protocol):
   def hard_negatives(self, *, split: str, indices: Sequence[int]) -> tuple[Callable, Sequence[Any]]:
     """(negatives_fn, contexts) of ``r_precision.hard`` for the records ``indices`` of ``split``."""
 
+  def answer_table(self) -> tuple[Sequence[str], Sequence[str]] | None:
+    """(answers, question types) when the world's questions have a fixed answer table (the QA head's classes:
+    ``bigen_jax.data.answers``), else None (the table is counted from the answers)."""
+
 
 def register(name: str, factory: Callable[[Mapping[str, Any]], SourcePlugin | None]) -> None:
   """Enters ``factory(source_info) -> plug-in or None`` for the source ``name``."""

@@ -15,6 +15,7 @@ import numpy as np
 
 from bigen_jax import fileio
 from bigen_jax.eval import sources
+from bigen_jax.worlds.scenes import qa
 from bigen_jax.worlds.scenes import recognizer
 from bigen_jax.worlds.scenes import scene_decoder
 from bigen_jax.worlds.scenes import semantic
@@ -74,6 +75,9 @@ class ScenesPlugin:
 
   def hard_negatives(self, *, split: str, indices: Sequence[int]) -> tuple[Callable, list[dict[str, Any]]]:
     return world.hard_negatives, self.scene_graphs(split, indices)
+
+  def answer_table(self) -> tuple[Sequence[str], Sequence[str]]:
+    return qa.ANSWERS, qa.QUESTION_TYPES
 
 
 def create(source_info: Mapping[str, Any]) -> ScenesPlugin:
