@@ -59,7 +59,7 @@ def _reference(setup, visits, length):
   return np.array(out)
 
 
-@pytest.mark.parametrize("order", ["left_to_right", "random"])
+@pytest.mark.parametrize("order", ["left_to_right", pytest.param("random", marks=pytest.mark.slow)])  # 45 s
 def test_argmax_equals_a_python_loop(setup, order):
   config = setup[0]
   length, sweeps, rng = config.max_len - 3, 2, jax.random.key(3)

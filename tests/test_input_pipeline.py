@@ -226,7 +226,7 @@ def test_a_stream_that_runs_dry_raises(records_dir, sharding):
     list(_it(records_dir, process_index=1, train=False, **kw))
 
 
-@pytest.mark.parametrize("count", [2, 4])
+@pytest.mark.parametrize("count", [2, pytest.param(4, marks=pytest.mark.slow)])  # 4: 43 s
 def test_global_batches_do_not_depend_on_process_count(records_dir, count):
   single = _take(_it(records_dir), 6)
   parts = [_take(_it(records_dir, process_index=p, process_count=count), 6) for p in range(count)]

@@ -184,6 +184,7 @@ def _free_port():
     return s.getsockname()[1]
 
 
+@pytest.mark.slow  # 100 s; test_sigterm_to_one_of_two_processes_stops_both_at_one_step runs two processes by default
 def test_two_processes_give_the_losses_of_one(tmp_path, data, single_losses):
   workdir = str(tmp_path / "multi")
   port = _free_port()
