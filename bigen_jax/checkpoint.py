@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 from absl import logging
 from etils import epath
+import flax
 import jax
 from jax.experimental import multihost_utils
 import numpy as np
@@ -173,6 +174,20 @@ class Checkpointer:
     ``abstract_params``: evaluation never reads the optimiser moments (twice the parameters' size)."""
     fields, step = self.restore_fields({"params": abstract_params}, step)
     return fields["params"], step
+
+  def param_shapes(self, step: int | None = None) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """``{path: shape}`` of every param (``state.params``) of ``step`` (default: the newest), from the step's
+    metadata: no array is read."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+      meta = handler.metadata(epath.Path(self.step_dir(step)) / "state")
+    finally:
+      handler.close()
+    tree = getattr(meta, "tree", meta)
+    return {path: tuple(leaf.shape) for path, leaf in flax.traverse_util.flatten_dict(dict(tree["params"])).items()}
 
   def restore_fields(self, target: dict[str, Any], step: int | None = None) -> tuple[dict[str, Any], int]:
     """Restores only the state's subtrees ``target`` names ({field: abstract subtree}, e.g. {"params":

@@ -10,7 +10,8 @@ import ml_collections
 from bigen_jax import errors
 from bigen_jax import parallel
 
-_EVAL_BATCHES = {"captioning": "eval.captioning.batch_size", "generation": "eval.generation.batch_size"}
+_EVAL_BATCHES = {"captioning": "eval.captioning.batch_size", "generation": "eval.generation.batch_size",
+                 "qa": "eval.qa.batch_size"}
 
 
 def require(ok: bool, flag: str, value, why: str) -> None:

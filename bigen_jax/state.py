@@ -107,19 +107,78 @@ def is_run_directory(path: str) -> bool:
   return (epath.Path(path) / "checkpoints").is_dir()
 
 
+CROSS_ATTENTION, VISION_CROSS_ATTENTION = "cross_attention", "vision_cross_attention"
+
+
+def param_sources(have: dict[tuple[str, ...], tuple[int, ...]], want: dict[tuple[str, ...], Any]
+                  ) -> dict[tuple[str, ...], tuple[str, ...]]:
+  """Which saved param each param of a model starts from: ``have`` {path: shape} of a run's params, ``want``
+  {path: abstract array} of the model's -> {model path: run path}. A path the run has maps to itself; a
+  ``vision_cross_attention`` module the run lacks (its one ``cross_attention`` module served both directions,
+  ``model.shared_cross_attention``) maps to that layer's ``cross_attention``; other paths the run lacks map to
+  nothing. A mapped param of another shape is a ``ValueError`` naming it."""
+  out = {}
+  for key, value in want.items():
+    shared = tuple(CROSS_ATTENTION if part == VISION_CROSS_ATTENTION else part for part in key)
+    source = key if key in have else shared if shared in have else None
+    if source is None:
+      continue
+    if tuple(have[source]) != tuple(value.shape):
+      raise ValueError(f"{'/'.join(source)} has shape {tuple(have[source])} in the run, {tuple(value.shape)} in "
+                       f"this model ({'/'.join(key)})")
+    out[key] = source
+  return out
+
+
+def _names(keys, limit: int = 8) -> str:
+  keys = sorted("/".join(k) for k in keys)
+  return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "") if keys else "none"
+
+
 def restore_run_params(path: str, abstract_params: Any) -> Any:
-  """The params of the newest good checkpoint of the run in ``path`` (stage 2 starts from stage 1's), restored
-  into the shapes and shardings of ``abstract_params``; a model that does not fit is a ``ConfigError``."""
+  """The params of the newest good checkpoint of the run in ``path``, restored into the shapes and shardings of
+  ``abstract_params``: stage 2 starts from stage 1's (the same model), a stage-1 model from a pretraining run's.
+
+  Only the params this model shares with the run are read (``param_sources``): the run's params this model lacks
+  (e.g. X-LXMERT's answer head, for a stage-1 model) are left in the checkpoint, and the result holds no entry
+  for this model's params that the run lacks (e.g. the demo's code-bag head), which ``create_state`` keeps at
+  their fresh init; a ``vision_cross_attention`` module starts from the run's shared ``cross_attention``. Each
+  list is logged. A shared param of another shape, or a run that shares no param with this model, is a
+  ``ConfigError``."""
   from bigen_jax import checkpoint, fileio  # pylint: disable=g-import-not-at-top
   ckpt = checkpoint.Checkpointer(fileio.join(path, "checkpoints"), save_every=1, async_save=False, create=False)
+  want = flax.traverse_util.flatten_dict(abstract_params)
   try:
-    params, _ = ckpt.restore_params(abstract_params)
+    have = ckpt.param_shapes()
+    sources = param_sources(have, want)
+    if not sources:
+      raise ValueError(f"it shares no param with this model (the run's: {_names(have, 4)})")
+    target = flax.traverse_util.unflatten_dict({source: want[key] for key, source in sources.items()})
+    restored, _ = ckpt.restore_params(target)
   except (ValueError, KeyError) as e:
     raise errors.ConfigError(f"--config.init_from={path}: its newest checkpoint does not fit this model "
-                             f"({str(e).splitlines()[0][:300]}): stage 2 needs stage 1's --config.model") from None
+                             f"({str(e).splitlines()[0][:300]}): init_from needs a run of this --config.model "
+                             "(stage 2: stage 1's)") from None
   finally:
     ckpt.close()
-  return params
+  unused = set(have) - set(sources.values())
+  missing = set(want) - set(sources)
+  shared = {key for key, source in sources.items() if key != source}
+  if unused or missing or shared:
+    logging.warning("--config.init_from=%s: left out the run's params this model lacks (%s); fresh init for this "
+                    "model's params the run lacks (%s); started from the run's %s: %s", path, _names(unused),
+                    _names(missing), CROSS_ATTENTION, _names(shared))
+  restored = flax.traverse_util.flatten_dict(restored)
+  return flax.traverse_util.unflatten_dict({key: restored[source] for key, source in sources.items()})
+
+
+def merge_params(params: Any, given: Any) -> Any:
+  """``params`` with every leaf that ``given`` (a subtree of the same nesting) holds replaced by it, cast to the
+  leaf's dtype."""
+  given = flax.traverse_util.flatten_dict(given)
+  return flax.traverse_util.unflatten_dict({
+      key: given[key].astype(value.dtype) if key in given else value
+      for key, value in flax.traverse_util.flatten_dict(params).items()})
 
 
 def param_layout(ctx: Context) -> tuple[Any, Any]:
@@ -176,7 +235,7 @@ def create_state(ctx: Context, tx: optax.GradientTransformation, codebook: np.nd
     params_rng, state_rng = jax.random.split(rng)
     params = nn.unbox(lxmert.init_params(model, config.model, params_rng))
     if init_params is not None:
-      params = jax.tree.map(lambda p, x: x.astype(p.dtype), params, init_params)
+      params = merge_params(params, init_params)  # a run's: only the params it shares with this model
     elif codebook is not None:
       params = heads.init_image_head_from_codebook(params, codebook, config.get("image_head_codebook_std", 0.0))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),

@@ -7,7 +7,8 @@ SPADE generator draws their centroid grid (METHOD.md §6-7).
 
 ``batch``: text_ids, text_mask int32 [B, L] and boxes float32 [B, 64, 4] (the grid's, as the records hold them).
 ``settings``: the decoder's fields (``DECODER_FIELDS``: order, an image-token decoder of ``sampling.registry``;
-num_steps, temperature, schedule, choice_temperature, guidance, as ``image_tokens.parallel_decode`` takes them).
+num_steps, temperature, schedule, choice_temperature, guidance, readout, as ``image_tokens.parallel_decode`` takes
+them).
 With guidance the null captions are built from the tokenizer's ids. ``gen_variables``: G's frozen {"params",
 "spectral"} (``train_generator.load_generator``). The generation evaluator, export and stage 2's CLIP loss use
 these pieces.
@@ -21,7 +22,7 @@ from bigen_jax.models import spade
 from bigen_jax.sampling import registry as decoders
 from bigen_jax.tasks import layouts
 
-DECODER_FIELDS = ("order", "num_steps", "temperature", "schedule", "choice_temperature", "guidance")
+DECODER_FIELDS = ("order", "num_steps", "temperature", "schedule", "choice_temperature", "guidance", "readout")
 
 
 def token_decoder(ctx, settings: Mapping[str, Any], flag: str = "--config.eval.generation.order") -> Callable:

@@ -112,11 +112,13 @@ def get_config(model: str = "paper") -> ml_collections.ConfigDict:
   # beside it (generation/<name>/...), e.g. {"sampling": {"order": "maskgit", "temperature": 1.0}}.
   # inception_weights (tools/convert_inception.py): FID Inception weights report fid, torchvision's
   # fid_torchvision, with torchvision's ImageNet input normalisation if inception_transform_input.
+  # readout: how a pass reads the cells' cluster logits, "classifier" (the image head's D->K layer) or
+  # "nearest_centroid" (-||feature - centroid||^2 of the image head's D-wide feature and the frozen codebook: a model
+  # trained by feature regression, whose classifier never trained).
   config.eval.generation = ml_collections.ConfigDict(dict(
       order="mask_predict", num_steps=4, temperature=0.0, schedule="linear", choice_temperature=0.0,
-      guidance=0.0, variants={}, num_examples=0, batch_size=64, recognizer_dir="", inception_weights="",
-      inception_transform_input=True,
-      r_precision_negatives=99, grid_images=8,
+      guidance=0.0, readout="classifier", variants={}, num_examples=0, batch_size=64, recognizer_dir="",
+      inception_weights="", inception_transform_input=True, r_precision_negatives=99, grid_images=8,
       # captioned scenes (bigen_jax/worlds/scenes/plugin.py): recognizer_dir holds the scene recogniser
       # (tools/train_scene_recognizer.py; default WORKDIR/scene_recognizer); scene_decoder_heads (<detector>.heads.npz)
       # draws tokens with the scene decoder
@@ -128,6 +130,9 @@ def get_config(model: str = "paper") -> ml_collections.ConfigDict:
   # path "" off; a bigen_jax.train_clip run directory, or params of tools/convert_clip.py with their clip_config
   # variant (e.g. "ViT-B-32-quickgelu" for OpenAI's weights).
   config.eval.clip = ml_collections.ConfigDict(dict(path="", variant="", batch_size=64))
+  # Question answering (bigen_jax/eval/qa.py): every question of the first num_examples (0: all) eval records, in
+  # batches of batch_size per device.
+  config.eval.qa = ml_collections.ConfigDict(dict(batch_size=64, num_examples=0))
   # A jax.profiler trace of the num_steps steps after step start_step (>= 1: the first step compiles) into
   # WORKDIR/plugins/profile (TensorBoard's profile tab); num_steps 0: off.
   config.profile = ml_collections.ConfigDict(dict(start_step=10, num_steps=0))

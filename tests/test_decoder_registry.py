@@ -49,3 +49,22 @@ def test_a_registered_caption_decoder_is_the_function_it_names():
                 max_len=config.max_len, tokens=TOKENS)
   beam = registry.caption_decoder("beam", {"beam_size": 2})(params, jax.random.key(1), **inputs)
   np.testing.assert_array_equal(beam, captions.beam_search_captions(params, beam_size=2, **inputs)[0][:, 0])
+
+
+def test_generation_readout_is_a_decoder_field():
+  """``eval.generation.readout`` reaches every decoder (variants may override it); an unknown one names the flag,
+  and a config saved before the field decodes with the classifier."""
+  from bigen_jax.eval import generation  # pylint: disable=g-import-not-at-top
+  from configs import base  # pylint: disable=g-import-not-at-top
+  cfg = base.get_config("tiny").eval.generation
+  cfg.readout = "nearest_centroid"
+  cfg.variants = {"guidance": {"guidance": 4.0}, "classifier": {"readout": "classifier"}}
+  settings = generation.decoder_settings(cfg)
+  assert {name: s["readout"] for name, s in settings.items()} == {
+      "": "nearest_centroid", "guidance": "nearest_centroid", "classifier": "classifier"}
+  assert registry.image_decoder("mask_predict", settings[""]).keywords["readout"] == "nearest_centroid"
+  cfg.readout = "centroid"
+  with pytest.raises(errors.ConfigError, match="--config.eval.generation.readout='centroid'"):
+    generation.decoder_settings(cfg)
+  del cfg["readout"]
+  assert generation.decoder_settings(cfg)[""]["readout"] == "classifier"

@@ -235,3 +235,55 @@ def test_guidance_equals_reference_loop(setup, sharp):
   assert (expected != _maskgit_loop(logits_fn, inputs, **{**kw, "guidance": 0.0})).mean() > 0.2
   with pytest.raises(ValueError, match="null_text_ids"):
     image_tokens.parallel_decode(params, jax.random.key(0), model=model, order="maskgit", **kw, **inputs)
+
+
+def test_nearest_centroid_readout_equals_numpy_argmin(setup):
+  """readout="nearest_centroid": each pass's logits are -||f - c_k||^2 of the image head's D-wide feature f, and
+  the raster decoder (through the registry) takes the nearest centroid of each cell in turn."""
+  from bigen_jax.models import apply  # pylint: disable=g-import-not-at-top
+  from bigen_jax.sampling import registry  # pylint: disable=g-import-not-at-top
+  config, model, params, inputs, _ = setup
+
+  @jax.jit
+  def features(ids, masked, codebook):
+    return apply.apply_model(model, params, task="t2i", rng=None,
+                             head=lambda module, out: module.image_head(out.vision, with_features=True)[1],
+                             text_ids=inputs["text_ids"], text_mask=inputs["text_mask"], boxes=inputs["boxes"],
+                             cluster_ids=ids, codebook=codebook, visual_mask=masked)
+
+  # centroids among the features of the blank grid's cells (at init the features are far smaller than the fixture's
+  # codebook, whose smallest centroid would be every cell's nearest)
+  m = config.num_cells
+  blank = np.asarray(features(jnp.zeros((2, m), jnp.int32), jnp.ones((2, m), bool), inputs["codebook"]))
+  picked = np.random.default_rng(1).choice(2 * m, config.num_clusters, replace=False)
+  inputs = dict(inputs, codebook=jnp.asarray(blank.reshape(2 * m, -1)[picked], jnp.float32))
+  codebook = np.asarray(inputs["codebook"], np.float64)
+
+  def distances(ids, masked):
+    f = np.asarray(features(jnp.asarray(ids), jnp.asarray(masked), inputs["codebook"]), np.float64)
+    return ((f[:, :, None, :] - codebook[None, None]) ** 2).sum(-1)  # [B, M, K]
+
+  ids, masked = np.zeros((2, m), np.int32), np.ones((2, m), bool)
+  logits = image_tokens.pass_logits(params, jnp.asarray(ids), jnp.asarray(masked), model=model,
+                                    readout="nearest_centroid", **inputs)
+  np.testing.assert_allclose(np.asarray(logits), -distances(ids, masked), rtol=1e-4, atol=1e-6)
+  for cell in range(m):
+    ids[:, cell], masked[:, cell] = distances(ids, masked)[:, cell].argmin(-1), False
+  decoder = registry.image_decoder("left_to_right", {"num_steps": m, "readout": "nearest_centroid"})
+  decoded = jax.jit(lambda p, r: decoder(p, r, model=model, **inputs)[0])(params, jax.random.key(0))
+  np.testing.assert_array_equal(np.asarray(decoded), ids)
+  assert len(np.unique(ids)) > 1
+  classifier = _decode(model, params, inputs, "left_to_right", m)
+  assert (classifier != ids).mean() > 0.5  # the untrained classifier reads other clusters
+
+
+def test_nearest_centroid_readout_needs_a_feature_as_wide_as_the_codebook(setup):
+  config, _, _, inputs, _ = setup
+  config = config.copy_and_resolve_references()
+  config.image_head_dim = 8  # codebook: 16-d
+  model = lxmert.build_model(config)
+  params = nn.unbox(jax.jit(lambda: lxmert.init_params(model, config, jax.random.key(0)))())
+  with pytest.raises(ValueError, match="nearest-centroid readout needs the image head's feature as wide"):
+    image_tokens.parallel_decode(params, jax.random.key(0), model=model, readout="nearest_centroid", **inputs)
+  with pytest.raises(ValueError, match="unknown readout"):
+    image_tokens.parallel_decode(params, jax.random.key(0), model=model, readout="nearest", **inputs)

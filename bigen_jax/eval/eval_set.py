@@ -84,12 +84,12 @@ def map_batches(ctx, fn: Callable[[dict[str, jax.Array], int], jax.Array], data:
   outputs = []
   for i in range(-(-max(data["counts"]) // local)):
     rows = {k: batching.pad_rows(data[k][i * local:(i + 1) * local], local) for k in fields}
-    outputs.append(_own_rows(fn(ctx.batch_to_global(rows, fields), i)))
+    outputs.append(own_rows(fn(ctx.batch_to_global(rows, fields), i)))
   fetched = jax.device_get(outputs)
   return np.concatenate([np.concatenate(parts) for parts in fetched])[:num]
 
 
-def _own_rows(x: jax.Array) -> list[jax.Array]:
+def own_rows(x: jax.Array) -> list[jax.Array]:
   """This process's rows of a batch-sharded global array, as device arrays in global row order (the order in
   which ``make_array_from_process_local_data`` placed them); replicas of a row block counted once."""
   blocks = {}

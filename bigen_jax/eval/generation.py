@@ -38,12 +38,13 @@ never trained here: ``tools/train_scene_recognizer.py``); on other data only cel
 are reported.
 
 Config ``config.eval.generation``: the decoder (order: an image-token decoder of ``sampling.registry``; its
-settings num_steps, temperature, schedule, choice_temperature, guidance: ``image_tokens.parallel_decode``),
-num_examples, batch_size, recognizer_dir, inception_weights, inception_transform_input, grid_images, and
-``variants``: name -> overrides of the decoder fields, e.g. ``{"sampling": {"order": "maskgit", "temperature":
-1.0, "choice_temperature": 4.5, "schedule": "cosine"}}``. Each variant is decoded from the same captions and
-reports the headline metrics (``VARIANT_METRICS``) under ``generation/<name>/...``, so one table compares argmax,
-sampling and guidance.
+settings num_steps, temperature, schedule, choice_temperature, guidance and readout, "classifier" or
+"nearest_centroid" for a model trained by feature regression: ``image_tokens.parallel_decode``), num_examples,
+batch_size, recognizer_dir, inception_weights, inception_transform_input, grid_images, and ``variants``:
+name -> overrides of the decoder fields, e.g. ``{"sampling": {"order": "maskgit", "temperature": 1.0,
+"choice_temperature": 4.5, "schedule": "cosine"}}``. Each variant is decoded from the same captions and reports the
+headline metrics (``VARIANT_METRICS``) under ``generation/<name>/...``, so one table compares argmax, sampling and
+guidance.
 Writes ``workdir/eval/generation_<step>.png`` (one generated column per decoder).
 
 Scale: ``batch_size`` is per device. Each process reads its share of the eval set and decodes, draws and reads
@@ -68,6 +69,7 @@ from bigen_jax.eval import r_precision
 from bigen_jax.eval import sources
 from bigen_jax.models import inception
 from bigen_jax.models import spade
+from bigen_jax.sampling import image_tokens
 from bigen_jax.sampling import preview
 
 NAME = "generation"
@@ -81,7 +83,10 @@ RESERVED_NAMES = ("", "reference", "preview_reference", "real", "semantic", "gan
 
 def decoder_settings(cfg) -> dict[str, dict]:
   """``parallel_decode`` keyword args of the main decoder (name "") and of each of ``cfg.variants``."""
-  main = {k: cfg[k] for k in DECODER_FIELDS}
+  main = {k: cfg.get(k, "classifier") if k == "readout" else cfg[k] for k in DECODER_FIELDS}  # saved before readout
+  if main["readout"] not in image_tokens.READOUTS:
+    raise errors.ConfigError(f"--config.eval.generation.readout={main['readout']!r}: expected one of "
+                             f"{image_tokens.READOUTS}")
   out = {"": main}
   for name, overrides in cfg.variants.items():
     unknown = sorted(set(overrides.keys()) - set(DECODER_FIELDS))

@@ -22,6 +22,11 @@ classifier-free guidance: each pass also runs the model on the null caption ``[C
 (``tasks.layouts.null_captions``; T2I trains on it with ``caption_dropout``) and decodes from the logits
 (1 + w) * cond - w * uncond. ``decode_passes`` stops after the first passes and returns the state the next pass
 starts from (stage 2's CLIP loss runs the last pass itself, with gradients).
+
+The ``readout`` says how a pass reads the cells' cluster logits: "classifier" (the image head's D->K layer) or
+"nearest_centroid", -||f - c_k||^2 of the image head's D-wide feature f and each centroid c_k of the frozen codebook
+(``nearest_centroid_logits``): the readout of a model trained by feature regression (``tasks.t2i``'s objective
+"regression"), whose classifier never trained.
 """
 
 import math
@@ -35,6 +40,7 @@ from bigen_jax.models import apply
 Array = jax.Array
 ORDERS = ("mask_predict", "easy_first", "left_to_right", "random", "maskgit")
 SCHEDULES = ("linear", "cosine")
+READOUTS = ("classifier", "nearest_centroid")
 
 
 def _cosine_counts(*, num_steps: int, num_cells: int) -> np.ndarray:
@@ -65,20 +71,21 @@ def parallel_decode(params, rng: Array, *, model, text_ids: Array, text_mask: Ar
                     codebook: Array, num_steps: int = 4, order: str = "mask_predict",
                     temperature: float = 0.0, schedule: str = "linear", choice_temperature: float = 0.0,
                     guidance: float = 0.0, null_text_ids: Array | None = None,
-                    null_text_mask: Array | None = None) -> tuple[Array, Array]:
+                    null_text_mask: Array | None = None, readout: str = "classifier") -> tuple[Array, Array]:
   """Cluster ids int32 [B, M] for captions ``text_ids``/``text_mask`` [B, L], and their probabilities [B, M].
 
   boxes [B, M, 4] (the grid); codebook [K, D] turns decided ids into the model's visual input. ``schedule``:
   "linear" or "cosine"; ``choice_temperature``: the Gumbel noise of the "maskgit" order (ignored by the
   others); ``guidance`` w: classifier-free guidance against ``null_text_ids``/``null_text_mask`` [B, L]
-  (``tasks.layouts.null_captions``), needed only when w != 0. Probabilities are those of the (guided) model. Pure and
-  jittable: (params, text, rng) -> ids. All ``num_steps`` passes of ``decode_passes``.
+  (``tasks.layouts.null_captions``), needed only when w != 0. ``readout``: "classifier" or "nearest_centroid"
+  (module docstring). Probabilities are those of the (guided) model. Pure and jittable: (params, text, rng) -> ids.
+  All ``num_steps`` passes of ``decode_passes``.
   """
   ids, _, confidence = decode_passes(
       params, rng, passes=num_steps, model=model, text_ids=text_ids, text_mask=text_mask, boxes=boxes,
       codebook=codebook, num_steps=num_steps, order=order, temperature=temperature, schedule=schedule,
       choice_temperature=choice_temperature, guidance=guidance, null_text_ids=null_text_ids,
-      null_text_mask=null_text_mask)
+      null_text_mask=null_text_mask, readout=readout)
   return ids, confidence
 
 
@@ -86,7 +93,7 @@ def decode_passes(params, rng: Array, *, passes: int, model, text_ids: Array, te
                   codebook: Array, num_steps: int = 4, order: str = "mask_predict", temperature: float = 0.0,
                   schedule: str = "linear", choice_temperature: float = 0.0, guidance: float = 0.0,
                   null_text_ids: Array | None = None,
-                  null_text_mask: Array | None = None) -> tuple[Array, Array, Array]:
+                  null_text_mask: Array | None = None, readout: str = "classifier") -> tuple[Array, Array, Array]:
   """The decoder's state after the first ``passes`` of its ``num_steps`` passes (``parallel_decode``'s
   arguments): ids int32 [B, M] (0 where never decided), masked bool [B, M] (the cells the next pass
   predicts; none after the last pass) and their probabilities float32 [B, M].
@@ -100,6 +107,8 @@ def decode_passes(params, rng: Array, *, passes: int, model, text_ids: Array, te
     raise ValueError(f"unknown decoding order {order!r}: expected one of {ORDERS}")
   if schedule not in SCHEDULES:
     raise ValueError(f"unknown masking schedule {schedule!r}: expected one of {SCHEDULES}")
+  if readout not in READOUTS:
+    raise ValueError(f"unknown readout {readout!r}: expected one of {READOUTS}")
   if guidance and (null_text_ids is None or null_text_mask is None):
     raise ValueError("guidance needs the unconditional caption: pass null_text_ids and null_text_mask "
                      "(tasks.layouts.null_captions)")
@@ -113,7 +122,7 @@ def decode_passes(params, rng: Array, *, passes: int, model, text_ids: Array, te
     ids, masked, confidence = carry
     logits = pass_logits(params, ids, masked, model=model, text_ids=text_ids, text_mask=text_mask, boxes=boxes,
                          codebook=codebook, guidance=guidance, null_text_ids=null_text_ids,
-                         null_text_mask=null_text_mask)
+                         null_text_mask=null_text_mask, readout=readout)
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     if temperature > 0:
       guess = jax.random.categorical(jax.random.fold_in(sample_rng, t), log_probs / temperature, axis=-1)
@@ -141,15 +150,34 @@ def decode_passes(params, rng: Array, *, passes: int, model, text_ids: Array, te
   return ids, masked, confidence
 
 
+def nearest_centroid_logits(feats: Array, codebook: Array) -> Array:
+  """feats [..., D], codebook [K, D] -> float32 [..., K]: -||feats - codebook[k]||^2 (the largest is the nearest
+  centroid)."""
+  feats, codebook = feats.astype(jnp.float32), jnp.asarray(codebook, jnp.float32)
+  return (2.0 * jnp.einsum("...d,kd->...k", feats, codebook) - jnp.sum(jnp.square(codebook), -1)
+          - jnp.sum(jnp.square(feats), -1, keepdims=True))
+
+
 def pass_logits(params, ids: Array, masked: Array, *, model, text_ids: Array, text_mask: Array, boxes: Array,
                 codebook: Array, guidance: float = 0.0, null_text_ids: Array | None = None,
-                null_text_mask: Array | None = None) -> Array:
+                null_text_mask: Array | None = None, readout: str = "classifier") -> Array:
   """float32 [B, M, K]: one pass's image logits for the grid ``ids`` [B, M] with the cells ``masked`` [B, M] fed
-  the mask feature; with ``guidance`` w, (1 + w) * cond - w * uncond against the null captions. Differentiable in
-  ``params`` (stage 2's CLIP loss runs the last pass through it with gradients)."""
+  the mask feature, read by the ``readout`` (module docstring); with ``guidance`` w, (1 + w) * cond - w * uncond
+  against the null captions. Differentiable in ``params`` (stage 2's CLIP loss runs the last pass through it with
+  gradients)."""
+  def head(module, out):
+    if readout == "classifier":
+      return module.predict_image(out.vision)
+    if readout != "nearest_centroid":
+      raise ValueError(f"unknown readout {readout!r}: expected one of {READOUTS}")
+    _, feats = module.image_head(out.vision, with_features=True)
+    if feats.shape[-1] != codebook.shape[-1]:
+      raise ValueError(f"the nearest-centroid readout needs the image head's feature as wide as the codebook "
+                       f"({codebook.shape[-1]}), got {feats.shape[-1]}: a model with --config.model.image_head_dim=0")
+    return nearest_centroid_logits(feats, codebook)
+
   def logits(caption_ids, caption_mask):
-    return apply.apply_model(model, params, task="t2i", rng=None,
-                             head=lambda module, out: module.predict_image(out.vision),
+    return apply.apply_model(model, params, task="t2i", rng=None, head=head,
                              text_ids=caption_ids, text_mask=caption_mask, boxes=boxes, cluster_ids=ids,
                              codebook=codebook, visual_mask=masked).astype(jnp.float32)
 

@@ -10,7 +10,7 @@
   image-token decoders (text -> image)  ``fn(params, rng, *, model, text_ids, text_mask, boxes, codebook,
       null_text_ids=None, null_text_mask=None) -> (ids [B, M], probabilities [B, M])``
       one per order of ``image_tokens.parallel_decode``: mask_predict, easy_first, left_to_right, random, maskgit
-      (settings: num_steps, temperature, schedule, choice_temperature, guidance)
+      (settings: num_steps, temperature, schedule, choice_temperature, guidance, readout)
 
 ``caption_decoder(name, settings)`` / ``image_decoder(name, settings)`` return the decoder with the settings it
 uses taken from ``settings`` (a config block such as ``config.eval.captioning``; absent fields keep their
@@ -52,7 +52,7 @@ CAPTION_DECODERS: dict[str, tuple[Callable, tuple[str, ...]]] = {
 }
 IMAGE_DECODERS: dict[str, tuple[Callable, tuple[str, ...]]] = {
     order: (functools.partial(image_tokens.parallel_decode, order=order),
-            ("num_steps", "temperature", "schedule", "choice_temperature", "guidance"))
+            ("num_steps", "temperature", "schedule", "choice_temperature", "guidance", "readout"))
     for order in image_tokens.ORDERS
 }
 
