@@ -48,9 +48,9 @@ def dropout_key(rng: Array, impl: str) -> Array:
   raise ValueError(f"model.dropout_rng {impl!r}: expected one of {DROPOUT_RNGS}")
 
 
-def _spec(model):
-  """The ``LayerSpec`` of a model (of its I2T half for the two-model ablation: both share the config)."""
-  return model.i2t.spec if isinstance(model, lxmert.TwoModel) else model.spec
+def first_model(model) -> lxmert.UnifiedTransformer:
+  """``model`` itself, or its I2T half for the two-model ablation (both halves share the config)."""
+  return model.i2t if isinstance(model, lxmert.TwoModel) else model
 
 
 def apply_model(model, params, *, task: str, rng: Array | None, head: Callable[[Any, Any], Array],
@@ -69,5 +69,5 @@ def apply_model(model, params, *, task: str, rng: Array | None, head: Callable[[
     sub = getattr(module, task) if two_model else module
     return head(sub, out)
 
-  rngs = {} if rng is None else {"dropout": dropout_key(rng, _spec(model).dropout_rng)}
+  rngs = {} if rng is None else {"dropout": dropout_key(rng, first_model(model).spec.dropout_rng)}
   return model.apply({"params": params}, method=forward, rngs=rngs, deterministic=rng is None, **inputs)

@@ -9,14 +9,13 @@ captioner reads (``sampling.captions.gibbs_captions``).
 import jax
 
 from bigen_jax.models import apply
-from bigen_jax.models import lxmert
 from bigen_jax.tasks import layouts
 from bigen_jax.tasks import losses
 
 
 def vocab_size(model) -> int:
   """The word vocabulary of ``model`` (of its I2T half for the two-model ablation)."""
-  return (model.i2t if isinstance(model, lxmert.TwoModel) else model).vocab_size
+  return apply.first_model(model).vocab_size
 
 
 def loss_fn(params, batch, rng, *, model, cfg, frozen, deterministic=False):
