@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from bigen_jax import errors
+from bigen_jax.worlds.scenes import grammar as G
 from bigen_jax.worlds.scenes import recognizer as S
 from bigen_jax.worlds.scenes import recognizer_model as R
 from bigen_jax.worlds.scenes import semantic as M
@@ -102,6 +103,35 @@ def test_caption_scorer_ranks_each_image_against_many_captions_as_scoring_each_p
   assert len(set(np.round(alone, 4))) > 10
   np.testing.assert_array_equal(M.caption_scorer(probs)(index, texts), alone)
 
+
+
+def test_caption_scorer_equals_its_definition_pair_by_pair(examples):
+  """The ranker's shortcuts (single claims checked once per image, the whole caption only when they all hold)
+  change no score: each pair equals (whole caption holds + fraction of single claims that hold + mean soft
+  match) / 3 computed directly, over true captions, hard negatives and other scenes' captions."""
+  graphs = [json.loads(e["scene_graph"]) for e in examples]
+  rng = np.random.default_rng(1)
+  probs = {k: np.clip(v + rng.uniform(0, 0.4, v.shape), 0, 1).astype(np.float32)
+           for k, v in R.target_probabilities(S.stack_targets(graphs)).items()}
+  read = R.decode(probs, relation_margin=0.0)
+  pool = [c for e in examples for c in e["captions"]]
+  pool += [h["negative"] for e in examples for h in e["hard_negatives"]]
+  index = np.repeat(np.arange(N_SCENES), 12)
+  texts = [pool[i] for i in rng.integers(len(pool), size=len(index))]
+  want = []
+  for n, caption in zip(index, texts):
+    claims = scenes.parse_caption(caption)
+    parts = [G.check_claims(p, read[n], margin=0.0) for _, p in M.claim_parts(claims)]
+    descs = list(claims["mentions"]) + [d for d, _ in claims["counts"]]
+    soft = [M._soft_match(probs, n, (d["shape"], d["colour"], d["size"]))  # pylint: disable=protected-access
+            for d in descs]
+    if claims["background"] is not None:
+      soft.append(float(probs["background"][n][scenes.BACKGROUNDS.index(claims["background"])]))
+    whole = G.check_claims(claims, read[n], margin=0.0)
+    want.append((whole + np.mean(parts) + np.mean(soft)) / 3.0)
+  got = M.caption_scorer(probs)(index, texts)
+  assert 0 < np.mean(got > 0.9) < 1 and len(set(np.round(got, 3))) > 20
+  np.testing.assert_allclose(got, np.asarray(want, np.float32), rtol=1e-6)
 
 @pytest.fixture(scope="module")
 def short_run():

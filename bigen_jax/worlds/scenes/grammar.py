@@ -123,7 +123,11 @@ def parse_caption(caption: str) -> dict[str, Any]:
 
 def fits(obj: Mapping[str, Any], desc: Mapping[str, Any]) -> bool:
   """Whether an object has every attribute a description states."""
-  return all(desc.get(k) in (None, obj[k]) for k in ("shape", "colour", "size"))
+  for key in ("shape", "colour", "size"):
+    value = desc.get(key)
+    if value is not None and value != obj[key]:
+      return False
+  return True
 
 
 def check_claims(claims: Mapping[str, Any], scene: Mapping[str, Any], *, margin: float | None = None) -> bool:

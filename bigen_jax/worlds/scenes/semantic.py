@@ -148,23 +148,31 @@ def caption_scorer(probs: Mapping[str, np.ndarray], *, margin: float = recognize
                    threshold: float = 0.3) -> Callable[[np.ndarray, Sequence[str]], np.ndarray]:
   """``score(index, captions) -> [K]``: ``caption_image_score`` of image ``index[k]`` (a row of ``probs``, the
   recogniser's outputs of N images) against ``captions[k]``. Each image is decoded once and each distinct caption
-  parsed once, however many captions it is ranked against (R-precision scores each image against 100)."""
+  parsed once, however many captions it is ranked against (R-precision scores each image against 100); a single
+  claim is checked once per image (captions share them), and the whole caption only when every single claim holds
+  (it implies each of them: ``claim_parts`` restricts its mentions, counts and relations)."""
   graphs = R.decode(probs, threshold=threshold, relation_margin=margin)
-  prepared: dict[str, tuple[dict[str, Any], list[Any], list[tuple[Any, ...]]] | None] = {}
+  prepared: dict[str, tuple[dict[str, Any], list[tuple[str, dict[str, Any]]], list[tuple[Any, ...]]] | None] = {}
   soft_cache: dict[tuple[int, tuple[Any, ...]], float] = {}
+  part_cache: dict[tuple[int, str], bool] = {}
 
   def prepare(caption: str):
     if caption not in prepared:
       claims = _parse(caption)
       descs = None if claims is None else [
           (d["shape"], d["colour"], d["size"]) for d in list(claims["mentions"]) + [d for d, _ in claims["counts"]]]
-      prepared[caption] = None if claims is None else (claims, [p for _, p in claim_parts(claims)], descs)
+      prepared[caption] = None if claims is None else (claims, [(repr(p), p) for _, p in claim_parts(claims)], descs)
     return prepared[caption]
 
   def soft(n: int, desc: tuple[Any, ...]) -> float:
     if (n, desc) not in soft_cache:
       soft_cache[n, desc] = _soft_match(probs, n, desc)
     return soft_cache[n, desc]
+
+  def holds(n: int, key: str, part: dict[str, Any]) -> bool:
+    if (n, key) not in part_cache:
+      part_cache[n, key] = G.check_claims(part, graphs[n], margin=margin)
+    return part_cache[n, key]
 
   def score(index: np.ndarray, captions: Sequence[str]) -> np.ndarray:
     scores = np.zeros(len(captions), np.float32)
@@ -173,13 +181,13 @@ def caption_scorer(probs: Mapping[str, np.ndarray], *, margin: float = recognize
       if entry is None:
         continue
       claims, parts, descs = entry
-      graph = graphs[n]
-      frac = np.mean([G.check_claims(p, graph, margin=margin) for p in parts]) if parts else 1.0
+      held = sum(holds(n, key, part) for key, part in parts)
+      frac = held / len(parts) if parts else 1.0
       terms = [soft(n, d) for d in descs]
       if claims["background"] is not None:
         terms.append(float(probs["background"][n][world.BACKGROUNDS.index(claims["background"])]))
-      whole = G.check_claims(claims, graph, margin=margin)
-      scores[k] = (float(whole) + frac + (np.mean(terms) if terms else 1.0)) / 3.0
+      whole = held == len(parts) and G.check_claims(claims, graphs[n], margin=margin)
+      scores[k] = (float(whole) + frac + (sum(terms) / len(terms) if terms else 1.0)) / 3.0
     return scores
 
   return score
