@@ -7,12 +7,14 @@
     state = loop.run(config, workdir, state=state, start=start, steps=steps, cycle=cycle, data=data,
                      to_global=to_global, ckpt=ckpt, evaluate=evaluate)
 
-``run`` owns the plumbing: the step cycle, the progress line (steps/s, ETA), clu metric writers and the
+``run`` owns the plumbing: the step cycle, the first call of every step kind compiled at once (``compile_ahead``), the progress line (steps/s, ETA), clu metric writers and the
 ``workdir/metrics.jsonl`` history, periodic, final and preemption (SIGTERM) checkpoints with the data-iterator
 position, evaluation points, the profiler trace. The config fields it reads: total_steps, stop_at_step, log_every,
 batch_size, checkpoint.{every, keep, async_save, fallback}, eval.every, profile, peak_flops_per_device.
 """
 
+import concurrent.futures
+import dataclasses
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -28,7 +30,33 @@ from bigen_jax import metrics as metrics_lib
 from bigen_jax import run_config
 
 # (state, global batch) -> (state, metrics): one jitted update; metrics hold a scalar "loss" (checked finite).
+# A step with a ``lower(state, batch)`` method (a ``jax.jit`` function, a ``BoundStep``) is compiled ahead.
 Step = Callable[[Any, Any], tuple[Any, dict[str, jax.Array]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class BoundStep:
+  """A jitted ``fn(state, batch, *extra)`` with its trailing arguments bound (e.g. the frozen models): a loop
+  ``Step`` that ``compile_ahead`` can lower like the jitted function itself."""
+  fn: Any
+  extra: tuple[Any, ...] = ()
+
+  def __call__(self, state: Any, batch: Any) -> tuple[Any, dict[str, jax.Array]]:
+    return self.fn(state, batch, *self.extra)
+
+  def lower(self, state: Any, batch: Any) -> Any:
+    return self.fn.lower(state, batch, *self.extra)
+
+
+def compile_ahead(steps: Mapping[str, Step], names: Sequence[str], state: Any, batch: Any) -> None:
+  """Compiles the first call of each step in ``names`` now, the XLA compiles in parallel threads: XLA compiles a
+  program on one core, so a schedule of several step kinds (stage 2's SCST, CLIP-loss and cross-entropy steps)
+  otherwise compiles them one after another. Tracing and lowering stay in this thread (they read its mesh and
+  axis-rule contexts); ``jax.jit`` then reuses the compiled programs. Nothing runs and ``state`` is not donated."""
+  lowered = [steps[name].lower(state, batch) for name in dict.fromkeys(names) if hasattr(steps[name], "lower")]
+  if len(lowered) > 1:
+    with concurrent.futures.ThreadPoolExecutor(len(lowered)) as pool:
+      list(pool.map(lambda program: program.compile(), lowered))
 
 
 def open_run(config: ml_collections.ConfigDict, workdir: str) -> checkpoint.Checkpointer:
@@ -94,6 +122,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, state: Any, start: i
     while step < last:
       name = cycle[step % len(cycle)]
       batch = to_global(next(data))
+      if step == start:
+        compile_ahead(steps, [cycle[s % len(cycle)] for s in range(start, min(last, start + len(cycle)))], state,
+                      batch)
       state, metrics = steps[name](state, batch)
       pending.append((step, name, metrics))
       step += 1

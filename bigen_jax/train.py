@@ -68,11 +68,6 @@ def make_train_step(ctx: experiment.Context, task: str, tx: optax.GradientTransf
                  donate_argnums=(0,))
 
 
-def _with_frozen(step, frozen: dict[str, Any]) -> loop.Step:
-  """``step(state, batch, frozen)`` as the loop's ``(state, batch) -> (state, metrics)``."""
-  return lambda state, batch: step(state, batch, frozen)
-
-
 def _evaluate(evaluators: list[Any]):
   """``(state, step) -> scalars``: every evaluator's results on ``state.params``."""
   def evaluate(state: state_lib.TrainState, step: int) -> dict[str, float]:
@@ -105,7 +100,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
   state, start = loop.restore_or_init(ckpt, abstract, lambda: init(jax.random.key(config.seed)), data)
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    steps = {task: _with_frozen(make_train_step(ctx, task, tx, schedule, shardings), frozen)
+    steps = {task: loop.BoundStep(make_train_step(ctx, task, tx, schedule, shardings), (frozen,))
              for task in set(cycle)}
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
     logging.info("model: %.1fM parameters; %s schedule of tasks %s; starting at step %d", num_params / 1e6,

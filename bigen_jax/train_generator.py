@@ -352,7 +352,7 @@ def train_generator(config: ml_collections.ConfigDict, workdir: str) -> GANState
                  counts["discriminator"], "on" if perceptual is not None else "off", start)
     samples = Samples(config, vocab, mesh, workdir) if config.eval.num_examples else None
     state = loop.run(config, workdir, state=state, start=start,
-                     steps={TASK: lambda state, batch: step_fn(state, batch, frozen)}, cycle=[TASK], data=data,
+                     steps={TASK: loop.BoundStep(step_fn, (frozen,))}, cycle=[TASK], data=data,
                      to_global=to_global, ckpt=ckpt, evaluate=samples)
     step = int(state.step)
     if samples is not None and step == config.total_steps and not (config.eval.every and
