@@ -7,10 +7,11 @@
     state = loop.run(config, workdir, state=state, start=start, steps=steps, cycle=cycle, data=data,
                      to_global=to_global, ckpt=ckpt, evaluate=evaluate)
 
-``run`` owns the plumbing: the step cycle, the first call of every step kind compiled at once (``compile_ahead``), the progress line (steps/s, ETA), clu metric writers and the
-``workdir/metrics.jsonl`` history, periodic, final and preemption (SIGTERM) checkpoints with the data-iterator
-position, evaluation points, the profiler trace. The config fields it reads: total_steps, stop_at_step, log_every,
-batch_size, checkpoint.{every, keep, async_save, fallback}, eval.every, profile, peak_flops_per_device.
+``run`` owns the plumbing: the step cycle, the first call of every step kind compiled at once (``compile_ahead``),
+the progress line (steps/s, ETA), clu metric writers and the ``workdir/metrics.jsonl`` history, periodic, final
+and preemption (SIGTERM) checkpoints with the data-iterator position, evaluation points, the profiler trace. The
+config fields it reads: total_steps, stop_at_step, log_every, batch_size, checkpoint.{every, keep, async_save,
+fallback}, eval.every, profile, peak_flops_per_device.
 """
 
 import concurrent.futures

@@ -32,6 +32,7 @@ from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags  # pylint: disable=g-import-not-at-top
 from absl import logging  # pylint: disable=g-import-not-at-top
 
+from bigen_jax import paper  # pylint: disable=g-import-not-at-top
 from configs import ablations  # pylint: disable=g-import-not-at-top
 
 _DEMO_OUT = flags.DEFINE_string("demo_out", "demo_out", "A finished make demo's output directory.")
@@ -53,9 +54,7 @@ COLUMNS = (("CIDEr-D", "captioning/CIDEr-D"), ("BLEU-4", "captioning/BLEU-4"),
            ("guided FID", "generation/guidance/fid_recognizer"),
            ("guided semantic acc.", "generation/guidance/semantic/accuracy"),
            ("guided R-prec. hard", "generation/guidance/r_precision_hard"))
-PAPER = {"full": "CIDEr 122.6, CLIPScore 77.2, FID 29.9", "two_model": "equal to full (456M parameters)",
-         "dense_only": "T2I FID 34.9", "discrete_only": "I2T CIDEr 114.3",
-         "no_sequence_level": "CIDEr 107.9, FID 33.5", "no_clip_loss": "CLIPScore 72.5, FID 40.1"}
+PAPER = paper.TABLE1
 
 
 def row_config(row: str, demo_out: str):

@@ -20,15 +20,18 @@ Stages (each resumable: re-running skips finished work):
                 steps between them
   10b recogniser  the scene recogniser that reads generated images back into scene graphs, trained once in a
                 background process from the demo's start (nice 19: on the core the other stages leave idle)
-  11. evaluate  stage 1's and stage 2's checkpoints (one set of evaluators, bigen_jax.evaluate.evaluate_runs):
-                captioning and generation evaluators on the validation split (bigen_jax.evaluate): COCO
+  11. evaluate  stage 1's and stage 2's checkpoints at once (stage 1's in a second process: each evaluation keeps
+                one core busy) with the same evaluators (bigen_jax.evaluate):
+                captioning and generation evaluators on the validation split: COCO
                 caption metrics, truth of captions, CLIP-S, images decoded by argmax mask-predict, MaskGIT
                 sampling and classifier-free guidance, drawn by the scene decoder and by the SPADE generator
                 (the patch preview as a baseline): FID, semantic accuracy, R-precision, CLIPScore and CLIP
                 R-precision; a markdown table, a caption -> image PNG grid and the held-out images rebuilt from
                 their true tokens (real | preview | scene decoder | GAN); stage 2's figures beside stage 1's
 
-Writes OUT/summary.json and OUT/summary.md, and prints the summary table.
+Writes OUT/summary.json and OUT/summary.md, prints the summary table, and writes the report page
+OUT/report/index.html with its markdown copy OUT/report/report.md (``bigen_jax.report``: the figures beside the
+paper's, loss curves, sample grids, timings).
 """
 
 import json
@@ -190,7 +193,8 @@ def contact_sheet(records_dir, vocab_dir, tok, k, path, n=8):
 
 # Stage 1 against stage 2 (the same evaluators, validation split).
 STAGE2_KEYS = ("captioning/CIDEr-D", "captioning/BLEU-4", "captioning/semantic/accuracy",
-               "captioning/distinct_captions", "captioning/clip_s", "generation/clip_score", "generation/gan/clip_score",
+               "captioning/distinct_captions", "captioning/clip_s", "generation/clip_score",
+               "generation/gan/clip_score",
                "generation/gan/semantic/accuracy", "generation/semantic/accuracy", "generation/fid_recognizer",
                "generation/guidance/semantic/accuracy", "generation/guidance/clip_score",
                "generation/guidance/r_precision_hard", "generation/guidance/gan/clip_score")
@@ -252,6 +256,34 @@ def train_stage2(out, steps, detector):
   workdir = os.path.join(out, "stage2")
   train.train_and_evaluate(config, workdir)
   return config, metrics.read_history(workdir)
+
+
+EVALUATORS = ("validation_loss", "captioning", "generation")
+
+
+def evaluate_stages(out, detector):
+  """``[(results, step)]`` of stage 1's run (OUT/train) and stage 2's (OUT/stage2) under EVALUATORS, both with
+  stage 1's config. Each evaluation keeps one core busy (decoding small batches, the recogniser's scoring in Python,
+  METEOR in Java), so stage 1's runs in a second process (``python -m bigen_jax.evaluate``, its log in
+  OUT/evaluate_stage1.log) while stage 2's runs here: the two take about as long as one."""
+  from bigen_jax import evaluate, stages  # pylint: disable=g-import-not-at-top
+  train = os.path.join(out, "train")
+  log_path = os.path.join(out, "evaluate_stage1.log")
+  command = [sys.executable, "-m", "bigen_jax.evaluate", f"--workdir={train}", f"--evaluators={','.join(EVALUATORS)}"]
+  with open(log_path, "w") as log:
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                               cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  try:
+    second = evaluate.evaluate(stages.stage1_config(demo_config(out, _TRAIN_STEPS.value, detector)),
+                               os.path.join(out, "stage2"), evaluators=list(EVALUATORS))
+  except BaseException:
+    process.kill()
+    raise
+  if process.wait():
+    raise RuntimeError(f"evaluating stage 1 failed (exit {process.returncode}): see {log_path}")
+  step = evaluate.checkpoint_steps(train)[-1]
+  with open(os.path.join(train, "eval", f"results_{step}.json")) as f:
+    return (json.load(f), step), second
 
 
 def first_last(rows, key):
@@ -395,11 +427,7 @@ def main(argv):
   summary["scene recogniser (held-out scenes): captions judged true, objects found"] = (
       f"{held['caption_accuracy']:.3f}, recall {held['recall']:.3f} precision {held['precision']:.3f}")
   with timer.stage("11 evaluate"):
-    from bigen_jax import evaluate, stages  # pylint: disable=g-import-not-at-top
-    (results, step), (results2, step2) = evaluate.evaluate_runs(
-        stages.stage1_config(demo_config(out, _TRAIN_STEPS.value, detector)),
-        [os.path.join(out, "train"), os.path.join(out, "stage2")],
-        evaluators=["validation_loss", "captioning", "generation"])
+    (results, step), (results2, step2) = evaluate_stages(out, detector)
   for key in EVAL_KEYS:
     if key in results:
       summary[f"eval {key}"] = f"{results[key]:.3f}"
@@ -415,6 +443,8 @@ def main(argv):
     summary[f"time: {name}"] = f"{secs}s ({timer.cores[name]:.2f} cores busy)"
   summary["time: total"] = f"{timer.total}s"
   write_summary(out, summary)
+  from bigen_jax import report  # pylint: disable=g-import-not-at-top
+  print(f"[demo] report: {os.path.relpath(report.write_report(out))}", flush=True)
 
 
 if __name__ == "__main__":
