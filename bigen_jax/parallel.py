@@ -22,6 +22,8 @@ import ml_collections
 import numpy as np
 import optax
 
+from bigen_jax import errors
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 
@@ -81,22 +83,29 @@ def data_sharding(mesh: Mesh) -> NamedSharding:
 def initialize_distributed(cfg: ml_collections.ConfigDict | None) -> None:
   """Starts multi-process JAX when ``cfg`` (``config.distributed``) asks for it.
 
-  cfg fields: num_processes (> 1 to start), coordinator_address, process_id, local_device_ids (optional),
-  cpu_collectives ("gloo" for multi-process CPU runs).
-  With no cfg, or one process, nothing happens (TPU pods and SLURM can call ``jax.distributed.initialize()``
+  cfg fields: num_processes (> 1 to start), coordinator_address, process_id, local_device_ids (optional: this
+  process's devices, e.g. "0,1", for several processes on one host), cpu_collectives ("gloo" for multi-process CPU
+  runs). With no cfg, or one process, nothing happens (TPU pods and SLURM can call ``jax.distributed.initialize()``
   with no arguments by setting ``auto=True``).
   """
   if cfg is None:
     return
+  local_device_ids = cfg.get("local_device_ids") or None
+  if isinstance(local_device_ids, str):
+    try:
+      local_device_ids = [int(i) for i in local_device_ids.split(",")]
+    except ValueError:
+      raise errors.ConfigError(f"--config.distributed.local_device_ids={cfg.local_device_ids!r}: expected device "
+                               "numbers separated by commas, e.g. 0,1") from None
   if cfg.get("auto"):
-    jax.distributed.initialize()
+    jax.distributed.initialize(local_device_ids=local_device_ids)
     return
   if int(cfg.get("num_processes") or 1) <= 1:
     return
   if cfg.get("cpu_collectives"):
     jax.config.update("jax_cpu_collectives_implementation", cfg.cpu_collectives)
   jax.distributed.initialize(coordinator_address=cfg.coordinator_address, num_processes=int(cfg.num_processes),
-                             process_id=int(cfg.process_id), local_device_ids=cfg.get("local_device_ids"))
+                             process_id=int(cfg.process_id), local_device_ids=local_device_ids)
   logging.info("distributed: process %d of %d", jax.process_index(), jax.process_count())
 
 

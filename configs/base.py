@@ -137,8 +137,9 @@ def get_config(model: str = "paper") -> ml_collections.ConfigDict:
   # WORKDIR/plugins/profile (TensorBoard's profile tab); num_steps 0: off.
   config.profile = ml_collections.ConfigDict(dict(start_step=10, num_steps=0))
   config.peak_flops_per_device = 0.0  # for the MFU estimate; 0: not reported (e.g. 989e12 for H100 bf16)
+  # local_device_ids: this process's devices, comma-separated (e.g. "0,1"), for several processes per host.
   config.distributed = ml_collections.ConfigDict(dict(
-      num_processes=1, process_id=0, coordinator_address="", cpu_collectives="", auto=False))
+      num_processes=1, process_id=0, coordinator_address="", cpu_collectives="", auto=False, local_device_ids=""))
   return config
 
 
