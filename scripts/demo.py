@@ -131,11 +131,14 @@ def render_world(data_dir, config):
 
 
 def train_tokenizer(data_dir, config, out_dir, vocab_size):
+  """A WordPiece vocabulary of the training captions and questions (X-LXMERT's question answering reads the
+  questions: trained on captions alone, "what", "how many", "colour" and "?" were all [UNK])."""
   from bigen_jax.data import tokenizer  # pylint: disable=g-import-not-at-top
   from bigen_jax.worlds.scenes import tfds_builder  # pylint: disable=g-import-not-at-top
   path = os.path.join(out_dir, "vocab.txt")
   if not os.path.exists(path):
-    texts = [c for ex in tfds_builder.source("train", data_dir=data_dir, config=config) for c in ex["captions"]]
+    texts = [text for ex in tfds_builder.source("train", data_dir=data_dir, config=config)
+             for text in list(ex["captions"]) + [q["question"] for q in ex["questions"]]]
     path = tokenizer.train_wordpiece(texts, vocab_size=vocab_size, out_dir=out_dir)
   return tokenizer.load_tokenizer(path), path
 

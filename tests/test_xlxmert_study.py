@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from bigen_jax import train
-from bigen_jax.data import tokenizer
 from bigen_jax.data import vocab
 from bigen_jax.features import backbones
 from bigen_jax.features import extract
@@ -20,11 +19,14 @@ from bigen_jax.worlds.scenes import recognizer
 from bigen_jax.worlds.scenes import tfds_builder
 from configs import demo
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import demo as demo_script  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 SPLITS = ("train", "validation", "test")
 DETECTOR = dict(steps=4, batch_size=4, num_train_scenes=8, width=8, feature_dim=16, eval_scenes=0,
                 checkpoint_every=2, log_every=1)
 STEPS = 2
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_tiny_demo(out: str) -> None:
@@ -33,9 +35,8 @@ def make_tiny_demo(out: str) -> None:
   b = tfds_builder.builder(data_dir, "tiny")
   tfds_builder.prepare(b)
   sizes = {s: b.info.splits[s].num_examples for s in SPLITS}
-  texts = [c for ex in tfds_builder.source("train", data_dir=data_dir, config="tiny") for c in ex["captions"]]
-  vocab_path = tokenizer.train_wordpiece(texts, vocab_size=300, out_dir=os.path.join(out, "tokenizer"))
-  tok = tokenizer.load_tokenizer(vocab_path)
+  tok, vocab_path = demo_script.train_tokenizer(data_dir, "tiny", os.path.join(out, "tokenizer"), 300)
+  assert tok.tokenize("how many shapes?") == ["how", "many", "shapes", "?"]
   weights, _ = detector.load_or_train(os.path.join(out, "scenes_detector"), **DETECTOR)
   backbone = backbones.build_backbone("scenes_detector", weights=weights, layer="gated_logits")
   for split in SPLITS:
