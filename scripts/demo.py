@@ -28,6 +28,9 @@ Stages (each resumable: re-running skips finished work):
                 (the patch preview as a baseline): FID, semantic accuracy, R-precision, CLIPScore and CLIP
                 R-precision; a markdown table, a caption -> image PNG grid and the held-out images rebuilt from
                 their true tokens (real | preview | scene decoder | GAN); stage 2's figures beside stage 1's
+  12. bundle    stage 2's run exported as a bundle (OUT/bundle, bigen_jax.export) and used through the three-line
+                API (bigen_jax.Pipeline): captions of validation images from their pixels, pictures of their
+                captions (OUT/api_samples.png)
 
 Writes OUT/summary.json and OUT/summary.md, prints the summary table, and writes the report page
 OUT/report/index.html with its markdown copy OUT/report/report.md (``bigen_jax.report``: the figures beside the
@@ -332,6 +335,30 @@ def caption_sheet(state, config, tok, path, n=12):
   return list(zip(generated, references, truths))
 
 
+def bundle_and_api(out, detector, n=4):
+  """Exports stage 2's run as a bundle (OUT/bundle: ``bigen_jax.export``, with the scenes detector's weights) and
+  uses it as a user would, through the three-line API (``bigen_jax.Pipeline``): captions of ``n`` validation
+  images from their pixels, and pictures of their first reference captions (the run's guided decoder, the
+  bundled GAN), as cards in OUT/api_samples.png. Returns (bundle path, [(API caption, reference, true)])."""
+  from bigen_jax import Pipeline  # pylint: disable=g-import-not-at-top
+  from bigen_jax import export, viz  # pylint: disable=g-import-not-at-top
+  from bigen_jax.worlds.scenes import grammar, tfds_builder  # pylint: disable=g-import-not-at-top
+  bundle = export.export(os.path.join(out, "stage2"), os.path.join(out, "bundle"), backbone_weights=detector or None)
+  pipeline = Pipeline.load(bundle)
+  examples = [ex for _, ex in zip(range(n), tfds_builder.source("validation", data_dir=os.path.join(out, "tfds"),
+                                                                 config=_SCENES.value))]
+  references = [ex["captions"][0] for ex in examples]
+  captions = pipeline.caption([ex["image"] for ex in examples])
+  pictures = pipeline.generate(references, guidance=4.0)
+  truths = [grammar.check_caption(c, ex["scene_graph"]) for c, ex in zip(captions, examples)]
+  texts = [[("Pipeline.caption(image):", (70, 70, 160)), (c, (0, 140, 0) if t else (200, 0, 0))] for c, t in
+           zip(captions, truths)] + [[("Pipeline.generate(caption):", (70, 70, 160)), (r, (0, 0, 0))]
+                                     for r in references]
+  images = [np.asarray(ex["image"]) for ex in examples] + [np.asarray(p) for p in pictures]
+  viz.save_png(viz.caption_cards(images, texts, tile=192, columns=n), os.path.join(out, "api_samples.png"))
+  return bundle, list(zip(captions, references, truths))
+
+
 def write_summary(out, summary):
   from bigen_jax import fileio  # pylint: disable=g-import-not-at-top
   fileio.write_json_atomic(os.path.join(out, "summary.json"), summary)
@@ -442,6 +469,11 @@ def main(argv):
       os.path.join(out, "train", "eval", f"reconstructions_{step}.png"))
   summary["stage-2 evaluation table, caption -> image grid"] = ", ".join(os.path.relpath(os.path.join(
       out, "stage2", "eval", f"{name}_{step2}.{ext}")) for name, ext in (("results", "md"), ("generation", "png")))
+  with timer.stage("12 bundle"):
+    bundle, api = bundle_and_api(out, detector)
+  summary["export bundle, the API's captions and pictures"] = (
+      f"{os.path.relpath(bundle)}, {os.path.relpath(os.path.join(out, 'api_samples.png'))}: "
+      f"{sum(t for _, _, t in api)}/{len(api)} captions true")
   for name, secs in timer.times.items():
     summary[f"time: {name}"] = f"{secs}s ({timer.cores[name]:.2f} cores busy)"
   summary["time: total"] = f"{timer.total}s"
