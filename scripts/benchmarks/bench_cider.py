@@ -33,6 +33,7 @@ _SEED = flags.DEFINE_integer("seed", 0, "Corpus seed.")
 _CORPUS = flags.DEFINE_enum("corpus", "scenes", ["scenes", "zipf"], "Caption source.")
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed repetitions of each scorer.")
 _BATCH = flags.DEFINE_integer("batch", 250, "Candidates per batch of the jitted id form (0: skip it).")
+_JSON = flags.DEFINE_string("json", None, "Also write the result (ours, peer, ratio, unit) as JSON to this file.")
 
 
 def _corpus(images: int, refs: int, seed: int, kind: str) -> list[list[str]]:
@@ -124,6 +125,8 @@ def main(argv):
   print(f"CIDEr-D = {got:.6f} (max |diff| vs pycocoevalcap {diff:.1e})")
   for name, a, b in (("wall", slow, fast), ("cpu ", slow_cpu, fast_cpu)):
     print(f"{name}: pycocoevalcap Cider {a:.3f} s   CiderD {b:.4f} s   speed-up {a / b:.1f}x")
+  timing.write_result(_JSON.value, ours=fast, peer=slow, unit="s", lower_is_better=True,
+                      cpu=timing.result(ours=fast_cpu, peer=slow_cpu, unit="s", lower_is_better=True))
   if _BATCH.value:
     _bench_ids(gts, res, _BATCH.value, _STEPS.value)
 

@@ -32,6 +32,7 @@ _BATCH = flags.DEFINE_integer("batch", 8, "Images (and captions) per call.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed calls.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed calls first (compilation, allocation).")
 _THREADS = flags.DEFINE_integer("threads", None, "CPU threads of both frameworks (default: all cores).")
+_JSON = flags.DEFINE_string("json", None, "Also write the result (ours, peer, ratio, unit) as JSON to this file.")
 _TOLERANCE = 1e-3
 _WORDS = ("a", "photo", "of", "red", "dog", "cat", "running", "on", "the", "beach", "two", "buses", "near", "tree")
 
@@ -96,6 +97,9 @@ def main(argv):
   for name in ("images", "texts"):
     flax_per_s, torch_per_s = flax_rates[name] * _BATCH.value, torch_rates[name] * _BATCH.value
     print(f"{name:8s} {flax_per_s:10.1f} {torch_per_s:10.1f} {flax_per_s / torch_per_s:12.2f}x")
+  ours, peer = ({name: rate * _BATCH.value for name, rate in rates.items()} for rates in (flax_rates, torch_rates))
+  timing.write_result(_JSON.value, ours=ours["images"], peer=peer["images"], unit="images/s",
+                      texts=timing.result(ours=ours["texts"], peer=peer["texts"], unit="texts/s"))
 
 
 if __name__ == "__main__":

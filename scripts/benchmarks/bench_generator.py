@@ -34,6 +34,7 @@ _STEPS = flags.DEFINE_integer("steps", 10, "Timed calls.")
 flags.DEFINE_alias("repeats", "steps")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed calls first (compilation, allocation).")
 _THREADS = flags.DEFINE_integer("threads", None, "CPU threads of both frameworks (default: all cores).")
+_JSON = flags.DEFINE_string("json", None, "Also write the result (ours, peer, ratio, unit) as JSON to this file.")
 _TOLERANCE = 1e-3
 
 
@@ -82,6 +83,7 @@ def main(argv):
   print(f"flax:  {flax_rate:8.3f} batches/s  {flax_rate * _BATCH.value:8.2f} images/s")
   print(f"torch: {torch_rate:8.3f} batches/s  {torch_rate * _BATCH.value:8.2f} images/s  ({torch_device})")
   print(f"flax / torch = {flax_rate / torch_rate:.2f}x")
+  timing.write_result(_JSON.value, ours=flax_rate * _BATCH.value, peer=torch_rate * _BATCH.value, unit="images/s")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ _NUM_CLUSTERS = flags.DEFINE_integer("num_clusters", 1000, "Visual vocabulary si
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed decodes.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed decodes first (compilation).")
 _THREADS = flags.DEFINE_integer("threads", None, "CPU threads of both frameworks (default: all cores).")
+_JSON = flags.DEFINE_string("json", None, "Also write the result (ours, peer, ratio, unit) as JSON to this file.")
 
 
 def _inputs(config, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -110,6 +111,7 @@ def main(argv):
   print(f"jax:   {jax_rate:8.3f} decodes/s  {jax_rate * _BATCH.value:8.1f} images/s")
   print(f"torch: {torch_rate:8.3f} decodes/s  {torch_rate * _BATCH.value:8.1f} images/s")
   print(f"jax / torch = {jax_rate / torch_rate:.2f}x")
+  timing.write_result(_JSON.value, ours=jax_rate, peer=torch_rate, unit="decodes/s")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ _PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s of the devi
 _SCAN = flags.DEFINE_bool("scan_layers", None, "Override config.scan_layers.")
 _REMAT = flags.DEFINE_bool("remat", False, "Rematerialise layers (Flax).")
 _TORCH = flags.DEFINE_bool("torch", True, "Also time PyTorch.")
+_JSON = flags.DEFINE_string("json", None, "Also write the result (ours, peer, ratio, unit) as JSON to this file.")
 
 
 def _inputs(config, batch: int, seed: int = 0):
@@ -121,6 +122,7 @@ def main(argv):
     print(f"torch: {torch_rate:8.3f} steps/s  {torch_rate * _BATCH.value:9.1f} examples/s  "
           f"{torch_rate * model_flops / 1e12:8.3f} model TFLOP/s  ({torch_device})")
     print(f"flax / torch = {flax_rate / torch_rate:.2f}x")
+  timing.write_result(_JSON.value, ours=flax_rate, peer=torch_rate, unit="steps/s")
 
 if __name__ == "__main__":
   app.run(main)

@@ -57,6 +57,7 @@ _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps of each.")
 _WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed steps of each first (compilation).")
 _THREADS = flags.DEFINE_integer("threads", None, "CPU cores to run on (default: all).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of params, features and corpus.")
+_JSON = flags.DEFINE_string("json", None, "Also write the result (ours, peer, ratio, unit) as JSON to this file.")
 
 PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4  # tokenizer.SPECIAL_TOKENS' order
 
@@ -227,6 +228,9 @@ def main(argv):
   phases = ("rollout", "host CIDEr-D", "gradient step")
   split = "   ".join(f"{phase} {median('b', phase):.3f} s" for phase in phases)
   print(f"B wall split: {split}")
+  timing.write_result(_JSON.value, ours=median("a", "wall"), peer=median("b", "wall"), unit="s", lower_is_better=True,
+                      cpu=timing.result(ours=median("a", "cpu"), peer=median("b", "cpu"), unit="s",
+                                        lower_is_better=True))
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ _THREADS = flags.DEFINE_integer("threads", None, "CPU threads of both frameworks
 _PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s of one device, for MFU.")
 _FSDP = flags.DEFINE_bool("fsdp", False, "Shard params and optimizer state over all devices (fsdp axis).")
 _TORCH = flags.DEFINE_bool("torch", True, "Also time PyTorch.")
+_JSON = flags.DEFINE_string("json", None, "Also write the result (ours, peer, ratio, unit) as JSON to this file.")
 
 MASK_ID, PAD_ID = 4, 0
 
@@ -160,6 +161,7 @@ def main(argv):
   if torch_rate is not None:
     print(f"torch: {torch_rate:8.3f} steps/s  {torch_rate * _BATCH.value:9.1f} examples/s  ({torch_device})")
     print(f"flax / torch = {flax_rate / torch_rate:.2f}x")
+  timing.write_result(_JSON.value, ours=flax_rate, peer=torch_rate, unit="steps/s")
 
 
 if __name__ == "__main__":

@@ -28,3 +28,20 @@ def steps_per_second(step: Callable[[], None], *, steps: int, warmup: int) -> fl
     step()
     times.append(time.perf_counter() - start)
   return 1.0 / sorted(times)[len(times) // 2]
+
+
+def result(*, ours: float, peer: float | None, unit: str, lower_is_better: bool = False) -> dict:
+  """``{"ours", "peer", "ratio", "unit"}``; the ratio is > 1 when ours is better (ours / peer for rates,
+  peer / ours with ``lower_is_better``, e.g. times); None without a peer."""
+  ratio = None if peer is None else (peer / ours if lower_is_better else ours / peer)
+  return {"ours": ours, "peer": peer, "ratio": ratio, "unit": unit}
+
+
+def write_result(path: str | None, *, ours: float, peer: float | None, unit: str, lower_is_better: bool = False,
+                 **extra) -> None:
+  """Writes ``result(...)`` and ``extra`` fields (e.g. more ``result``s) as JSON to ``path``, atomically (run_all
+  reads it); nothing without a path."""
+  if path:
+    from bigen_jax import fileio  # pylint: disable=g-import-not-at-top
+    fileio.write_json_atomic(path, {**result(ours=ours, peer=peer, unit=unit, lower_is_better=lower_is_better),
+                                    **extra})
