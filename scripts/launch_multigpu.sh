@@ -23,26 +23,8 @@
 # checkout, else python3); DRY_RUN=1 prints the command (one argument a line) instead of running it.
 set -euo pipefail
 
-repo=$(cd "$(dirname "$0")/.." && pwd)
+source "$(dirname "${BASH_SOURCE[0]}")/launch_common.sh"
 CONFIG=${CONFIG:-configs/coco.py}
-if [[ -z "${PYTHON:-}" ]]; then
-  PYTHON=python3
-  [[ -x "$repo/.venv/bin/python" ]] && PYTHON="$repo/.venv/bin/python"
-fi
-
-usage() {
-  sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2
-  exit 2
-}
-
-run() {
-  if [[ "${DRY_RUN:-0}" == 1 ]]; then
-    printf '%s\n' "$@" ""
-  else
-    cd "$repo"
-    exec "$@"
-  fi
-}
 
 [[ $# -ge 1 ]] || usage
 mode=$1
@@ -52,19 +34,19 @@ train=("$PYTHON" -m bigen_jax.main --config "$CONFIG" --workdir "$WORKDIR")
 
 case "$mode" in
   local)
-    run "${train[@]}" "$@"
+    run_exec "${train[@]}" "$@"
     ;;
   host)
     : "${NUM_HOSTS:?set NUM_HOSTS, the number of hosts (one process each)}"
     : "${HOST_INDEX:?set HOST_INDEX, the index of this host, 0 .. NUM_HOSTS-1}"
     : "${COORDINATOR:?set COORDINATOR, host:port of process 0}"
-    run "${train[@]}" --config.distributed.num_processes="$NUM_HOSTS" \
+    run_exec "${train[@]}" --config.distributed.num_processes="$NUM_HOSTS" \
         --config.distributed.process_id="$HOST_INDEX" --config.distributed.coordinator_address="$COORDINATOR" "$@"
     ;;
   slurm)
     gpus=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-}}
     : "${gpus:?set GPUS_PER_NODE (SLURM_GPUS_ON_NODE is not set: allocate with --gpus-per-node)}"
-    run srun --ntasks-per-node=1 env JAX_LOCAL_DEVICE_IDS="$(seq -s, 0 $((gpus - 1)))" \
+    run_exec srun --ntasks-per-node=1 env JAX_LOCAL_DEVICE_IDS="$(seq -s, 0 $((gpus - 1)))" \
         "${train[@]}" --config.distributed.auto=True "$@"
     ;;
   *)

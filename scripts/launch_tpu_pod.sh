@@ -24,18 +24,7 @@ CONFIG=${CONFIG:-configs/coco.py}
 REMOTE_DIR=${REMOTE_DIR:-bigen_jax}
 JAX_VERSION=0.10.2  # pyproject.toml's pin
 
-usage() {
-  sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2
-  exit 2
-}
-
-run() {
-  if [[ "${DRY_RUN:-0}" == 1 ]]; then
-    printf '%s\n' "$@" ""  # one argument a line, unquoted
-  else
-    "$@"
-  fi
-}
+source "$(dirname "${BASH_SOURCE[0]}")/launch_common.sh"
 
 [[ $# -ge 1 ]] || usage
 mode=$1
@@ -48,7 +37,6 @@ gcloud_args=(--zone="$ZONE")
 case "$mode" in
   setup)
     [[ $# -eq 0 ]] || usage
-    repo=$(cd "$(dirname "$0")/.." && pwd)
     archive=$(mktemp --suffix=.tar.gz)
     trap 'rm -f "$archive"' EXIT
     git -C "$repo" ls-files -z | tar -C "$repo" --null -T - -czf "$archive"

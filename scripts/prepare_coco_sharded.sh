@@ -25,25 +25,8 @@
 # --batch_size 16). DRY_RUN=1 prints the commands (one argument a line) instead of running them.
 set -euo pipefail
 
-repo=$(cd "$(dirname "$0")/.." && pwd)
-if [[ -z "${PYTHON:-}" ]]; then
-  PYTHON=python3
-  [[ -x "$repo/.venv/bin/python" ]] && PYTHON="$repo/.venv/bin/python"
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/launch_common.sh"
 read -r -a splits <<< "${SPLITS:-train validation test}"
-
-usage() {
-  sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2
-  exit 2
-}
-
-run() {
-  if [[ "${DRY_RUN:-0}" == 1 ]]; then
-    printf '%s\n' "$@" ""
-  else
-    (cd "$repo" && "$@")
-  fi
-}
 
 [[ $# -ge 1 ]] || usage
 mode=$1

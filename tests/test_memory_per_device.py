@@ -68,7 +68,7 @@ def _dry_run(script: str, *args: str, **env: str) -> str:
   return result.stdout
 
 
-@pytest.mark.parametrize("script", LAUNCHERS)
+@pytest.mark.parametrize("script", LAUNCHERS + ("launch_common.sh",))
 def test_launcher_syntax(script):
   result = subprocess.run(["bash", "-n", os.path.join(ROOT, "scripts", script)], capture_output=True, text=True,
                           check=False)
