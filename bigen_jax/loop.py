@@ -54,10 +54,12 @@ def compile_ahead(steps: Mapping[str, Step], names: Sequence[str], state: Any, b
   program on one core, so a schedule of several step kinds (stage 2's SCST, CLIP-loss and cross-entropy steps)
   otherwise compiles them one after another. Tracing and lowering stay in this thread (they read its mesh and
   axis-rule contexts); ``jax.jit`` then reuses the compiled programs. Nothing runs and ``state`` is not donated."""
-  lowered = [steps[name].lower(state, batch) for name in dict.fromkeys(names) if hasattr(steps[name], "lower")]
-  if len(lowered) > 1:
-    with concurrent.futures.ThreadPoolExecutor(len(lowered)) as pool:
-      list(pool.map(lambda program: program.compile(), lowered))
+  lowerable = [steps[name] for name in dict.fromkeys(names) if hasattr(steps[name], "lower")]
+  if len(lowerable) < 2:  # one step kind: its first call compiles it, nothing to overlap
+    return
+  lowered = [step.lower(state, batch) for step in lowerable]
+  with concurrent.futures.ThreadPoolExecutor(len(lowered)) as pool:
+    list(pool.map(lambda program: program.compile(), lowered))
 
 
 def open_run(config: ml_collections.ConfigDict, workdir: str) -> checkpoint.Checkpointer:
