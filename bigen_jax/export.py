@@ -32,7 +32,6 @@ params and generator against the model of the bundled config; any mismatch or co
 import dataclasses
 import importlib.metadata
 import os
-import shutil
 from typing import Any, Callable
 
 from absl import logging
@@ -261,7 +260,7 @@ def write_atomically(out: str, write: Callable[[str], None]) -> None:
       _copy_over(os.fspath(tmp), out)
     else:
       _fsync_tree(os.fspath(tmp))
-      _replace_directory(os.fspath(tmp), out)
+      fileio.replace_directory(os.fspath(tmp), out)
   finally:
     if tmp.exists():
       tmp.rmtree()
@@ -273,26 +272,7 @@ def _fsync_tree(root: str) -> None:
     for name in names:
       with open(os.path.join(folder, name), "rb") as f:
         os.fsync(f.fileno())
-    _fsync_folder(folder)
-
-
-def _fsync_folder(folder: str) -> None:
-  fd = os.open(folder, os.O_RDONLY)
-  try:
-    os.fsync(fd)
-  finally:
-    os.close(fd)
-
-
-def _replace_directory(tmp: str, out: str) -> None:
-  """Renames ``tmp`` to ``out``; an existing ``out`` is renamed aside first and removed after (local)."""
-  old = f"{out}.old{os.getpid()}"
-  if os.path.exists(out):
-    os.replace(out, old)
-  os.replace(tmp, out)
-  _fsync_folder(os.path.dirname(out))
-  if os.path.exists(old):
-    shutil.rmtree(old)
+    fileio.fsync_folder(folder)
 
 
 def _copy_over(tmp: str, out: str) -> None:

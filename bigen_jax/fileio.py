@@ -9,6 +9,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 from typing import IO, Any, Iterator
 
 from etils import epath
@@ -83,3 +84,24 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
 def read_json(path: str | os.PathLike) -> Any:
   """The JSON in ``path``; ``ValueError`` (json.JSONDecodeError) when it is not JSON."""
   return json.loads(epath.Path(path).read_text())
+
+
+def fsync_folder(folder: str) -> None:
+  """fsyncs a local folder's entry list (a rename inside it survives a crash)."""
+  fd = os.open(folder, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
+def replace_directory(tmp: str, out: str) -> None:
+  """Publishes the complete local folder ``tmp`` as ``out`` by rename: an existing ``out`` is renamed aside first
+  and removed after, so ``out`` is always either the old folder or the whole new one."""
+  old = f"{out}.old{os.getpid()}"
+  if os.path.exists(out):
+    os.replace(out, old)
+  os.replace(tmp, out)
+  fsync_folder(os.path.dirname(out))
+  if os.path.exists(old):
+    shutil.rmtree(old)

@@ -109,7 +109,7 @@ def write_report(demo_out: str, *, out: str | None = None, ablations_dir: str | 
     ]
     fileio.write_atomic(os.path.join(tmp, "index.html"), _html(demo_out, sections))
     fileio.write_atomic(os.path.join(tmp, "report.md"), _markdown(demo_out, sections))
-    _replace_dir(tmp, out)
+    fileio.replace_directory(tmp, out)
   finally:
     if os.path.exists(tmp):
       shutil.rmtree(tmp)
@@ -129,17 +129,6 @@ def _read_summary(demo_out: str) -> dict:
   if not isinstance(summary, dict):
     raise errors.UserError(f"{path}: expected a JSON object, got {type(summary).__name__}")
   return summary
-
-
-def _replace_dir(new: str, final: str) -> None:
-  """Renames the folder ``new`` over ``final`` (an old ``final`` is moved aside first, then removed)."""
-  old = None
-  if os.path.exists(final):
-    old = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.old", dir=os.path.dirname(final))
-    os.replace(final, os.path.join(old, "report"))
-  os.replace(new, final)
-  if old:
-    shutil.rmtree(old)
 
 
 def _latest_results(run: str) -> tuple[int, dict] | None:
