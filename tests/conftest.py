@@ -1,6 +1,10 @@
-"""Test-session settings: 8 simulated CPU devices, fast CPU compiles, no network for Hugging Face, quiet TF."""
+"""Test-session settings: 8 simulated CPU devices, fast CPU compiles and a session-wide compilation cache, no
+network for Hugging Face, quiet TF."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 # LLVM optimisation level 0: compiles about 3x faster on CPU; tests run small programs once.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
@@ -9,6 +13,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+# One persistent XLA compilation cache for the session and the subprocesses it starts: many tests compile the same
+# tiny programs (a trainer resumed five times compiles its step once). Fresh each session and removed at its end, so
+# no run reads an executable an earlier one wrote.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="bigen_jax_tests_xla_cache_")
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -116,6 +116,7 @@ def test_records_manifest_and_shards_in_the_bucket(fake_gcs, tmp_path):
     records.split_shards(url, "train", checksum=True)
 
 
+@pytest.mark.slow  # ~50 s; the other tests here keep records, shards and converted params in the bucket
 def test_train_resume_evaluate_with_a_gs_workdir(fake_gcs, tmp_path):
   records_dir, vocab_dir = str(tmp_path / "records"), str(tmp_path / "vocab")
   write_records(records_dir, splits={"train": 16, "validation": 8}, dim=8, max_len=6)

@@ -97,6 +97,7 @@ def _check_evaluation(config, workdir, evaluators):
   assert os.path.exists(os.path.join(workdir, "eval", f"generation_{step}.png"))
 
 
+@pytest.mark.slow  # ~60 s: the COCO config's whole path compiled twice; test_coco and test_convert_* cover its parts
 def test_coco_config_from_converted_params(tmp_path, data):
   """``init_from`` holds unscanned params (``layers_<i>``, as tools/convert_lxmert.py writes them with
   --config.scan_layers=False): the trainer stacks them in layer order for the scanned model, sharded over fsdp."""

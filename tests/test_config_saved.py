@@ -100,6 +100,7 @@ def test_loading_an_older_saved_config_adds_the_fields_it_predates(tmp_path, con
   assert run_config.flatten(loaded) == run_config.flatten(config)
 
 
+@pytest.mark.slow  # ~45 s: four trainer runs; the saved config's comparison is tested alone above
 def test_resume_with_a_changed_config_stops_unless_allowed(tmp_path, config):
   workdir = str(tmp_path / "run")
   train.train_and_evaluate(config, workdir)
@@ -133,6 +134,7 @@ def test_resume_with_a_changed_config_stops_unless_allowed(tmp_path, config):
   assert run_config.load(workdir).optimizer.lr == 0.5
 
 
+@pytest.mark.slow  # ~30 s; test_evaluate reads saved configs too
 def test_evaluate_reads_the_saved_config_and_restores_only_params(tmp_path, config):
   """The run starts from ``init_from``; evaluation works after that file is gone, with an optimiser config whose
   state would not fit the checkpoint's (only the params are restored), from the saved config."""

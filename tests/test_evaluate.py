@@ -98,6 +98,7 @@ def test_evaluators_shard_over_eight_devices(run):
   np.testing.assert_array_equal(outputs[0][1], outputs[1][1])
 
 
+@pytest.mark.slow  # ~40 s: two processes; test_evaluators_shard_over_eight_devices checks the sharded evaluation
 def test_two_processes_evaluate_like_one(run, tmp_path):
   """``python -m bigen_jax.evaluate`` as two processes (one CPU device each, 7 + 6 eval records: the shorter
   share padded): each decodes its share, process 0 scores the gathered whole, and the results and captions are

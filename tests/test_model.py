@@ -101,6 +101,7 @@ def test_shapes_and_heads(one_layer):
   assert plain.text_logits is None and plain.image_logits is None
 
 
+@pytest.mark.slow  # ~60 s: bf16 compiles of the one-layer model; bench_train --dtype bfloat16 runs the bf16 step
 def test_bfloat16_compute_float32_params(one_layer):
   config, _, params, apply = one_layer
   bf16 = lxmert.build_model(model_config("tiny", dtype="bfloat16", **ONE_LAYER))

@@ -386,6 +386,7 @@ def test_pretraining_configs(arg):
     xlxmert_pretrain.get_config("huge")
 
 
+@pytest.mark.slow  # ~25 s; the schedule's draw is tested alone, each task's loss by its overfit test
 def test_trainer_runs_the_random_schedule(tmp_path):
   """The one trainer on X-LXMERT's tiny config (QA off: the fixture's records hold no questions): step s trains
   the task the random schedule drew for s, and the validation loss covers every task on."""

@@ -61,6 +61,7 @@ def _tiny(config, runs, stage2_steps=4):
   return config
 
 
+@pytest.mark.slow  # ~65 s with its runs; make demo trains both stages, test_scst and test_clip_loss the tasks
 def test_stage_two_starts_from_stage_one_and_cycles_scst_clip_and_cross_entropy(tmp_path, frozen_runs):
   config = _tiny(demo.get_config("two_stage"), frozen_runs)
   workdir = str(tmp_path / "run")

@@ -202,6 +202,7 @@ def test_two_processes_give_the_losses_of_one(tmp_path, data, single_losses):
   np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow  # ~35 s: two processes; the one-process SIGTERM and SIGKILL resume test stays
 def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path, data):
   """SIGTERM to process 1 only: through JAX's preemption sync both processes checkpoint the same step and exit 0,
   long before the end and with no metrics logged (log_every > total_steps: nothing else syncs the hosts)."""
