@@ -4,8 +4,11 @@ import io
 import json
 import math
 import os
+import fcntl
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -315,8 +318,8 @@ def test_source_errors_propagate_and_resume(tmp_path, tok):
 def test_source_shorter_than_requested(tmp_path, tok):
   entry = _extract(tmp_path, tok, source=iter(_source(5)), num_examples=10)
   assert entry["num_examples"] == 5 and entry["requested_examples"] == 10
-  assert sorted(os.listdir(tmp_path)) == sorted(
-      [records.MANIFEST_NAME] + [records.shard_name("train", i, 2) for i in range(2)])
+  assert sorted(os.listdir(tmp_path)) == sorted([records.MANIFEST_NAME, records.MANIFEST_NAME + extract.LOCK_SUFFIX]
+                                                + [records.shard_name("train", i, 2) for i in range(2)])
   with open(tmp_path / records.MANIFEST_NAME) as f:
     assert json.load(f)["splits"]["train"]["shards"][1]["file"] == "train-00001-of-00002.tfrecord"
   bb = _Counting(backbones.build_backbone("demo"))
@@ -345,3 +348,80 @@ def test_repaired_shard_is_byte_identical_in_another_process_and_keeps_the_vocab
   assert shard.read_bytes() == data
   assert records.read_manifest(str(out))["splits"]["train"] == entry
   vocab.load_vocab(vocab_dir, records_dir=str(out))  # fingerprint unchanged: no k-means rebuild
+
+
+# ----------------------------------------------------------------------------------------------- shard ranges
+
+
+def _same_shards(dir_a, dir_b, entry):
+  for shard in entry["shards"]:
+    assert (dir_a / shard["file"]).read_bytes() == (dir_b / shard["file"]).read_bytes(), shard["file"]
+
+
+def test_workers_on_shard_ranges_write_what_one_run_writes(tmp_path, tok):
+  single = _extract(tmp_path / "single", tok)  # 7 examples, 3 shards
+  files = [s["file"] for s in single["shards"]]
+  out = tmp_path / "workers"
+  first = _Counting(backbones.build_backbone("demo"))
+  entry = _extract(out, tok, backbone=first, shards=(0, 2))
+  assert not entry["complete"] and [s["file"] for s in entry["shards"]] == files[:2] and first.images == 6
+  assert records.read_manifest(str(out))["splits"]["train"] == entry
+  second = _Counting(backbones.build_backbone("demo"))
+  assert _extract(out, tok, backbone=second, shards=(2, None)) == single
+  assert second.images == 1  # shards 0 and 1's examples passed over without the backbone
+  assert records.read_manifest(str(out))["splits"]["train"] == single
+  _same_shards(out, tmp_path / "single", single)
+  again = _Counting(backbones.build_backbone("demo"))
+  assert _extract(out, tok, backbone=again, shards=(0, 2)) == single and again.images == 0
+
+
+def test_interleaved_workers_keep_each_others_shards(tmp_path, tok):
+  single = _extract(tmp_path / "single", tok)
+  files = [s["file"] for s in single["shards"]]
+  out = tmp_path / "workers"
+  second = []
+
+  def first_source():  # worker 2: runs whole after worker 0:2 saved shard 0 and while it reads shard 1
+    for k, ex in enumerate(_source()):
+      if k == 4:
+        second.append(_extract(out, tok, shards=(2, None)))
+      yield ex
+
+  first = _extract(out, tok, source=first_source(), num_examples=7, shards=(0, 2))
+  assert not second[0]["complete"] and [s["file"] for s in second[0]["shards"]] == [files[0], files[2]]
+  assert first == single and records.read_manifest(str(out))["splits"]["train"] == single
+  _same_shards(out, tmp_path / "single", single)
+
+
+def test_manifest_saves_wait_for_the_lock(tmp_path, tok):
+  entry = _extract(tmp_path, tok, shards=(0, 1))
+  header = {k: v for k, v in records.read_manifest(str(tmp_path)).items() if k != "splits"}
+  manifest = extract._Manifest(str(tmp_path), header)  # pylint: disable=protected-access
+  other = {**entry["shards"][0], "file": records.shard_name("train", 1, 3)}  # as another worker's shard 1
+  saver = threading.Thread(target=manifest.save_split, args=("train", {**entry, "shards": [other]}))
+  with open(manifest.lock_path, "a", encoding="utf-8") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # a worker in the middle of its save
+    saver.start()
+    time.sleep(0.3)
+    assert saver.is_alive() and records.read_manifest(str(tmp_path))["splits"]["train"] == entry
+  saver.join(timeout=10)
+  assert not saver.is_alive()
+  assert records.read_manifest(str(tmp_path))["splits"]["train"]["shards"] == entry["shards"] + [other]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--shards=3"], "--shards=3: expected START:END"),
+    (["--shards=0-2"], "--shards=0-2: expected START:END"),
+    (["--shards=-1:2"], "--shards=-1:2: expected START:END"),
+    (["--shards=4:2"], "--shards=4:2: the range START:END is empty"),
+    (["--shards=0:2", "--on_bad_image=skip"], "--shards needs --on_bad_image=fail, not skip"),
+])
+def test_bad_shards_flag_is_a_one_line_error(tmp_path, args, message):
+  out = tmp_path / "out"
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "extract_features.py"), "--out", str(out),
+                         "--vocab", str(tmp_path / "vocab.txt"), *args], cwd=ROOT, capture_output=True, text=True,
+                        timeout=120, check=False)
+  assert proc.returncode == 2, proc.stderr
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+  assert errors == [proc.stderr.rstrip().splitlines()[-1]] and message in errors[0], proc.stderr
+  assert "Traceback" not in proc.stderr and not out.exists()

@@ -32,6 +32,7 @@ def rows(tmp_path_factory):
   return {row["mesh"]: row for row in json.loads((tmp / "rows.json").read_text())}
 
 
+@pytest.mark.slow  # the rows fixture runs the script (~35 s)
 def test_pure_data_parallelism_holds_the_whole_state(rows):
   data = rows["8x1x1"]
   assert data["params_bytes"] == data["params_bytes_total"] == data["params_bytes_replicated"]
@@ -39,6 +40,7 @@ def test_pure_data_parallelism_holds_the_whole_state(rows):
   assert data["argument_bytes"] >= data["params_bytes"] + data["opt_bytes"]
 
 
+@pytest.mark.slow  # the rows fixture runs the script (~35 s)
 def test_fsdp_holds_an_eighth_of_each_sharded_leaf(rows):
   data, fsdp = rows["8x1x1"], rows["1x8x1"]
   assert fsdp["params_bytes_total"] == data["params_bytes_total"]
@@ -51,6 +53,7 @@ def test_fsdp_holds_an_eighth_of_each_sharded_leaf(rows):
   assert fsdp["argument_bytes"] < data["argument_bytes"] / 3
 
 
+@pytest.mark.slow  # the rows fixture runs the script (~35 s)
 def test_fsdp_times_tensor_shards_the_state(rows):
   data, both = rows["8x1x1"], rows["1x4x2"]
   assert both["params_bytes"] < data["params_bytes"] / 4
@@ -90,7 +93,15 @@ def test_launchers_pass_only_fields_of_the_config(script, mode):
       node = node[part]
 
 
-def test_prepare_coco_gives_each_split_to_one_worker():
-  given = [re.search(r"--split\n(\S+)\n", _dry_run("prepare_coco_sharded.sh", "extract", WORKER=str(i))).group(1)
-           for i in range(2)]
-  assert given == ["train,test", "validation"]
+def test_prepare_coco_splits_every_split_among_the_workers():
+  given = [re.findall(r"--split\n(\S+)\n.*?--shards\n(\S+)\n", _dry_run("prepare_coco_sharded.sh", "extract",
+                                                                      WORKER=str(i), NUM_WORKERS="3"), re.S)
+           for i in range(3)]
+  assert given == [[("train", "0:38"), ("validation", "0:1"), ("test", "0:1")],
+                   [("train", "38:76"), ("validation", "1:3"), ("test", "1:3")],
+                   [("train", "76:"), ("validation", "3:"), ("test", "3:")]]
+  many = _dry_run("prepare_coco_sharded.sh", "extract", WORKER="6", NUM_WORKERS="8", SPLIT_IMAGES="train=40 test=7",
+                  SPLITS="train test", SHARD_SIZE="2")
+  assert re.findall(r"--split\n(\S+)\n.*?--shards\n(\S+)\n", many, re.S) == [("train", "15:17")]  # test: 4 shards
+  alone = _dry_run("prepare_coco_sharded.sh", "extract", WORKER="0", NUM_WORKERS="1")
+  assert "--split\ntrain,validation,test\n" in alone and "--shards" not in alone

@@ -20,11 +20,16 @@ Re-running resumes: finished shards are kept, missing or damaged ones rewritten.
 ``--check_only`` opens every image of the requested splits without a model, prints each missing or unreadable
 one and exits with status 2 if there were any (0 otherwise); ``--on_bad_image=skip`` extracts the rest and
 lists the bad ones in manifest.json (``splits.<split>.skipped``).
+
+Several workers (hosts) can extract one split into the same ``--out``: ``--shards=START:END`` writes only the
+shards with index in [START, END) of each split, e.g. ``--shards=0:57`` and ``--shards=57:`` on two workers;
+manifest.json lists the split complete once every shard is there. It needs ``--on_bad_image=fail``.
 """
 
 import functools
 import itertools
 import os
+import re
 import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -64,6 +69,9 @@ _ON_BAD_IMAGE = flags.DEFINE_enum("on_bad_image", "fail", ["fail", "skip"],
 _CHECK_ONLY = flags.DEFINE_bool("check_only", False, "coco: open every image of --split without a model, list "
                                 "the missing or unreadable ones and exit (status 2 if any); writes nothing.")
 _SHARD_SIZE = flags.DEFINE_integer("shard_size", 1000, "Records per shard.")
+_SHARDS = flags.DEFINE_string("shards", "", "START:END: write only the shards with index in [START, END) of each "
+                              "split (START: from 0, END: to the split's end when left out), for one of several "
+                              "workers on the same --out; empty: all. Needs --on_bad_image=fail.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Images per backbone call (default: demo 64, else 4).")
 _STORE_IMAGES = flags.DEFINE_bool("store_images", False, "Also store each image as PNG (for the GAN).")
 _STORE_IMAGE_SIZE = flags.DEFINE_integer("store_image_size", None, "Resize stored images to this short side.")
@@ -94,6 +102,24 @@ def check_question_flags() -> None:
   if _GQA_QUESTIONS.value and not _VG_IMAGE_DATA.value:
     raise app.UsageError("--gqa_questions needs --vg_image_data (GQA's images are Visual Genome's: their COCO ids "
                          "come from Visual Genome's image_data.json)")
+
+
+def shard_range() -> tuple[int, int | None] | None:
+  """``--shards`` as (start, end) shard indices, end None = to the split's end; None without the flag."""
+  if not _SHARDS.value:
+    return None
+  match = re.fullmatch(r"(\d*):(\d*)", _SHARDS.value)
+  if not match:
+    raise app.UsageError(f"--shards={_SHARDS.value}: expected START:END, a half-open range of shard indices such as "
+                         "0:4, 4: or :4")
+  start, end = int(match[1] or 0), int(match[2]) if match[2] else None
+  if end is not None and end <= start:
+    raise app.UsageError(f"--shards={_SHARDS.value}: the range START:END is empty (END must exceed START)")
+  if _ON_BAD_IMAGE.value != "fail":
+    raise app.UsageError(f"--shards needs --on_bad_image=fail, not {_ON_BAD_IMAGE.value}: a skipped image moves "
+                         "the start of every later shard in the source, which a worker starting mid-split cannot "
+                         "know")
+  return start, end
 
 
 @functools.cache
@@ -169,6 +195,7 @@ def main(argv):
   if not _OUT.value or not _VOCAB.value:
     raise app.UsageError("--out and --vocab are required (unless --check_only)")
   check_question_flags()
+  shards = shard_range()
   import torch  # pylint: disable=g-import-not-at-top
   from bigen_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   from bigen_jax.features import backbones, extract  # pylint: disable=g-import-not-at-top
@@ -190,7 +217,7 @@ def main(argv):
         src, split=split, out_dir=_OUT.value, backbone=backbone, tokenizer=tok, num_examples=n,
         shard_size=_SHARD_SIZE.value, batch_size=batch_size, store_images=_STORE_IMAGES.value,
         max_len=_MAX_LEN.value, max_captions=_MAX_CAPTIONS.value, store_image_size=_STORE_IMAGE_SIZE.value,
-        source_info=info, vocab_path=_VOCAB.value, max_answers=max_answers)
+        source_info=info, vocab_path=_VOCAB.value, max_answers=max_answers, shards=shards)
     logging.info("split %s: %d examples in %d shards under %s", split, entry["num_examples"],
                  len(entry["shards"]), _OUT.value)
 

@@ -9,8 +9,13 @@ Examples a source yields with an ``"error"`` instead of an ``"image"`` (``coco.s
 get no record: the split's manifest entry lists them under ``"skipped"`` (``{"shard", "image_id", "key",
 "path", "reason"}``, ``shard`` = the shard whose source examples it was among), and resuming passes over them
 again, so a bad image never has to be removed from the annotations.
+
+``shards=(start, end)`` restricts a run to a range of the split's shards, so that several workers can extract
+one split into the same ``out_dir``: the manifest's entry is merged under a file lock (``_Manifest.save_split``)
+and marked complete when every shard is listed.
 """
 
+import fcntl
 import io
 import itertools
 import logging
@@ -30,6 +35,8 @@ CHECKED_FIELDS = ("version", "backbone", "feature_dim", "grid", "max_len", "imag
                   "max_answers")
 # Fields of "source" that may differ between runs (where the files lie, not what they are).
 SOURCE_PATH_FIELD = "paths"
+# The file beside manifest.json that concurrent writers of one output directory lock (``_Manifest.save_split``).
+LOCK_SUFFIX = ".lock"
 
 
 def tokenizer_info(tokenizer, vocab_path: str | None = None) -> dict[str, Any]:
@@ -96,11 +103,12 @@ def _shard_index(entry: Mapping[str, Any], split: str) -> int | None:
 
 
 class _Manifest:
-  """The manifest of ``out_dir``; each save re-reads the file and replaces only this split's entry."""
+  """The manifest of ``out_dir``; each save re-reads the file under a lock and updates only this split's entry."""
 
   def __init__(self, out_dir: str, header: Mapping[str, Any]):
     self.out_dir = out_dir
     self.path = os.path.join(out_dir, records.MANIFEST_NAME)
+    self.lock_path = self.path + LOCK_SUFFIX
     self.header = dict(header)
     if os.path.exists(self.path):
       check_compatible(records.read_manifest(out_dir), header, self.path)
@@ -110,14 +118,42 @@ class _Manifest:
       return None
     return records.read_manifest(self.out_dir)["splits"].get(split)
 
-  def save_split(self, split: str, entry: Mapping[str, Any]) -> None:
-    if os.path.exists(self.path):
-      manifest = records.read_manifest(self.out_dir)
-      check_compatible(manifest, self.header, self.path)
-    else:
-      manifest = {**self.header, "splits": {}}
-    manifest["splits"][split] = dict(entry)
-    fileio.write_json_atomic(self.path, manifest)
+  def save_split(self, split: str, entry: Mapping[str, Any]) -> dict[str, Any]:
+    """Writes the split's entry and returns it. A complete ``entry`` (from a run over the whole split) replaces
+    the one on disk; an incomplete one is merged with it (``_merge``), so that workers writing other shards of
+    the split at the same time keep theirs. The read-merge-write runs under ``flock`` on ``lock_path``."""
+    with open(self.lock_path, "a", encoding="utf-8") as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+      if os.path.exists(self.path):
+        manifest = records.read_manifest(self.out_dir)
+        check_compatible(manifest, self.header, self.path)
+      else:
+        manifest = {**self.header, "splits": {}}
+      on_disk = manifest["splits"].get(split) or {}
+      manifest["splits"][split] = dict(entry) if entry["complete"] else _merge(split, on_disk, entry)
+      fileio.write_json_atomic(self.path, manifest)
+    return manifest["splits"][split]
+
+
+def _merge(split: str, on_disk: Mapping[str, Any], entry: Mapping[str, Any]) -> dict[str, Any]:
+  """The incomplete ``entry`` with the shards (and their skipped examples) that only ``on_disk`` lists added,
+  by shard index. Complete when shards 0 .. S-1 (S = the requested examples' shard count) are all listed and
+  their records plus skipped examples make the requested examples; ``num_examples`` is then the records'."""
+  shards = {_shard_index(s, split): s for s in on_disk.get("shards", [])}
+  own = {_shard_index(s, split): s for s in entry["shards"]}
+  shards.update(own)
+  shards.pop(None, None)
+  skipped = sorted([b for b in on_disk.get("skipped", []) if b["shard"] in shards and b["shard"] not in own]
+                   + list(entry.get("skipped", [])), key=lambda b: b["shard"])
+  merged = {k: v for k, v in entry.items() if k != "skipped"}
+  merged["shards"] = [shards[i] for i in sorted(shards)]
+  if skipped:
+    merged["skipped"] = skipped
+  num_records = sum(s["num_examples"] for s in merged["shards"])
+  num_shards = math.ceil(entry["requested_examples"] / entry["shard_size"])
+  if sorted(shards) == list(range(num_shards)) and num_records + len(skipped) == entry["requested_examples"]:
+    merged.update(complete=True, num_examples=num_records)
+  return merged
 
 
 def _count(source: Iterable[Any], num_examples: int | None) -> int:
@@ -134,7 +170,8 @@ def extract_split(source_iter: Iterable[Mapping[str, Any]], *, split: str, out_d
                   num_examples: int | None = None, shard_size: int = 1000, batch_size: int = 32,
                   store_images: bool = False, max_len: int = 17, max_captions: int | None = 5,
                   store_image_size: int | None = None, source_info: Mapping[str, Any] | None = None,
-                  vocab_path: str | None = None, progress: bool = True, max_answers: int = 0) -> dict[str, Any]:
+                  vocab_path: str | None = None, progress: bool = True, max_answers: int = 0,
+                  shards: tuple[int, int | None] | None = None) -> dict[str, Any]:
   """Extracts one split into ``out_dir``; returns the split's manifest entry.
 
   ``source_iter`` yields ``{"image_id", "key", "image" uint8 [H, W, 3], "captions"}`` (``worlds.scenes.tfds_builder``
@@ -147,6 +184,12 @@ def extract_split(source_iter: Iterable[Mapping[str, Any]], *, split: str, out_d
   "type"}]``, none when absent; questions as ids [Q, max_len] with the captions' tokenizer, answers padded to A
   with ""; more than A answers is a ``DataError``), the manifest ``"questions": true, "max_answers": A`` and each
   shard entry its ``"num_questions"``. 0: no question fields (records byte-identical to those of earlier versions).
+
+  ``shards=(start, end)``: write only the shards with index in [start, end) (``end`` None: to the split's end),
+  for one of several workers on the split. The source examples of earlier shards are passed over unread, so that
+  record indices and shard names are those of a run over the whole split; the returned entry is the one on disk,
+  merged with the other workers' shards, and complete once all are listed. The source must yield every example
+  (none with an ``"error"``: a skipped one would move every later shard's start) and as many as ``num_examples``.
   """
   if shard_size < 1 or batch_size < 1:
     raise ValueError(f"shard_size and batch_size must be positive, got {shard_size}, {batch_size}")
@@ -174,17 +217,26 @@ def extract_split(source_iter: Iterable[Mapping[str, Any]], *, split: str, out_d
           "manifest entry)")
   num_shards = math.ceil(n / shard_size)
   final_shards = math.ceil(old["num_examples"] / shard_size) if old and old.get("complete") else num_shards
+  start, end = shards or (0, None)
+  if start < 0 or (end is not None and end <= start):
+    raise ValueError(f"shards must be a non-empty range (start, end) with 0 <= start, got {shards}")
+  lo, hi = min(start, num_shards), num_shards if end is None else min(end, num_shards)
+  whole = lo == 0 and hi == num_shards  # else one worker of several: it may not see the split's end
+  if not whole and (old or {}).get("skipped"):
+    raise records.DataError(f"{manifest.path}: splits.{split}.skipped lists bad images, which move the start of "
+                            "every later shard in the source: extract the split without a shard range")
 
   done: dict[int, dict[str, Any]] = {}
   for entry in (old or {}).get("shards", []):
     i = _shard_index(entry, split)
+    if i is None or not lo <= i < hi:  # another worker's shard: neither read nor required here
+      continue
     try:
       records.verify_shard(out_dir, entry)
     except records.DataError as e:
       logging.warning("%s: rewriting it", e)
       continue
-    if i is not None:
-      done[i] = dict(entry)
+    done[i] = dict(entry)
   skipped: dict[int, list[dict[str, Any]]] = {}  # shard index -> bad examples among its source examples
   for bad in (old or {}).get("skipped", []):
     if bad["shard"] in done:
@@ -195,23 +247,27 @@ def extract_split(source_iter: Iterable[Mapping[str, Any]], *, split: str, out_d
              "shards": [done[i] for i in sorted(done)]}
     if any(skipped.values()):
       entry["skipped"] = [bad for i in sorted(skipped) for bad in skipped[i]]
-    manifest.save_split(split, entry)
-    return entry
+    return manifest.save_split(split, entry)
 
   expected = [min(shard_size, n - i * shard_size) for i in range(num_shards)]
-  if old and old.get("complete") and len(done) == final_shards:
+  if old and old.get("complete") and all(i in done for i in range(lo, min(hi, final_shards))):
     logging.info("split %s: all %d shards in %s are complete", split, final_shards, out_dir)
     return old
+  if lo == hi:
+    logging.info("split %s has %d shards: none in the range %d:%s", split, num_shards, start, end or "")
+    return save(False, n)
   save(False, n)
 
-  todo = sum(expected[i] for i in range(num_shards) if i not in done)
+  todo = sum(expected[i] for i in range(lo, hi) if i not in done)
   records._tf()  # pylint: disable=protected-access  # import TensorFlow before the progress bar starts
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   bar = tqdm(total=todo, unit="img", desc=f"{split} ({backbone.name})", disable=not progress, smoothing=0.1)
   it = iter(source_iter)
-  total = 0
+  total = sum(expected[:lo])  # the records of the shards before the range, passed over unread
+  if _pass_over(it, total) != total:
+    raise records.DataError(f"split {split!r}: the source ended before shard {lo}, the start of this run's range")
   try:
-    for i in range(num_shards):
+    for i in range(lo, hi):
       if i in done:  # pass over its source examples without running the backbone
         want = done[i]["num_examples"] + len(skipped.get(i, []))
         passed = _pass_over(it, want)
@@ -232,6 +288,12 @@ def extract_split(source_iter: Iterable[Mapping[str, Any]], *, split: str, out_d
       if max_answers:
         entry["num_questions"] = counter[1]
       total += counter[0]
+      if not whole and (skipped[i] or counter[0] < expected[i]):
+        os.remove(path)
+        why = (f"bad image {skipped[i][0]['path'] or skipped[i][0]['key']}" if skipped[i]
+               else f"the source ended after {total} of {n} examples")
+        raise records.DataError(f"split {split!r}, shard {i}: {why}, which changes where the shards after it start: "
+                                "a shard range needs every example of the split; extract it without one")
       if counter[0] < expected[i] and any(j > i for j in done):
         raise records.DataError(f"split {split!r}: the source ended after {total} examples, but {manifest.path} "
                                 "lists later shards: did the source change since they were written?")
@@ -245,6 +307,11 @@ def extract_split(source_iter: Iterable[Mapping[str, Any]], *, split: str, out_d
   finally:
     bar.close()
 
+  if not whole:
+    entry = save(False, n)
+    logging.info("split %s: shards %d:%d of %d written; %d of them listed in %s%s", split, lo, hi, num_shards,
+                 len(entry["shards"]), manifest.path, ", the split is complete" if entry["complete"] else "")
+    return entry
   bad = [b for i in sorted(skipped) for b in skipped[i]]
   num_skipped = len(bad)
   if bad:
