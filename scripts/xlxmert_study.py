@@ -3,6 +3,7 @@ regression, and the unified model's stage 1 from the pretrained model against st
 
   python scripts/xlxmert_study.py --out demo_out                  # every row, validation split (tune here)
   python scripts/xlxmert_study.py --out demo_out --split test     # final figures, same runs
+  python scripts/xlxmert_study.py --out demo_out --rows pretrain_ccc,stage1_from_ccc --pretrain_lr 1e-4
 
 Needs a finished ``make demo`` in ``--out`` (world, tokenizer, scenes detector, records, vocabulary, scene
 recogniser, stage 1 in OUT/train). First the data, under OUT/xlxmert:
@@ -63,6 +64,9 @@ _OUT = flags.DEFINE_string("out", "demo_out", "A finished make demo's output dir
 _SPLIT = flags.DEFINE_enum("split", "validation", ["validation", "test"], "The split every row is evaluated on.")
 _ROWS = flags.DEFINE_list("rows", None, "Rows to run, in order (default: all of ROWS).")
 _STEPS = flags.DEFINE_integer("steps", 0, "Training steps of every row (0: each row's default, STEPS).", lower_bound=0)
+_PRETRAIN_LR = flags.DEFINE_float("pretrain_lr", None, "The pretraining rows' lr (default: configs/xlxmert_pretrain."
+                                  "py:demo's, 1e-3); given, every row's run and the tables go to "
+                                  "OUT/xlxmert/pretrain_lr_<lr> (the data stays shared).", lower_bound=0.0)
 
 SPLITS = ("train", "validation", "test")
 # row -> (what it is, evaluators)
@@ -93,16 +97,17 @@ QA_ROWS = ("qa_from_ccc", "qa_from_scratch", "pretrain_ccc", "pretrain_regressio
 class Paths:
   """Where the demo's files are and where the study writes."""
 
-  def __init__(self, out: str):
-    self.out = out
+  def __init__(self, out: str, pretrain_lr: float | None = None):
+    self.out, self.pretrain_lr = out, pretrain_lr
     self.study = os.path.join(out, "xlxmert")
+    self.runs = os.path.join(self.study, f"pretrain_lr_{pretrain_lr:g}") if pretrain_lr else self.study
     self.records, self.vocab = os.path.join(self.study, "records"), os.path.join(self.study, "vocab")
     self.demo_records, self.demo_vocab = os.path.join(out, "records"), os.path.join(out, "vocab")
     self.tokenizer = os.path.join(out, "tokenizer", "vocab.txt")
     self.demo_stage1 = os.path.join(out, "train")
 
   def run(self, row: str) -> str:
-    return os.path.join(self.study, row)
+    return os.path.join(self.runs, row)
 
   def detector(self) -> str:
     """The scenes detector's weights the demo's records were extracted with ("" for the fixed demo backbone)."""
@@ -209,6 +214,8 @@ def row_config(row: str, paths: Paths, steps: int = 0):
     return config
   if kind(row) == "pretrain":
     config = xlxmert_pretrain.get_config("demo,regression" if row == "pretrain_regression" else "demo")
+    if paths.pretrain_lr:
+      config.optimizer.lr = paths.pretrain_lr
   else:
     config = xlxmert_vqa.get_config("demo")
   config = with_study_eval(config, paths, steps)
@@ -302,7 +309,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
   from bigen_jax import fileio  # pylint: disable=g-import-not-at-top
-  paths = Paths(os.path.abspath(_OUT.value))
+  paths = Paths(os.path.abspath(_OUT.value), _PRETRAIN_LR.value)
   rows = _ROWS.value or list(ROWS)
   unknown = [r for r in rows if r not in ROWS]
   if unknown:
@@ -312,7 +319,7 @@ def main(argv):
   print("[xlxmert] data: records with questions, the demo's codebook, the answer vocabulary", flush=True)
   data = build_data(paths)
   print(f"[xlxmert] data ready in {(time.time() - start) / 60:.1f} min", flush=True)
-  table, done, timed, spent = os.path.join(paths.study, f"xlxmert_{split}"), [], 0, 0.0
+  table, done, timed, spent = os.path.join(paths.runs, f"xlxmert_{split}"), [], 0, 0.0
   for i, row in enumerate(rows):
     result_path = os.path.join(paths.run(row), f"results_{split}.json")
     if os.path.exists(result_path):

@@ -80,7 +80,8 @@ def test_gradients_reach_the_transformer_only(setup):
     assert all(not np.asarray(g).any() for g in jax.tree.leaves(frozen_grads))
 
 
-@pytest.mark.parametrize("num_steps,guidance", [(1, 0.0), (4, 0.0), (4, 3.0)])
+@pytest.mark.parametrize("num_steps,guidance", [(1, 0.0), (4, 0.0),
+                                                pytest.param(4, 3.0, marks=pytest.mark.slow)])  # ~18 s: guided
 def test_hard_noise_free_loss_scores_the_decoded_image(setup, num_steps, guidance):
   """hard and deterministic: the relaxed grid is the one-hot grid of ``parallel_decode``'s ids (classifier-free
   guided with ``guidance``), so the loss is recomputed by hand from the decoder, the generator and CLIP with the

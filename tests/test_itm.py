@@ -71,16 +71,15 @@ def test_overfits_a_batch_whose_captions_name_the_image_class():
            "boxes": jnp.tile(jnp.linspace(0.0, 1.0, 4), (32, config.num_cells, 1))}
   tx = optax.adam(1e-3)
 
-  @jax.jit
-  def step(params, opt_state, rng):
+  def step(carry, rng):
+    params, opt_state = carry
     (loss, _), grads = jax.value_and_grad(itm.loss_fn, has_aux=True)(params, batch, rng, model=model, cfg=cfg,
                                                                       frozen={}, deterministic=True)
     updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+    return (optax.apply_updates(params, updates), opt_state), loss
 
-  opt_state, losses = tx.init(params), []
-  for i in range(STEPS):
-    params, opt_state, loss = step(params, opt_state, jax.random.key(i))
-    losses.append(float(loss))
+  keys = jax.vmap(jax.random.key)(jnp.arange(STEPS))  # step i's key(i)
+  train = jax.jit(lambda params: jax.lax.scan(step, (params, tx.init(params)), keys)[1])  # the losses [STEPS]
+  losses = np.asarray(train(params))
   assert abs(np.mean(losses[:10]) - np.log(2)) < 0.05
   assert np.mean(losses[-50:]) < 0.45, losses[-50:]

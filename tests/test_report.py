@@ -231,6 +231,7 @@ def test_command_line(tmp_path):
   assert len(bad.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow  # ~60 s in headless Chromium (where installed); the tests above parse the page's HTML
 def test_the_page_in_a_browser(tmp_path):
   if not os.path.exists(CHROMIUM):
     pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)")
