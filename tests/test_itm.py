@@ -3,8 +3,8 @@ batch whose captions name their image's class.
 
 The loss first sits at ln 2 (a plateau: matching needs caption and image together) and leaves it late and not
 always: the tiny model at lr 1e-3 leaves it after ~200 steps (at 1e-4 and 3e-4 not within 600); a 128-wide model
-at 1e-3 reached 0.41 and fell back to ln 2, at 1e-4 it left after ~150 steps. The demo world's pretraining (lr 1e-3)
-never left it (README, issue 16)."""
+at 1e-3 reached 0.41 and fell back to ln 2, at 1e-4 it left after ~150 steps. The demo world's pretraining (lr 1e-3
+and 1e-4) never left it (README, issue 16)."""
 
 import flax.linen as nn
 import jax

@@ -61,6 +61,7 @@ def test_the_study_runs_every_row_on_the_tiny_world(tmp_path):
   make_tiny_demo(out)
   env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0")  # one CPU device, fast compiles
   cmd = [sys.executable, os.path.join(ROOT, "scripts", "xlxmert_study.py"), "--out", out, "--steps", str(STEPS)]
+  demo_checkpoints = sorted(os.listdir(os.path.join(out, "train", "checkpoints")))
   run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800, check=False)
   assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
   assert "about" in run.stdout and "min left" in run.stdout  # the progress lines' estimate
@@ -68,10 +69,10 @@ def test_the_study_runs_every_row_on_the_tiny_world(tmp_path):
   with open(os.path.join(study, "xlxmert_validation.json")) as f:
     table = json.load(f)
   rows = {r["row"]: r for r in table["rows"]}
-  assert list(rows) == ["pretrain_ccc", "pretrain_regression", "qa_from_ccc", "qa_from_scratch", "stage1_from_ccc",
-                        "stage1_scratch"]
+  assert list(rows) == ["pretrain_ccc", "pretrain_regression", "qa_from_ccc", "qa_from_scratch", "qa_from_stage1",
+                        "stage1_from_ccc", "stage1_scratch"]
   assert table["data"]["cluster ids equal to the demo's (train/validation/test)"] == "1.0000/1.0000/1.0000"
-  for name in ("pretrain_ccc", "pretrain_regression", "qa_from_ccc", "qa_from_scratch"):
+  for name in ("pretrain_ccc", "pretrain_regression", "qa_from_ccc", "qa_from_scratch", "qa_from_stage1"):
     r = rows[name]
     assert r["step"] == STEPS and 0 <= r["qa/accuracy"] <= 1 and r["qa/num_questions"] > 0
     assert r["qa/majority/accuracy"] == rows["qa_from_ccc"]["qa/majority/accuracy"]
@@ -81,6 +82,9 @@ def test_the_study_runs_every_row_on_the_tiny_world(tmp_path):
     assert np.isfinite(rows[name]["captioning/CIDEr-D"]) and np.isfinite(rows[name]["validation_loss/t2i/gap"])
   assert rows["stage1_scratch"]["run"] == os.path.join(out, "train")
   assert not os.path.exists(os.path.join(out, "train", "eval"))  # make demo's run is left as it was
+  assert sorted(os.listdir(os.path.join(out, "train", "checkpoints"))) == demo_checkpoints  # qa_from_stage1 read it
+  with open(os.path.join(out, "xlxmert", "qa_from_stage1", "config.json")) as f:
+    assert json.load(f)["init_from"] == os.path.join(out, "train")
   with open(os.path.join(study, "xlxmert_validation.md")) as f:
     text = f.read()
   assert "| type | questions | majority baseline | qa_from_ccc | qa_from_scratch |" in text
