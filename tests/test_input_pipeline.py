@@ -209,6 +209,28 @@ def test_finished_epochs_are_read_to_their_end(records_dir, monkeypatch):
   assert sorted(ended) == [0, 1]
 
 
+def test_close_releases_and_keeps_the_position(records_dir):
+  """close() ends the next-epoch thread and drops the tf.data iterators (the trainer's loop closes its data at the
+  end); iterating again continues where it stopped, with the uninterrupted iterator's batches."""
+  it, straight = _it(records_dir, shuffle_buffer=8), _it(records_dir, shuffle_buffer=8)
+  want = _take(straight, 2 * straight.batches_per_epoch + 2)
+  straight.close()
+  first = _take(it, it.batches_per_epoch + 1)
+  assert it._executor is not None
+  it.close()
+  it.close()
+  assert it._it is None and it._next_epoch is None and it._executor is None
+  assert not [t for t in threading.enumerate() if t.name.startswith("input_next_epoch")]
+  for w, g in zip(want, first + _take(it, len(want) - len(first))):
+    np.testing.assert_array_equal(w["index"], g["index"])
+
+
+def test_no_autotuning(records_dir):
+  """The pipeline's parallelism is fixed: releasing an iterator that tf.data autotuned for minutes waited 20-50 s
+  on its tuning thread (make demo's stall after stage 1)."""
+  assert _it(records_dir)._dataset(0, 0).options().autotune.enabled is False
+
+
 @pytest.mark.parametrize("sharding", ["global", "files"])
 def test_a_stream_that_runs_dry_raises(records_dir, sharding):
   """A manifest that promises more records than its shards hold: training raises instead of yielding padding

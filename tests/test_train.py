@@ -21,6 +21,7 @@ from bigen_jax import metrics as metrics_lib
 from bigen_jax import tasks as tasks_lib
 from bigen_jax import train
 from bigen_jax.convert import io as convert_io
+from bigen_jax.data import input_pipeline
 from bigen_jax.data import tokenizer
 from bigen_jax.data import vocab
 from bigen_jax.models import lxmert
@@ -84,9 +85,13 @@ def _wait_for_step(workdir, proc, step, timeout=300):
   raise AssertionError("timed out")
 
 
-def test_train_end_to_end(tmp_path, data):
+def test_train_end_to_end(tmp_path, data, monkeypatch):
   workdir = str(tmp_path / "run")
+  closed = []
+  close = input_pipeline.BatchIterator.close
+  monkeypatch.setattr(input_pipeline.BatchIterator, "close", lambda self: closed.append(self.train) or close(self))
   train.train_and_evaluate(_config(data, **{"eval.every": 3}), workdir)
+  assert closed == [True]  # the loop releases its training data at the end (not some later garbage collection)
   rows = metrics_lib.read_history(workdir)
   losses = _losses(workdir)
   assert sorted(losses) == [1, 2, 3, 4, 5, 6]

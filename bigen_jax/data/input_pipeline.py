@@ -211,6 +211,17 @@ class BatchIterator(dataset_iterator.DatasetIterator):
   def reset(self) -> None:
     self.set_state({"epoch": 0, "batch_in_epoch": 0})
 
+  def close(self) -> None:
+    """Releases the tf.data iterators and the next-epoch thread now rather than in whichever later garbage
+    collection finds them (idempotent; the position is kept, so iterating again reopens)."""
+    ahead, self._next_epoch, self._it = self._next_epoch, None, None
+    if ahead is not None:
+      ahead[1].result()
+    del ahead
+    if self._executor is not None:
+      self._executor.shutdown(wait=True)
+      self._executor = None
+
   @property
   def element_spec(self):
     spec = self._dataset(0, 0, share=(0, 1)).element_spec
@@ -334,7 +345,12 @@ class BatchIterator(dataset_iterator.DatasetIterator):
     else:
       ds = ds.padded_batch(self.batch_size, padded_shapes=self._padded_shapes(ds.element_spec),
                            padding_values=self._padding_values(ds.element_spec))
-    return ds.prefetch(self.prefetch)
+    # No autotuning (the parallelism above is fixed; AUTOTUNE in interleave starts at cycle_length): releasing an
+    # iterator waited for its autotuning thread, 20-50 s for one that ran a few minutes (make demo: 30 s at the end
+    # of stage 1, wherever the garbage collector released it: the GAN's training, stage 2's set-up).
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return ds.prefetch(self.prefetch).with_options(options)
 
   def _padded_shapes(self, spec):
     """Eval batches have static shapes: captions padded to the manifest's ``max_captions`` when set."""
