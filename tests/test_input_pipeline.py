@@ -216,11 +216,13 @@ def test_close_releases_and_keeps_the_position(records_dir):
   want = _take(straight, 2 * straight.batches_per_epoch + 2)
   straight.close()
   first = _take(it, it.batches_per_epoch + 1)
-  assert it._executor is not None
+  executor = it._executor
+  assert executor is not None
   it.close()
   it.close()
   assert it._it is None and it._next_epoch is None and it._executor is None
-  assert not [t for t in threading.enumerate() if t.name.startswith("input_next_epoch")]
+  with pytest.raises(RuntimeError):  # shut down
+    executor.submit(print)
   for w, g in zip(want, first + _take(it, len(want) - len(first))):
     np.testing.assert_array_equal(w["index"], g["index"])
 
