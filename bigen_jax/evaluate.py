@@ -93,7 +93,8 @@ def evaluate_runs(config: ml_collections.ConfigDict | None, workdirs: Sequence[s
   steps = list(steps) if steps is not None else [None] * len(workdirs)
   for workdir, step in zip(workdirs, steps):
     checkpoint_steps(workdir, step)
-  ctx = experiment.build_context(run_config.get_config(workdirs[0]) if config is None else config, workdirs[0])
+  ctx = experiment.build_context(run_config.get_config(workdirs[0]) if config is None else config, workdirs[0],
+                                 training=False)
   for workdir in workdirs[1:]:
     if os.path.exists(run_config.saved_path(workdir)):
       saved = run_config.get_config(workdir)  # saved resolved, as ctx.config is

@@ -47,7 +47,7 @@ def main(argv):
   from bigen_jax.eval import generation  # pylint: disable=g-import-not-at-top
   from bigen_jax.sampling import preview  # pylint: disable=g-import-not-at-top
 
-  ctx = experiment.build_context(run_config.get_config(_WORKDIR.value), _WORKDIR.value)
+  ctx = experiment.build_context(run_config.get_config(_WORKDIR.value), _WORKDIR.value, training=False)
   ckpt = checkpoint.Checkpointer(fileio.join(_GENERATOR.value, "checkpoints"), save_every=1, async_save=False,
                                  create=False)
   steps = [s for s in ckpt.all_steps() if s > 1]

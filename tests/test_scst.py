@@ -239,6 +239,12 @@ def test_configs_that_cannot_run_scst_name_the_flag(tmp_path, data):
     json.dump(manifest, f)
   with pytest.raises(errors.ConfigError, match="--config.tasks.scst.weight=1 needs .* max_captions"):
     experiment.build_context(_config({**data, "records_dir": copy}), str(tmp_path / "b"))
+  # evaluation reads neither the SCST table (none can be built from these records) nor the CLIP loss's inputs
+  clip_on = {"tasks.clip.weight": 1, "tasks.clip.generator_dir": "/no/gan", "tasks.clip.clip_path": "/no/clip"}
+  assert not {"cider", "generator", "clip"} & set(experiment.build_context(
+      _config({**data, "records_dir": copy}, **clip_on), str(tmp_path / "e"), training=False).frozen)
+  with pytest.raises(errors.UserError, match="/no/gan"):
+    experiment.build_context(_config(data, **clip_on), str(tmp_path / "f"))
   assert "cider" not in experiment.build_context(
       _config({**data, "records_dir": copy}, **{"tasks.scst.weight": 0, "tasks.i2t.weight": 1}),
       str(tmp_path / "c")).frozen
