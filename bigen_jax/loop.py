@@ -111,7 +111,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, state: Any, start: i
   ``<name>/<metric>`` (``metrics.summarise``). ``evaluate(state, step) -> scalars`` runs every
   ``config.eval.every`` steps, its scalars logged as they are. ``step_flops``: model FLOPs of one step, for the
   MFU estimate (0: none). ``data`` is the input pipeline's iterator (its position is checkpointed; closed at the
-  end when it has ``close``). Call inside the mesh and axis-rules contexts; closes ``ckpt``.
+  end). Call inside the mesh and axis-rules contexts; closes ``ckpt``.
   """
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   writer.write_hparams(run_config.hparams(config))
@@ -165,6 +165,5 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, state: Any, start: i
     ckpt.close()
     writer.flush()
     stop.restore_handlers()
-    if hasattr(data, "close"):
-      data.close()
+    data.close()
   return state
