@@ -208,7 +208,7 @@ def make_train_step(model: clip.CLIP, tx: optax.GradientTransformation, schedule
     params = optax.apply_updates(state.params, updates)
     params["logit_scale"] = jnp.clip(params["logit_scale"], 0.0, MAX_LOGIT_SCALE)
     metrics.update({"loss": loss, "logit_scale": jnp.exp(params["logit_scale"]),
-                    "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)})
+                    "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)})
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   data = parallel.data_sharding(mesh)

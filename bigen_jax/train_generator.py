@@ -236,7 +236,7 @@ def make_train_step(config: ml_collections.ConfigDict, optimizers: dict[str, tup
     metrics = {"loss": d_loss + g_loss}
     for net, net_metrics, grads in (("discriminator", d_metrics, d_grads), ("generator", g_metrics, g_grads)):
       metrics.update({f"{net}/{k}": v for k, v in net_metrics.items()})
-      metrics[f"{net}/grad_norm"] = optax.global_norm(grads)
+      metrics[f"{net}/grad_norm"] = optax.tree.norm(grads)
       metrics[f"{net}/lr"] = schedules[net](state.step)
     return state.replace(step=state.step + 1, params={"generator": g_params, "discriminator": d_params},
                          spectral={"generator": g_spectral, "discriminator": d_spectral},

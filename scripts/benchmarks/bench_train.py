@@ -34,6 +34,7 @@ _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps first (compilation, a
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype (params stay float32).")
 _THREADS = flags.DEFINE_integer("threads", None, "CPU threads of both frameworks (default: all cores).")
 _PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s of one device, for MFU.")
+_SCAN = flags.DEFINE_bool("scan_layers", None, "Override the model config's scan_layers.")
 _FSDP = flags.DEFINE_bool("fsdp", False, "Shard params and optimizer state over all devices (fsdp axis).")
 _TORCH = flags.DEFINE_bool("torch", True, "Also time PyTorch.")
 _JSON = flags.DEFINE_string("json", None, "Also write the result (ours, peer, ratio, unit) as JSON to this file.")
@@ -137,6 +138,8 @@ def main(argv):
   from configs import model as model_configs  # pylint: disable=g-import-not-at-top
   model_config = model_configs.get_config(_CONFIG.value)
   model_config.dtype = _DTYPE.value
+  if _SCAN.value is not None:
+    model_config.scan_layers = _SCAN.value
   config = _train_config(model_config)
   batch = _batch(model_config, _BATCH.value)
   torch_rate, torch_device = bench_torch(config, batch) if _TORCH.value else (None, None)  # before JAX starts
