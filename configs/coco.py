@@ -27,6 +27,9 @@ def get_config(arg: str = "paper"):
   config.data.records_dir = "data/coco_frcnn"
   config.data.vocab_dir = "data/coco_frcnn/vocab10k"
   config.data.tokenizer = "data/bert-base-uncased-vocab.txt"
+  # Scanned layers on pods: one compiled layer body per stack (compile time across many hosts) and per-layer
+  # remat when memory asks for it; unrolled (configs/model.py's default) is faster on one CPU.
+  config.model.scan_layers = True
   config.mesh.fsdp = -1
   config.mesh.data = 1
   # Each process reads its contiguous 1/P of every epoch's files (bigen_jax/data/input_pipeline.py): the work of

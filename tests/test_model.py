@@ -4,12 +4,16 @@ Compilation dominates on a small CPU: graphs are compiled once per module (fixtu
 level 0, and most models have one layer per stack.
 """
 
+import contextlib
 import functools
 import importlib.util
+import io
 import os
+import re
 
 import flax.linen as nn
 import jax
+import jax.ad_checkpoint
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -17,6 +21,7 @@ import pytest
 from bigen_jax import parallel
 from bigen_jax.models import flops
 from bigen_jax.models import heads
+from bigen_jax.models import layers as layers_lib
 from bigen_jax.models import lxmert
 from bigen_jax.tasks import layouts
 from configs import base
@@ -144,6 +149,42 @@ def test_scan_and_remat_match_loop():
   _close(value, scan_value)
   _close(lxmert.stack_layers(grads), scan_grads)
   _close(lxmert.unstack_layers(scan_params), params, tol=0)
+
+
+def _saved_elements(fn, *args) -> int:
+  """Elements of the residuals ``jax.grad(fn)`` keeps from its forward pass (from ``print_saved_residuals``)."""
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    jax.ad_checkpoint.print_saved_residuals(fn, *args)
+  shapes = re.findall(r"^\w+\[([\d,]*)\]", out.getvalue(), re.M)
+  return sum(int(np.prod([int(d) for d in shape.split(",") if d])) for shape in shapes)
+
+
+@pytest.mark.parametrize("scan", [False, pytest.param(True, marks=pytest.mark.slow)])  # ~25 s each
+def test_remat_policies_match_plain_and_save_what_they_say(scan):
+  """Each ``model.remat_policy``: loss and gradients (with dropout, one key) equal the model without remat
+  (1e-6), and the policies keep different residuals for the backward pass: "nothing" fewest, "dots_all" most."""
+  layers = dict(num_language_layers=1, num_vision_layers=1, num_cross_layers=1)
+  config = model_config("tiny", scan_layers=scan, **layers)
+  model, params = _init(config)
+  inputs = _inputs(config)
+
+  def loss(m):
+    def fn(p):
+      out = m.apply({"params": p}, **inputs, deterministic=False, rngs={"dropout": jax.random.key(3)})
+      return jnp.mean(out.language ** 2) + jnp.mean(out.vision ** 2)
+    return fn
+
+  value, grads = jit(jax.value_and_grad(loss(model)))(params)
+  saved = {}
+  for policy in layers_lib.REMAT_POLICIES:
+    remat_model = lxmert.build_model(model_config("tiny", scan_layers=scan, remat=True, remat_policy=policy,
+                                                  **layers))
+    remat_value, remat_grads = jit(jax.value_and_grad(loss(remat_model)))(params)
+    _close(value, remat_value, tol=1e-6)
+    _close(grads, remat_grads, tol=1e-6)
+    saved[policy] = _saved_elements(loss(remat_model), params)
+  assert saved["nothing"] < saved["dots"] < saved["dots_all"], saved
 
 
 def test_dropout_determinism():

@@ -29,8 +29,26 @@ class LayerSpec:
   layer_norm_eps: float = 1e-12
   init_std: float = 0.02
   shared_cross_attention: bool = True
+  remat_policy: str = "nothing"  # what a rematerialised layer keeps for the backward pass (REMAT_POLICIES)
+  attention: str = "xla"  # jax.nn.dot_product_attention's implementation where no dropout applies ("cudnn")
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+
+
+# ``remat_policy`` -> what ``jax.checkpoint`` saves of a layer's forward pass: "nothing" (recompute the whole
+# layer in the backward pass: least memory), "dots" (the outputs of matmuls without batch dimensions, i.e. the
+# dense projections; attention, softmax, GELU, LayerNorm and dropout are recomputed), "dots_all" (every matmul,
+# the attention's too).
+REMAT_POLICIES = {
+    "nothing": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots_all": jax.checkpoint_policies.dots_saveable,
+}
+
+# ``attention`` -> ``jax.nn.dot_product_attention``'s implementation: "xla" (any backend) or "cudnn" (NVIDIA GPUs:
+# cuDNN's fused flash attention, bf16/fp16 only). Training with attention dropout keeps the explicit softmax
+# (``attention_with_dropout``) whatever this says: jax's fused kernels take no dropout.
+ATTENTION_IMPLEMENTATIONS = {"xla": None, "cudnn": "cudnn"}
 
 
 def dense(spec: LayerSpec, features: int, names: tuple[str, str], *, name: str) -> nn.Dense:
@@ -95,7 +113,7 @@ class AttentionBlock(nn.Module):
 
     q, k, v = project("query", x), project("key", context), project("value", context)
     if deterministic or s.attention_dropout_rate == 0.0:
-      y = jax.nn.dot_product_attention(q, k, v, mask=mask)
+      y = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=ATTENTION_IMPLEMENTATIONS[s.attention])
     else:
       y = attention_with_dropout(q, k, v, mask, rate=s.attention_dropout_rate, rng=self.make_rng("dropout"))
     y = constrain(y, names).reshape(b, t, s.hidden_size)
@@ -167,7 +185,8 @@ class LayerStack(nn.Module):
       return carry
     layer = self.layer
     if self.remat:
-      layer = nn.remat(layer, prevent_cse=not self.scan, static_argnums=(len(args) + 2,))
+      layer = nn.remat(layer, prevent_cse=not self.scan, static_argnums=(len(args) + 2,),
+                       policy=REMAT_POLICIES[self.spec.remat_policy])
     if self.scan:
       layer = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                       in_axes=(nn.broadcast,) * (len(args) + 1), length=self.num_layers,
