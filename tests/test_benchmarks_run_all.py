@@ -89,3 +89,26 @@ def test_failing_benchmark_is_an_error_row(tmp_path):
 def test_unknown_benchmark_is_a_usage_error():
   done = _run_all("--only", "cider,nope")
   assert done.returncode == 1 and "unknown benchmarks ['nope']" in done.stderr, done.stderr
+
+
+def test_budget_cuts_the_running_benchmark_and_skips_the_rest(tmp_path):
+  done = _run_all("--only", "cider,clip", "--budget", "0.5", "--out", str(tmp_path))
+  assert done.returncode == 1, done.stderr
+  with open(tmp_path / "benchmarks.json") as f:
+    rows = {r["benchmark"]: r for r in json.load(f)["rows"]}
+  assert rows["cider"]["error"].startswith("timed out after 0.") and rows["cider"]["wall_s"] < 5, rows["cider"]
+  assert rows["clip"]["error"] == "skipped: the --budget of 0.5 s was spent" and rows["clip"]["wall_s"] is None
+  assert rows["clip"]["command"].startswith("python scripts/benchmarks/bench_clip.py --config tiny")
+  assert "skipped" in _table(done.stdout)["clip"][1]
+
+
+def test_captions_benchmark_decodes_the_same_captions_as_pytorch(tmp_path):
+  """bench_captions.py (quick: tiny config, 2 images) through run_all: a ratio, and JAX's greedy captions equal the
+  PyTorch loop's on the same (converted) weights."""
+  done = _run_all("--only", "captions_small", "--out", str(tmp_path))
+  assert done.returncode == 0, done.stderr
+  with open(tmp_path / "captions_small.json") as f:
+    wrote = json.load(f)
+  assert wrote["unit"] == "captions/s" and wrote["ours"] > 0 and wrote["peer"] > 0, wrote
+  assert wrote["captions_equal"] == 1.0, wrote
+  assert _table(done.stdout)["captions_small"][3] == f"{wrote['ratio']:.2f}x"

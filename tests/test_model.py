@@ -187,6 +187,20 @@ def test_remat_policies_match_plain_and_save_what_they_say(scan):
   assert saved["nothing"] < saved["dots"] < saved["dots_all"], saved
 
 
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention needs an NVIDIA GPU")
+def test_cudnn_attention_matches_xla():
+  """``model.attention="cudnn"`` (flash attention, bf16) gives the XLA path's outputs within bf16's precision."""
+  layers = dict(num_language_layers=1, num_vision_layers=1, num_cross_layers=1)
+  config = model_config("tiny", dtype="bfloat16", hidden_size=64, num_heads=2, **layers)
+  model, params = _init(config)
+  flash = lxmert.build_model(model_config("tiny", dtype="bfloat16", hidden_size=64, num_heads=2,
+                                         attention="cudnn", **layers))
+  inputs = _inputs(config)
+  ref = jit(lambda p: model.apply({"params": p}, **inputs).language)(params)
+  out = jit(lambda p: flash.apply({"params": p}, **inputs).language)(params)
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=0.05)
+
+
 def test_dropout_determinism():
   config = model_config("tiny", scan_layers=True, remat=True, **ONE_LAYER)
   model, params = _init(config)

@@ -1,6 +1,7 @@
 """Calling the model: its visual input of a batch, and one ``apply`` that runs the encoders and a head.
 
-Training tasks, decoders and evaluators all call the model through ``apply_model``.
+Training tasks, decoders and evaluators all call the model through ``apply_model``; caption decoders first run
+the image's vision stream once (``encode_vision``) and pass it to every step's ``apply_model``.
 """
 
 from typing import Any, Callable
@@ -71,3 +72,18 @@ def apply_model(model, params, *, task: str, rng: Array | None, head: Callable[[
 
   rngs = {} if rng is None else {"dropout": dropout_key(rng, first_model(model).spec.dropout_rng)}
   return model.apply({"params": params}, method=forward, rngs=rngs, deterministic=rng is None, **inputs)
+
+
+def can_encode_vision(model) -> bool:
+  """Whether the I2T model's vision stream depends on the image alone (not with ``caption_to_cells``), so that
+  ``encode_vision`` can compute it once for many captions' forward passes."""
+  return not first_model(model).caption_to_cells
+
+
+def encode_vision(model, params, *, task: str, boxes: Array, **visual) -> Array:
+  """The vision stream [B, M, H] before the cross-modality layers (``UnifiedTransformer.encode_vision``), no
+  dropout: ``apply_model(..., vision_encoder=it)`` then skips the visual embedding and vision layers. ``visual``:
+  the model's visual input (``visual_input``); boxes [B, M, 4]. With the two-model ablation ``task`` picks the
+  model."""
+  task_kw = {"task": task} if isinstance(model, lxmert.TwoModel) else {}
+  return model.apply({"params": params}, boxes, method="encode_vision", deterministic=True, **visual, **task_kw)

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from bigen_jax import errors
+from bigen_jax.models import layers
 from bigen_jax.models.heads import AnswerHead, ImageHead, MatchHead, TextHead
 from bigen_jax.models.layers import CrossLayer, LayerSpec, LayerStack, SelfLayer, constrain, dense, layer_norm
 
@@ -148,12 +150,12 @@ class UnifiedTransformer(nn.Module):
                       (self.visual_feat_dim, ("embed", "visual_feat")))
       self.code_bag = dense(s, width, names, name="code_bag_head")
 
-  def __call__(self, text_ids: Array, text_mask: Array | None = None, *, boxes: Array,
+  def __call__(self, text_ids: Array, text_mask: Array | None = None, *, boxes: Array | None = None,
                visual_feats: Array | None = None, cluster_ids: Array | None = None,
                codebook: Array | None = None, visual_mask: Array | None = None,
                visual_attention_mask: Array | None = None, text_attention: Array | None = None,
                vision_text_mask: Array | None = None, token_type_ids: Array | None = None,
-               deterministic: bool = True,
+               vision_encoder: Array | None = None, deterministic: bool = True,
                text_logits: bool = False, image_logits: bool = False) -> ModelOutput:
     """Runs the encoders (and the heads asked for).
 
@@ -166,9 +168,17 @@ class UnifiedTransformer(nn.Module):
     looked up in the frozen ``codebook`` [K, D] (discrete), both through the same projection. visual_mask
     bool [B, M]: cells replaced by the learned mask feature (T2I); visual_attention_mask [B, M]: key mask of
     cells (default all visible). Dropout needs ``rngs={"dropout": key}`` when ``deterministic=False``.
+    vision_encoder [B, M, H]: the vision stream ``encode_vision`` computed from the same visual input and
+    visual_attention_mask (e.g. once for every step of caption decoding); the visual embedding and vision layers
+    are then skipped and boxes and the visual input must be left out.
     """
-    feats = self.visual_features(visual_feats=visual_feats, cluster_ids=cluster_ids, codebook=codebook,
-                                 visual_mask=visual_mask)
+    if vision_encoder is not None:
+      if self.caption_to_cells:
+        raise ValueError("caption_to_cells feeds the caption into the cells' input: no vision_encoder to reuse")
+      if any(x is not None for x in (boxes, visual_feats, cluster_ids, visual_mask)):
+        raise ValueError("give either vision_encoder or the visual input (boxes, visual_feats/cluster_ids)")
+    elif boxes is None:
+      raise ValueError("boxes [B, M, 4] are needed (or a precomputed vision_encoder)")
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(text_ids)
     lang_keys, vision_keys = _key_mask(text_mask), _key_mask(visual_attention_mask)
@@ -183,12 +193,14 @@ class UnifiedTransformer(nn.Module):
 
     lang = self.text_embed(text_ids, token_type_ids, deterministic)
     lang = constrain(lang, ("act_batch", "act_length", "act_embed"))
-    vision = self.visual_embed(feats, boxes, deterministic)
-    vision = constrain(vision, ("act_batch", "act_length", "act_embed"))
     lang = self.language(lang, lang_self, deterministic=deterministic)
-    if self.caption_to_cells:
-      vision = vision + self.caption_proj(_mean_over(lang, lang_keys))[:, None, :].astype(vision.dtype)
-    vision = self.vision(vision, vision_keys, deterministic=deterministic)
+    if vision_encoder is None:
+      caption = _mean_over(lang, lang_keys) if self.caption_to_cells else None
+      vision = self._vision_stream(boxes, visual_feats=visual_feats, cluster_ids=cluster_ids, codebook=codebook,
+                                   visual_mask=visual_mask, vision_keys=vision_keys, caption=caption,
+                                   deterministic=deterministic)
+    else:
+      vision = constrain(vision_encoder, ("act_batch", "act_length", "act_embed"))
     lang_x, vision_x = self.cross((lang, vision), lang_self, lang_keys, vision_keys, deterministic=deterministic)
     out = ModelOutput(language_encoder=lang, vision_encoder=vision, language=lang_x, vision=vision_x,
                       pooled=jnp.tanh(self.pooler(lang_x[:, 0])))
@@ -201,6 +213,32 @@ class UnifiedTransformer(nn.Module):
         self.predict_code_bag(vision_x)
     return out.replace(text_logits=self.predict_text(lang_x) if text_logits or init else None,
                        image_logits=self.predict_image(vision_x) if image_logits or init else None)
+
+  def encode_vision(self, boxes: Array, *, visual_feats: Array | None = None, cluster_ids: Array | None = None,
+                    codebook: Array | None = None, visual_mask: Array | None = None,
+                    visual_attention_mask: Array | None = None, deterministic: bool = True) -> Array:
+    """The vision stream [B, M, H] before the cross-modality layers (visual embedding + vision layers; the
+    ``vision_encoder`` output), from the visual input as ``__call__`` takes it. It depends on the image alone, so
+    caption decoding computes it once and passes it to every step's ``__call__(vision_encoder=...)``. Not for
+    ``caption_to_cells`` models, whose cells read the caption."""
+    if self.caption_to_cells:
+      raise ValueError("caption_to_cells feeds the caption into the cells' input: the vision stream needs the text")
+    return self._vision_stream(boxes, visual_feats=visual_feats, cluster_ids=cluster_ids, codebook=codebook,
+                               visual_mask=visual_mask, vision_keys=_key_mask(visual_attention_mask), caption=None,
+                               deterministic=deterministic)
+
+  def _vision_stream(self, boxes: Array, *, visual_feats: Array | None, cluster_ids: Array | None,
+                     codebook: Array | None, visual_mask: Array | None, vision_keys: Array | None,
+                     caption: Array | None, deterministic: bool) -> Array:
+    """Visual embedding (+ the caption projection of ``caption`` [B, H] when given) and vision layers:
+    [B, M, H]."""
+    feats = self.visual_features(visual_feats=visual_feats, cluster_ids=cluster_ids, codebook=codebook,
+                                 visual_mask=visual_mask)
+    vision = self.visual_embed(feats, boxes, deterministic)
+    vision = constrain(vision, ("act_batch", "act_length", "act_embed"))
+    if caption is not None:
+      vision = vision + self.caption_proj(caption)[:, None, :].astype(vision.dtype)
+    return self.vision(vision, vision_keys, deterministic=deterministic)
 
   def visual_features(self, *, visual_feats: Array | None, cluster_ids: Array | None, codebook: Array | None,
                       visual_mask: Array | None) -> Array:
@@ -255,6 +293,10 @@ class TwoModel(nn.Module):
       self.t2i(*args, **kwargs) if task == "i2t" else self.i2t(*args, **kwargs)
     return getattr(self, task)(*args, **kwargs)
 
+  def encode_vision(self, *args, task: str, **kwargs) -> Array:
+    """``task``'s model's ``UnifiedTransformer.encode_vision``."""
+    return getattr(self, task).encode_vision(*args, **kwargs)
+
   def predict_text(self, hidden: Array, *, task: str = "i2t") -> Array:
     return getattr(self, task).predict_text(hidden)
 
@@ -298,11 +340,15 @@ def unstack_layers(params: Any) -> Any:
 
 def layer_spec(config: ml_collections.ConfigDict) -> LayerSpec:
   """The block hyper-parameters of a model config (``configs/model.py``)."""
+  for field, choices in (("remat_policy", layers.REMAT_POLICIES), ("attention", layers.ATTENTION_IMPLEMENTATIONS)):
+    if config.get(field, next(iter(choices))) not in choices:
+      raise errors.ConfigError(f"--config.model.{field}={config.get(field)!r}: expected one of {sorted(choices)}")
   return LayerSpec(hidden_size=config.hidden_size, num_heads=config.num_heads, mlp_dim=config.mlp_dim,
                    dropout_rate=config.dropout_rate, attention_dropout_rate=config.attention_dropout_rate,
                    dropout_rng=config.get("dropout_rng", "threefry"),
                    layer_norm_eps=config.layer_norm_eps, init_std=config.init_std,
                    shared_cross_attention=config.get("shared_cross_attention", True),
+                   remat_policy=config.get("remat_policy", "nothing"), attention=config.get("attention", "xla"),
                    dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype))
 
 

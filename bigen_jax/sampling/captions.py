@@ -4,9 +4,10 @@ Gibbs sampling (``gibbs_captions``: a fixed-length all-[MASK] caption whose word
 Step l (1..L-1) puts one [MASK] at l after the words decoded so far, hides every later position, runs the
 model and reads the text head at l (``layout="mask"``, the paper's; ``"causal"``: the words so far read left
 to right, the cells see [CLS] only, and the head reads position l - 1, as ``tasks.i2t.layout`` trained it).
-A bidirectional prefix changes every hidden state at each step, so there is no key/value cache: each step is a
-full forward pass. Captions stop at [SEP]; positions after it are [PAD]. Every decoder is one ``lax.scan`` over
-positions, so it compiles once for any batch.
+A bidirectional prefix changes every hidden state at each step, so there is no key/value cache: each step runs the
+language and cross-modality layers. The vision stream (visual embedding + vision layers) depends on the image
+alone: every decoder computes it once (``encode_vision``) before its loop. Captions stop at [SEP]; positions after
+it are [PAD]. Every decoder is one ``lax.scan`` over positions, so it compiles once for any batch.
 """
 
 import dataclasses
@@ -39,12 +40,28 @@ def _start(batch: int, max_len: int, tokens: Tokens) -> Array:
   return jnp.full((batch, max_len), tokens.pad_id, jnp.int32).at[:, 0].set(tokens.cls_id)
 
 
+def encode_vision(params: Any, *, model, visual: dict[str, Array], boxes: Array) -> Array | None:
+  """The images' vision stream [B, M, H] (``apply.encode_vision``, no dropout), for ``next_word_log_probs``'s
+  ``vision``: computed once per decode instead of once per step. None for a model whose cells read the caption
+  (``caption_to_cells``): its steps then run the whole model."""
+  if not apply.can_encode_vision(model):
+    return None
+  return apply.encode_vision(model, params, task="i2t", boxes=boxes, **visual)
+
+
+def _image_inputs(visual: dict[str, Array], boxes: Array, vision: Array | None) -> dict[str, Array]:
+  """The model's image keyword arguments: the precomputed vision stream, else the visual input and boxes."""
+  return {"boxes": boxes, **visual} if vision is None else {"vision_encoder": vision}
+
+
 def next_word_log_probs(params: Any, ids: Array, l: Array, *, model, visual: dict[str, Array], boxes: Array,
-                        tokens: Tokens, layout: str = "mask") -> Array:
+                        tokens: Tokens, layout: str = "mask", vision: Array | None = None) -> Array:
   """Log-probabilities [B, V] of the word at position ``l`` given ``ids`` [B, L] before it, in the I2T
   ``layout`` the model was trained with ("mask" or "causal").
 
-  Never-produced words get -inf; at the last position only [SEP] is allowed, so every caption ends.
+  vision [B, M, H]: ``encode_vision`` of these images, to skip the vision layers (``visual`` and ``boxes`` are
+  then not read); None runs the whole model. Never-produced words get -inf; at the last position only [SEP] is
+  allowed, so every caption ends.
   """
   max_len = ids.shape[1]
   positions = jnp.arange(max_len)[None, :]
@@ -63,7 +80,7 @@ def next_word_log_probs(params: Any, ids: Array, l: Array, *, model, visual: dic
     return module.predict_text(jax.lax.dynamic_index_in_dim(out.language, read, axis=1, keepdims=False))
 
   logits = apply.apply_model(model, params, task="i2t", rng=None, head=head, text_ids=inputs,
-                             text_mask=key_mask, boxes=boxes, **extra, **visual)
+                             text_mask=key_mask, **extra, **_image_inputs(visual, boxes, vision))
   return word_log_probs(logits, l == max_len - 1, tokens)
 
 
@@ -83,11 +100,12 @@ def _decode_one_by_one(params, *, model, visual, boxes, max_len: int, tokens: To
                        layout: str = "mask") -> Array:
   """Shared loop of greedy and sampling: ``choose(log_probs [B, V], l) -> word [B]``."""
   batch = boxes.shape[0]
+  vision = encode_vision(params, model=model, visual=visual, boxes=boxes)
 
   def step(carry, l):
     ids, done = carry
     log_probs = next_word_log_probs(params, ids, l, model=model, visual=visual, boxes=boxes, tokens=tokens,
-                                    layout=layout)
+                                    layout=layout, vision=vision)
     word = jnp.where(done, tokens.pad_id, choose(log_probs, l).astype(jnp.int32))
     ids = jax.lax.dynamic_update_index_in_dim(ids, word, l, axis=1)
     return (ids, done | (word == tokens.sep_id)), None
@@ -155,12 +173,15 @@ def beam_search_captions(params: Any, *, model, visual: dict[str, Array], boxes:
 
   A beam's score is its summed log-probability divided by ``num_words ** length_penalty`` (0: no
   normalisation, which makes beam size 1 exactly greedy). Finished beams carry their score unchanged.
-  Each step runs the model on all B*W beams.
+  Each step runs the language and cross-modality layers on all B*W beams; the vision stream is computed once per
+  image.
   """
   batch, width = boxes.shape[0], beam_size
   tile = lambda x: jnp.repeat(x, width, axis=0)  # [B, ...] -> [B*W, ...], beams of one image adjacent
   beam_visual = {k: v if k == "codebook" else tile(v) for k, v in visual.items()}
   beam_boxes = tile(boxes)
+  vision = encode_vision(params, model=model, visual=visual, boxes=boxes)
+  beam_vision = None if vision is None else tile(vision)
   ids = _start(batch * width, max_len, tokens).reshape(batch, width, max_len)
   scores = jnp.where(jnp.arange(width) == 0, 0.0, -jnp.inf) * jnp.ones((batch, 1))  # one live beam at first
   done = jnp.zeros((batch, width), bool)
@@ -168,7 +189,8 @@ def beam_search_captions(params: Any, *, model, visual: dict[str, Array], boxes:
   def step(carry, l):
     ids, scores, done = carry
     log_probs = next_word_log_probs(params, ids.reshape(batch * width, max_len), l, model=model,
-                                    visual=beam_visual, boxes=beam_boxes, tokens=tokens, layout=layout)
+                                    visual=beam_visual, boxes=beam_boxes, tokens=tokens, layout=layout,
+                                    vision=beam_vision)
     vocab = log_probs.shape[-1]
     log_probs = log_probs.reshape(batch, width, vocab)
     pad_only = jnp.where(jnp.arange(vocab) == tokens.pad_id, 0.0, -jnp.inf)
@@ -233,7 +255,8 @@ def gibbs_captions(params: Any, rng: Array, *, model, visual: dict[str, Array], 
   (bidirectional: the MLM layout, ``tasks.mlm``) and redraws that word from the text head: argmax at
   ``temperature`` 0, else drawn from ``filter_logits`` at that temperature (step t uses ``fold_in(rng, t)``).
   [CLS], [MASK], [PAD] and ``tokens.banned`` are never drawn. The caption ends at its first [SEP]. One
-  ``lax.fori_loop`` of num_sweeps x length full forward passes; visual and boxes as ``greedy_captions``.
+  ``lax.fori_loop`` of num_sweeps x length forward passes of the language and cross-modality layers (the vision
+  stream computed once, ``encode_vision``); visual and boxes as ``greedy_captions``.
   """
   length = max_len - 2 if length == -1 else length
   if not 1 <= length <= max_len - 2:
@@ -244,6 +267,7 @@ def gibbs_captions(params: Any, rng: Array, *, model, visual: dict[str, Array], 
   visits = gibbs_visits(order_rng, batch=batch, length=length, num_sweeps=num_sweeps, order=order)
   ids, text_mask = gibbs_start(batch, max_len=max_len, length=length, tokens=tokens)
   not_last = jnp.zeros((batch,), bool)
+  image = _image_inputs(visual, boxes, encode_vision(params, model=model, visual=visual, boxes=boxes))
 
   def step(t, ids):
     here = jnp.arange(max_len)[None, :] == visits[:, t][:, None]
@@ -252,8 +276,7 @@ def gibbs_captions(params: Any, rng: Array, *, model, visual: dict[str, Array], 
       return module.predict_text(jnp.take_along_axis(out.language, visits[:, t][:, None, None], axis=1)[:, 0])
 
     logits = apply.apply_model(model, params, task="i2t", rng=None, head=head,
-                               text_ids=jnp.where(here, tokens.mask_id, ids), text_mask=text_mask, boxes=boxes,
-                               **visual)
+                               text_ids=jnp.where(here, tokens.mask_id, ids), text_mask=text_mask, **image)
     log_probs = word_log_probs(logits, not_last, tokens)
     if temperature == 0:
       word = jnp.argmax(log_probs, axis=-1)

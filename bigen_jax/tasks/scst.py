@@ -53,7 +53,8 @@ def sequence_log_probs(params, ids: Array, *, model, visual: dict[str, Array], b
 
   The "causal" layout reads every position's distribution from one teacher-forced pass (position l - 1 sees
   ids[:, :l] only, as decoding step l does); the "mask" layout needs one pass per position
-  (``captions.next_word_log_probs``), L - 1 times the work."""
+  (``captions.next_word_log_probs``, the vision stream computed once), L - 1 times the language and cross-modality
+  layers' work."""
   scored = scored_positions(ids, tokens.sep_id)
   targets = jnp.where(scored, ids, tokens.sep_id)  # [SEP] is never -inf: no inf * 0 in the gradient
   if layout == "causal":
@@ -61,9 +62,11 @@ def sequence_log_probs(params, ids: Array, *, model, visual: dict[str, Array], b
                                       temperature=temperature)
     per_word = jnp.take_along_axis(per_word, targets[:, 1:, None], axis=-1)[..., 0]  # [N, L - 1]
   else:
+    vision = captions.encode_vision(params, model=model, visual=visual, boxes=boxes)  # once, not per position
+
     def word(_, l):
       log_probs = captions.next_word_log_probs(params, ids, l, model=model, visual=visual, boxes=boxes,
-                                               tokens=tokens, layout=layout)
+                                               tokens=tokens, layout=layout, vision=vision)
       log_probs = captions.filter_logits(log_probs, temperature=temperature)
       return None, jnp.take_along_axis(log_probs, targets[:, l, None], axis=-1)[:, 0]
 

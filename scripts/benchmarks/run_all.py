@@ -3,15 +3,17 @@ r"""Runs every benchmark (the README's Benchmarks table) and prints their ratios
   python scripts/benchmarks/run_all.py --cores 0 --out bench_out        # the README's command lines
   python scripts/benchmarks/run_all.py --quick --only cider,mask_predict_tiny
   python scripts/benchmarks/run_all.py --only clip --extra "clip=--steps 10"
+  python scripts/benchmarks/run_all.py --accelerator --out accel_out  # one GPU: accelerator_suite.sh
 
 Each benchmark runs as its own process (``BENCHMARKS``: the script and its README arguments; ``--quick``: tiny
 settings instead, a smoke run) with ``--json``, and its row is what that file holds (``timing.write_result``):
 ours, the peer's (PyTorch, pycocoevalcap), the ratio (> 1: ours is better) and the process's wall time; a
 result's sub-results (clip's texts, the CPU times of cider and scst) are rows of their own. ``--cores`` runs
 every one under ``taskset -c CORES``, so all are pinned alike (each script then takes its ``--threads`` first
-cores of those). A benchmark that fails is a row with its error (the last error line of its stderr) and the
-exit status is 1. ``--out DIR``: DIR/benchmarks.{md,json}, and each benchmark's DIR/<name>.json and
-DIR/<name>.log (stdout and stderr).
+cores of those). ``--accelerator`` runs the one-GPU suite's entries instead (``accelerator=True``: paper
+configs in bfloat16 at large batches; ``scripts/benchmarks/accelerator_suite.sh``). A benchmark that fails is a
+row with its error (the last error line of its stderr) and the exit status is 1. ``--out DIR``:
+DIR/benchmarks.{md,json}, and each benchmark's DIR/<name>.json and DIR/<name>.log (stdout and stderr).
 """
 
 import dataclasses
@@ -38,6 +40,7 @@ class Benchmark:
   script: str  # in scripts/benchmarks/
   args: str  # the README's command line
   quick: str  # tiny settings, for a smoke run
+  accelerator: bool = False  # one GPU's suite (``--accelerator``), not the README's CPU table
 
 
 BENCHMARKS = {
@@ -59,14 +62,41 @@ BENCHMARKS = {
                                  "--config tiny --batch 2 --steps 1 --warmup 1 --threads 1"),
     "clip": Benchmark("bench_clip.py", "--config vit_b32 --batch 8 --steps 5 --threads 2",
                       "--config tiny --batch 2 --steps 1 --warmup 1 --threads 2"),
+    "captions_small": Benchmark("bench_captions.py", "--config small --batch 16 --threads 1",
+                                "--config tiny --batch 2 --steps 1 --warmup 1 --threads 1"),
+    "captions_paper": Benchmark("bench_captions.py", "--config paper --batch 2 --steps 3 --warmup 1 --threads 1",
+                                "--config tiny --batch 2 --steps 1 --warmup 1 --threads 1"),
+    # One GPU, all its host's cores (accelerator_suite.sh adds --peak_tflops to the training steps). Quick training
+    # batches of 8: divisible by the test session's 8 simulated CPU devices.
+    "gpu_train_paper": Benchmark("bench_train.py", "--config paper --dtype bfloat16 --batch 64 --steps 10 --notorch",
+                                 "--config tiny --dtype bfloat16 --batch 8 --steps 1 --warmup 1 --notorch",
+                                 accelerator=True),
+    "gpu_train_paper_fsdp": Benchmark("bench_train.py",
+                                      "--config paper --dtype bfloat16 --batch 64 --steps 10 --notorch --fsdp",
+                                      "--config tiny --dtype bfloat16 --batch 8 --steps 1 --warmup 1 --notorch "
+                                      "--fsdp", accelerator=True),
+    "gpu_mask_predict_paper": Benchmark("bench_mask_predict.py",
+                                        "--config paper --num_clusters 10000 --batch 256 --num_steps 4 "
+                                        "--dtype bfloat16",
+                                        "--config tiny --num_clusters 16 --batch 2 --num_steps 4 --dtype bfloat16 "
+                                        "--steps 1 --warmup 1", accelerator=True),
+    "gpu_captions_paper": Benchmark("bench_captions.py", "--config paper --batch 256 --dtype bfloat16",
+                                    "--config tiny --batch 2 --dtype bfloat16 --steps 1 --warmup 1",
+                                    accelerator=True),
+    "gpu_cider": Benchmark("bench_cider.py", "--images 5000 --refs 5 --batch 250",
+                           "--images 20 --refs 2 --steps 1 --batch 10", accelerator=True),
 }
 
-_ONLY = flags.DEFINE_list("only", None, f"Benchmarks to run (default: all): {', '.join(BENCHMARKS)}.")
+_ONLY = flags.DEFINE_list("only", None, f"Benchmarks to run (default: all of the README's, or of the accelerator "
+                          f"suite's with --accelerator): {', '.join(BENCHMARKS)}.")
 _QUICK = flags.DEFINE_bool("quick", False, "Tiny settings (a smoke run), not the README's.")
+_ACCELERATOR = flags.DEFINE_bool("accelerator", False, "Run the one-GPU suite's benchmarks, not the README's.")
 _CORES = flags.DEFINE_string("cores", None, "Run every benchmark under taskset -c CORES (e.g. 0 or 0,1).")
 _EXTRA = flags.DEFINE_multi_string("extra", [], "NAME=ARGS: more arguments for benchmark NAME (later flags win).")
 _OUT = flags.DEFINE_string("out", None, "Write benchmarks.{md,json} and each benchmark's JSON and log here.")
 _TIMEOUT = flags.DEFINE_float("timeout", None, "Seconds one benchmark may run (default: no limit).")
+_BUDGET = flags.DEFINE_float("budget", None, "Seconds all benchmarks together may run: each is cut at what is left "
+                             "and those after it are skipped (error rows); default: no limit.")
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.dirname(os.path.dirname(_HERE))
@@ -93,11 +123,21 @@ def _rows(name: str, command: str, result: dict, wall_s: float) -> list[dict]:
   return rows
 
 
+def _command(name: str, args: list[str], prefix: list[str]) -> tuple[str, str]:
+  """(the script's path from the repository root, the command line a row shows)."""
+  script = os.path.join("scripts", "benchmarks", BENCHMARKS[name].script)
+  return script, shlex.join([*prefix, "python", script, *args])
+
+
+def _failed(name: str, command: str, wall_s: float | None, error: str) -> list[dict]:
+  return [{"benchmark": name, "command": command, "ours": None, "peer": None, "ratio": None, "unit": None,
+           "wall_s": wall_s, "error": error}]
+
+
 def run_one(name: str, args: list[str], prefix: list[str], work_dir: str, timeout: float | None) -> list[dict]:
   """Runs benchmark ``name`` with ``args`` (after ``prefix``, e.g. taskset) and returns its rows; a failure is
   one row with its error. Writes work_dir/<name>.json (the script's) and work_dir/<name>.log."""
-  script = os.path.join("scripts", "benchmarks", BENCHMARKS[name].script)
-  command = shlex.join([*prefix, "python", script, *args])
+  script, command = _command(name, args, prefix)
   json_path = os.path.join(work_dir, f"{name}.json")
   if os.path.exists(json_path):
     os.remove(json_path)
@@ -120,8 +160,7 @@ def run_one(name: str, args: list[str], prefix: list[str], work_dir: str, timeou
   else:
     with open(json_path) as f:
       return _rows(name, command, json.load(f), wall_s)
-  return [{"benchmark": name, "command": command, "ours": None, "peer": None, "ratio": None, "unit": None,
-           "wall_s": wall_s, "error": error}]
+  return _failed(name, command, wall_s, error)
 
 
 def _cell(text: str) -> str:
@@ -158,7 +197,7 @@ def _arguments(names: list[str], quick: bool, extra: list[str]) -> dict[str, lis
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  names = _ONLY.value or list(BENCHMARKS)
+  names = _ONLY.value or [name for name, b in BENCHMARKS.items() if b.accelerator == _ACCELERATOR.value]
   unknown = [name for name in names if name not in BENCHMARKS]
   if unknown:
     raise app.UsageError(f"unknown benchmarks {unknown}; known: {', '.join(BENCHMARKS)}")
@@ -169,17 +208,28 @@ def main(argv):
       raise app.UsageError("--cores needs taskset (util-linux)")
     prefix = ["taskset", "-c", _CORES.value]
   pinning = f"pinned with `{shlex.join(prefix)}`" if prefix else "not pinned (each script's --threads only)"
-  header = (f"Benchmarks, {'quick settings' if _QUICK.value else 'the README settings'}, {pinning}; "
+  settings = "the accelerator suite's" if _ACCELERATOR.value else "the README"
+  header = (f"Benchmarks, {'quick settings' if _QUICK.value else f'{settings} settings'}, {pinning}; "
             f"{len(os.sched_getaffinity(0))} cores visible; {time.strftime('%Y-%m-%d %H:%M:%S')}")
   with tempfile.TemporaryDirectory() as tmp:
     work_dir = _OUT.value or tmp
     os.makedirs(work_dir, exist_ok=True)
     rows = []
+    deadline = None if _BUDGET.value is None else time.perf_counter() + _BUDGET.value
     for i, name in enumerate(names):
-      new = run_one(name, arguments[name], prefix, work_dir, _TIMEOUT.value)
+      timeout = _TIMEOUT.value
+      left = None if deadline is None else deadline - time.perf_counter()
+      if left is not None and left <= 0:
+        new = _failed(name, _command(name, arguments[name], prefix)[1], None,
+                      f"skipped: the --budget of {_BUDGET.value:g} s was spent")
+      else:
+        if left is not None:
+          timeout = left if timeout is None else min(timeout, left)
+        new = run_one(name, arguments[name], prefix, work_dir, timeout)
       rows += new
       status = f"failed: {new[0]['error']}" if new[0]["error"] else "ok"
-      print(f"[{i + 1}/{len(names)}] {name}: {status} ({new[0]['wall_s']:.1f} s)", file=sys.stderr, flush=True)
+      wall = "" if new[0]["wall_s"] is None else f" ({new[0]['wall_s']:.1f} s)"
+      print(f"[{i + 1}/{len(names)}] {name}: {status}{wall}", file=sys.stderr, flush=True)
   table = markdown(header, rows)
   print(table, end="")
   if _OUT.value:
