@@ -62,6 +62,16 @@ BENCHMARKS = {
                                  "--config tiny --batch 2 --steps 1 --warmup 1 --threads 1"),
     "clip": Benchmark("bench_clip.py", "--config vit_b32 --batch 8 --steps 5 --threads 2",
                       "--config tiny --batch 2 --steps 1 --warmup 1 --threads 2"),
+    "model_paper": Benchmark("bench_model.py", "--config paper --batch 8 --steps 5 --warmup 2 --threads 1",
+                             "--config tiny --batch 2 --steps 1 --warmup 1 --threads 1"),
+    "train_paper": Benchmark("bench_train.py", "--config paper --batch 8 --steps 5 --warmup 2 --threads 1",
+                             "--config tiny --batch 2 --steps 1 --warmup 1 --threads 1"),
+    "optimizer_paper": Benchmark("bench_optimizer.py", "--config paper --threads 1",
+                                 "--config tiny --steps 1 --warmup 1 --threads 1"),
+    "mask_predict_paper": Benchmark("bench_mask_predict.py", "--config paper --num_clusters 10000 --batch 8 "
+                                    "--num_steps 4 --steps 3 --warmup 1 --threads 1",
+                                    "--config tiny --batch 2 --num_steps 1 --num_clusters 16 --steps 1 --warmup 1 "
+                                    "--threads 1"),
     "captions_small": Benchmark("bench_captions.py", "--config small --batch 16 --threads 1",
                                 "--config tiny --batch 2 --steps 1 --warmup 1 --threads 1"),
     "captions_paper": Benchmark("bench_captions.py", "--config paper --batch 2 --steps 3 --warmup 1 --threads 1",
