@@ -88,7 +88,7 @@ def _paper() -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str = "paper") -> ml_collections.ConfigDict:
-  """Returns the model config named ``arg`` (paper, two_model, small, tiny)."""
+  """Returns the model config named ``arg`` (paper, two_model, small, 1b, tiny)."""
   config = _paper()
   if arg == "paper":
     pass
@@ -105,5 +105,6 @@ def get_config(arg: str = "paper") -> ml_collections.ConfigDict:
                        num_clusters=12, hidden_size=32, num_heads=4, mlp_dim=64, num_language_layers=2,
                        num_vision_layers=2, num_cross_layers=2, dtype="float32", scan_layers=False))
   else:
-    raise ValueError(f"configs/model.py: unknown variant {arg!r}: expected 'paper', 'two_model', 'small' or 'tiny'")
+    raise ValueError(f"configs/model.py: unknown variant {arg!r}: expected 'paper', 'two_model', 'small', '1b' or "
+                     "'tiny'")
   return config

@@ -1,6 +1,8 @@
-r"""Memory per device of a training step at a config's scale, for several mesh layouts, without data or accelerators.
+r"""Memory and collective bytes per device of a training step at a config's scale, for several mesh layouts,
+without data or accelerators.
 
   python scripts/memory_per_device.py --devices 8,16 --out memory.md     # configs/coco.py, its batch (256)
+  python scripts/memory_per_device.py --devices 8,64,256 --model 1b --tasks i2t --out memory_1b.md
   python scripts/memory_per_device.py --devices 8 --layers 1 --batch_size 32     # a quick check
   python scripts/memory_per_device.py --devices 8,16 --layouts 1x8x1,1x16x1 --batch_size 160 --tasks t2i
 
@@ -13,17 +15,32 @@ compiled step: arguments (state, batch, frozen codebook), outputs, temporaries, 
 arguments + outputs + temporaries - aliased (the donated state is updated in place). Temporaries come from XLA's
 CPU compiler: a GPU or TPU compiler fuses and schedules differently.
 
+Collectives (``bigen_jax/collectives.py``): the bytes one device sends in one step by the ring algorithms' formulas
+(all-gather (n-1) S of its shard S, reduce-scatter (n-1)/n S, all-reduce 2 (n-1)/n S, all-to-all (n-1)/n S,
+collective-permute S; n the replica group), each op counted as often as it runs (the scanned layers' loops).
+``sent`` reads the step as the SPMD partitioner writes it, before any backend pass (the same on CPU, GPU and TPU;
+XLA dumps it during the compile), with each all-reduce whose users all take a 1/n dynamic slice counted as the
+reduce-scatter GPU and TPU compilers make of it; its columns split it by kind. ``XLA:CPU program``: the same
+count over the compiled CPU program (``compiled.as_text()``), which widens bf16 collectives to f32 and keeps
+those all-reduces whole.
+
 Sizes the data decides (vocabulary, caption length, feature width, clusters; -1 in the config) are taken from
-``configs/model.py``'s paper model, COCO's: no records, tokenizer or vocabulary are read.
+``configs/model.py``'s paper model, COCO's: no records, tokenizer or vocabulary are read. ``--model`` swaps in
+another variant of ``configs/model.py`` (e.g. ``1b``): its fields that differ from the paper model's replace the
+config's, and ``--config.model.*`` flags apply over them.
 """
 
+import dataclasses
+import glob
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
 import time
 import types
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -34,13 +51,15 @@ import ml_collections  # pylint: disable=g-import-not-at-top
 from ml_collections.config_flags import config_flags  # pylint: disable=g-import-not-at-top
 
 from bigen_jax import cli  # pylint: disable=g-import-not-at-top
+from bigen_jax import collectives  # pylint: disable=g-import-not-at-top
 from bigen_jax import errors  # pylint: disable=g-import-not-at-top
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/coco.py", "Training configuration file.",
                                           lock_config=False)
 _DEVICES = flags.DEFINE_list("devices", ["8", "16"], "Simulated device counts, each in its own process.")
 _LAYOUTS = flags.DEFINE_list("layouts", [], "Meshes as DATAxFSDPxTENSOR (e.g. 1x4x2); default for N devices: "
-                             "Nx1x1, 1xNx1, 1x(N/2)x2, 2x(N/4)x2.")
+                             "Nx1x1, 1xNx1, 1x(N/2)x2, 1x(N/4)x4.")
+_MODEL = flags.DEFINE_string("model", None, "A variant of configs/model.py (e.g. 1b) in place of the config's model.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Global batch (default: the config's batch_size).")
 _LAYERS = flags.DEFINE_integer("layers", None, "Language, vision and cross layers each (default: the config's).")
 _TASKS = flags.DEFINE_list("tasks", [], "Step kinds to compile (default: those of the config's schedule).")
@@ -58,12 +77,11 @@ DATA_FREE_TASKS = ("i2t", "t2i", "ccc", "itm", "mlm")
 
 
 def default_layouts(num_devices: int) -> list[tuple[int, int, int]]:
-  """(data, fsdp, tensor): pure data, fsdp, fsdp x tensor, data x fsdp x tensor (those N allows)."""
+  """(data, fsdp, tensor): pure data, fsdp, fsdp x tensor over 2 and over 4 devices (those N allows)."""
   layouts = [(num_devices, 1, 1), (1, num_devices, 1)]
-  if num_devices % 2 == 0 and num_devices >= 4:
-    layouts.append((1, num_devices // 2, 2))
-  if num_devices % 4 == 0 and num_devices >= 8:
-    layouts.append((2, num_devices // 4, 2))
+  for tensor in (2, 4):
+    if num_devices % tensor == 0 and num_devices >= 2 * tensor:
+      layouts.append((1, num_devices // tensor, tensor))
   return list(dict.fromkeys(layouts))
 
 
@@ -79,12 +97,19 @@ def layout_name(layout: tuple[int, int, int]) -> str:
   return " x ".join(names) or "one device"
 
 
-def resolve_sizes(config: ml_collections.ConfigDict, *, batch_size: int | None = None,
-                  layers: int | None = None) -> ml_collections.ConfigDict:
-  """A copy of ``config`` with the data's sizes (-1) filled from the paper model, and the overrides applied."""
+def resolve_sizes(config: ml_collections.ConfigDict, *, batch_size: int | None = None, layers: int | None = None,
+                  model: str | None = None, model_overrides: dict | None = None) -> ml_collections.ConfigDict:
+  """A copy of ``config`` with the data's sizes (-1) filled from the paper model, and the overrides applied:
+  ``model``, a variant of ``configs/model.py`` whose fields that differ from the paper model's replace the
+  config's, then ``model_overrides`` (the command line's ``--config.model.*``) over them; ``layers``, the
+  language, vision and cross layer counts each."""
   from configs import model as model_configs  # pylint: disable=g-import-not-at-top
   config = ml_collections.ConfigDict(config.to_dict())
   paper = model_configs.get_config("paper")
+  if model:
+    variant = model_configs.get_config(model)
+    config.model.update({k: v for k, v in variant.items() if v != paper[k]})
+    config.model.update(model_overrides or {})
   for field in DATA_SIZES:
     if config.model[field] == -1:
       config.model[field] = paper[field]
@@ -121,6 +146,30 @@ def _batch_spec(config, sharding) -> dict:
   return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding) for k, (shape, dtype) in shapes.items()}
 
 
+def compile_with_partitioned_hlo(lowered) -> tuple[Any, str]:
+  """(the compiled program, the HLO text right after SPMD partitioning) of a lowered jitted function: XLA dumps the
+  module after its ``spmd-partitioning`` pass into a temporary directory during this compile."""
+  with tempfile.TemporaryDirectory() as tmp:
+    compiled = lowered.compile(compiler_options={"xla_dump_to": tmp, "xla_dump_hlo_pass_re": "spmd-partitioning"})
+    paths = glob.glob(os.path.join(tmp, "*after_spmd-partitioning*.txt"))
+    if len(paths) != 1:
+      raise RuntimeError(f"expected one HLO dump after SPMD partitioning, XLA wrote {len(paths)}: "
+                         f"{sorted(os.listdir(tmp))[:10]}")
+    with open(paths[0]) as f:
+      return compiled, f.read()
+
+
+def collective_fields(partitioned_hlo: str, compiled_hlo: str) -> dict:
+  """Row fields: bytes one device sends per step, in total and by kind (``collective_bytes``,
+  ``<kind>_bytes``) from the partitioned HLO, and in total from XLA:CPU's compiled program
+  (``cpu_collective_bytes``); ``collective_ops``: collectives executed per step (partitioned)."""
+  sent = collectives.summarise(collectives.parse(partitioned_hlo, all_reduce_slices=True))
+  cpu = collectives.summarise(collectives.parse(compiled_hlo))
+  fields = {f"{kind.replace('-', '_')}_bytes": sent[kind]["sent_bytes"] for kind in collectives.KINDS}
+  return {"collective_bytes": sent["total"]["sent_bytes"], "collective_ops": sent["total"]["ops"], **fields,
+          "cpu_collective_bytes": cpu["total"]["sent_bytes"]}
+
+
 def step_kinds(config: ml_collections.ConfigDict) -> list[str]:
   """The distinct step kinds of ``config``'s task schedule, in schedule order."""
   from bigen_jax import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
@@ -129,17 +178,60 @@ def step_kinds(config: ml_collections.ConfigDict) -> list[str]:
   return list(dict.fromkeys(cycle))
 
 
+@dataclasses.dataclass
+class Setup:
+  """One mesh layout's abstract training inputs: the context, optimizer, abstract state (shardings) and batch."""
+  ctx: Any
+  tx: Any
+  schedule: Any
+  abstract: Any
+  shardings: Any
+  batch: dict
+
+
+def setup_layout(config: ml_collections.ConfigDict, layout: tuple[int, int, int]) -> Setup:
+  """The train state and batch of ``config`` (data sizes resolved) as abstract arrays laid out on a
+  (data, fsdp, tensor) = ``layout`` mesh over the first data x fsdp x tensor devices; nothing is allocated."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from bigen_jax import experiment, optim, parallel  # pylint: disable=g-import-not-at-top
+  from bigen_jax import state as state_lib  # pylint: disable=g-import-not-at-top
+  from bigen_jax.models import lxmert  # pylint: disable=g-import-not-at-top
+  cfg = ml_collections.ConfigDict(config.to_dict())
+  cfg.mesh.update(dict(zip(parallel.MESH_AXES, layout), num_devices=layout[0] * layout[1] * layout[2]))
+  cfg.init_from = ""  # where the params start from does not change their layout
+  if cfg.batch_size % (layout[0] * layout[1]):
+    raise errors.ConfigError(f"batch {cfg.batch_size} does not divide over data x fsdp = {layout[0] * layout[1]}")
+  mesh = parallel.make_mesh(cfg, jax.devices()[:cfg.mesh.num_devices])
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  codebook = jax.ShapeDtypeStruct((cfg.model.num_clusters, cfg.model.visual_feat_dim), jnp.float32,
+                                  sharding=replicated)
+  ctx = experiment.Context(config=cfg, model=lxmert.build_model(cfg.model), frozen={"codebook": codebook},
+                           mesh=mesh, rules=parallel.axis_rules(cfg), task_cfgs=experiment.task_configs(cfg, BERT_IDS),
+                           tokenizer=BERT_IDS)
+  tx, schedule = optim.make_optimizer(cfg.optimizer, cfg.total_steps)
+  abstract, shardings, _ = state_lib.create_state(ctx, tx, codebook)
+  return Setup(ctx, tx, schedule, abstract, shardings, _batch_spec(cfg, ctx.batch_sharding()))
+
+
+def compile_step(setup: Setup, task: str) -> tuple[Any, str]:
+  """(XLA's compiled program, its HLO right after SPMD partitioning) of ``task``'s training step on ``setup``."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from bigen_jax import train  # pylint: disable=g-import-not-at-top
+  ctx = setup.ctx
+  with jax.set_mesh(ctx.mesh), nn.logical_axis_rules(ctx.rules):
+    step = train.make_train_step(ctx, task, setup.tx, setup.schedule, setup.shardings)
+    return compile_with_partitioned_hlo(step.lower(setup.abstract, setup.batch, ctx.frozen))
+
+
 def measure(config: ml_collections.ConfigDict, layouts, tasks=()) -> list[dict]:
-  """One row per (layout, step kind) over this process's devices: the state's and XLA's bytes per device.
+  """One row per (layout, step kind) over this process's devices: the state's and XLA's bytes per device, and
+  the collective bytes each device sends per step.
 
   ``config`` has its data sizes resolved (``resolve_sizes``); ``layouts`` are (data, fsdp, tensor) whose product
   is the device count; ``tasks`` default to the config's schedule. Compiles, never runs, each step."""
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from bigen_jax import experiment, optim, parallel, train  # pylint: disable=g-import-not-at-top
-  from bigen_jax import state as state_lib  # pylint: disable=g-import-not-at-top
-  from bigen_jax.models import lxmert  # pylint: disable=g-import-not-at-top
   from bigen_jax import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
   tasks = list(tasks) or step_kinds(config)
   trained = {t for t in config.tasks if config.tasks[t].weight > 0} | set(tasks) - {tasks_lib.JOINT}
@@ -149,72 +241,80 @@ def measure(config: ml_collections.ConfigDict, layouts, tasks=()) -> list[dict]:
                              f"this script measures {DATA_FREE_TASKS} only")
   rows = []
   for layout in layouts:
-    cfg = ml_collections.ConfigDict(config.to_dict())
-    cfg.mesh.update(dict(zip(parallel.MESH_AXES, layout), num_devices=0))
-    cfg.init_from = ""  # where the params start from does not change their layout
-    mesh, rules = parallel.make_mesh(cfg), parallel.axis_rules(cfg)
-    if cfg.batch_size % (layout[0] * layout[1]):
-      raise errors.ConfigError(f"batch {cfg.batch_size} does not divide over data x fsdp = {layout[0] * layout[1]}")
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    codebook = jax.ShapeDtypeStruct((cfg.model.num_clusters, cfg.model.visual_feat_dim), jnp.float32,
-                                    sharding=replicated)
-    ctx = experiment.Context(config=cfg, model=lxmert.build_model(cfg.model), frozen={"codebook": codebook},
-                             mesh=mesh, rules=rules, task_cfgs=experiment.task_configs(cfg, BERT_IDS),
-                             tokenizer=BERT_IDS)
-    tx, schedule = optim.make_optimizer(cfg.optimizer, cfg.total_steps)
-    abstract, shardings, _ = state_lib.create_state(ctx, tx, codebook)
+    setup = setup_layout(config, layout)
+    abstract = setup.abstract
     params, params_total, params_whole = _bytes_per_device(abstract.params)
     opt, opt_total, _ = _bytes_per_device(abstract.opt_state)
     state, _, _ = _bytes_per_device(abstract)
-    batch = _batch_spec(cfg, ctx.batch_sharding())
-    base = {"devices": mesh.size, "mesh": "x".join(map(str, layout)), "layout": layout_name(layout),
-            "data": layout[0], "fsdp": layout[1], "tensor": layout[2], "batch_size": cfg.batch_size,
+    base = {"devices": setup.ctx.mesh.size, "mesh": "x".join(map(str, layout)), "layout": layout_name(layout),
+            "data": layout[0], "fsdp": layout[1], "tensor": layout[2], "batch_size": setup.ctx.config.batch_size,
             "num_params": sum(int(x.size) for x in jax.tree.leaves(abstract.params)),
             "params_bytes": params, "params_bytes_total": params_total, "params_bytes_replicated": params_whole,
             "opt_bytes": opt, "opt_bytes_total": opt_total, "state_bytes": state}
     for task in tasks:
       start = time.perf_counter()
-      with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        step = train.make_train_step(ctx, task, tx, schedule, shardings)
-        analysis = step.lower(abstract, batch, ctx.frozen).compile().memory_analysis()
+      compiled, partitioned = compile_step(setup, task)
+      compile_s = time.perf_counter() - start
+      analysis = compiled.memory_analysis()
       xla = {"argument_bytes": analysis.argument_size_in_bytes, "output_bytes": analysis.output_size_in_bytes,
              "alias_bytes": analysis.alias_size_in_bytes, "temp_bytes": analysis.temp_size_in_bytes,
              "code_bytes": analysis.generated_code_size_in_bytes}
       xla["total_bytes"] = xla["argument_bytes"] + xla["output_bytes"] + xla["temp_bytes"] - xla["alias_bytes"]
-      rows.append({**base, "task": task, **xla, "compile_s": round(time.perf_counter() - start, 1)})
+      xla.update(collective_fields(partitioned, compiled.as_text()))
+      rows.append({**base, "task": task, **xla, "compile_s": round(compile_s, 1),
+                   "measure_s": round(time.perf_counter() - start, 1)})
       print(format_row(rows[-1], _columns(rows)), flush=True)
   return rows
 
 
-COLUMNS = (("params / device", "params_bytes"), ("optimizer / device", "opt_bytes"),
-           ("XLA arguments", "argument_bytes"), ("XLA outputs", "output_bytes"), ("XLA temporaries", "temp_bytes"),
-           ("generated code", "code_bytes"), ("total / device", "total_bytes"))
+MEMORY_COLUMNS = (("params / device", "params_bytes"), ("optimizer / device", "opt_bytes"),
+                  ("XLA temporaries", "temp_bytes"), ("generated code", "code_bytes"),
+                  ("total / device", "total_bytes"))
+COLLECTIVE_COLUMNS = (("sent / device / step", "collective_bytes"), ("all-gather", "all_gather_bytes"),
+                      ("reduce-scatter", "reduce_scatter_bytes"), ("all-reduce", "all_reduce_bytes"),
+                      ("all-to-all", "all_to_all_bytes"), ("collective-permute", "collective_permute_bytes"),
+                      ("XLA:CPU program sends", "cpu_collective_bytes"))
+BOLD = ("total_bytes", "collective_bytes")
+# Optional columns: shown only where a row has a nonzero value (XLA's CPU compiler reports no generated code).
+OPTIONAL = ("code_bytes", "all_to_all_bytes", "collective_permute_bytes")
 
 
 def _columns(rows: list[dict]) -> list[tuple[str, str]]:
-  """The byte columns; generated code only where XLA reports it (its CPU compiler reports 0)."""
-  return [(name, key) for name, key in COLUMNS if key != "code_bytes" or any(r[key] for r in rows)]
+  """The byte columns of ``rows``: memory, then collectives; optional ones only where some row has them."""
+  return [(name, key) for name, key in MEMORY_COLUMNS + COLLECTIVE_COLUMNS
+          if key not in OPTIONAL or any(r.get(key) for r in rows)]
 
 
-def format_row(row: dict, columns=COLUMNS) -> str:
+def format_row(row: dict, columns=MEMORY_COLUMNS + COLLECTIVE_COLUMNS) -> str:
   cells = [str(row["devices"]), row["layout"], row["mesh"], row["task"]]
-  cells += [f"{row[key] / MIB:,.1f} MiB" for _, key in columns]
-  cells[-1] = f"**{cells[-1]}**"
+  for _, key in columns:
+    cell = f"{row[key] / MIB:,.1f} MiB"
+    cells.append(f"**{cell}**" if key in BOLD else cell)
   return "| " + " | ".join(cells) + " |"
 
 
-def markdown(rows: list[dict], command: str) -> str:
+def markdown(rows: list[dict], command: str, model: str = "") -> str:
+  """The rows as a markdown table under the command, the model's size and each worker process's time."""
   first, columns = rows[0], _columns(rows)
   header = ["devices", "layout", "mesh (data x fsdp x tensor)", "step"] + [name for name, _ in columns]
+  workers = {r["devices"]: r for r in rows if "worker_s" in r}
   lines = [f"`{command}`", "",
-           f"Model: {first['num_params'] / 1e6:.1f}M parameters ({first['params_bytes_total'] / MIB:,.1f} MiB; "
-           f"optimizer state {first['opt_bytes_total'] / MIB:,.1f} MiB); global batch {first['batch_size']}.", "",
-           "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  return "\n".join(lines + [format_row(r, columns) for r in rows]) + "\n"
+           f"Model{f' {model}' if model else ''}: {first['num_params'] / 1e6:,.1f}M parameters "
+           f"({first['params_bytes_total'] / MIB:,.1f} MiB; optimizer state {first['opt_bytes_total'] / MIB:,.1f} "
+           f"MiB); global batch {first['batch_size']}. Memory per device; collectives: bytes one device sends per "
+           "step (partitioned HLO, reduce-scatters as GPU/TPU form them; last column: XLA:CPU's compiled program).",
+           "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  lines += [format_row(r, columns) for r in rows]
+  if workers:
+    lines += ["", "Worker processes (one per device count; time, peak resident memory): " + "; ".join(
+        f"{n} devices {r['worker_s']:.0f} s, {r['worker_rss_bytes'] / 2**30:.1f} GiB" for n, r in workers.items())
+              + "."]
+  return "\n".join(lines) + "\n"
 
 
 def _run_workers(device_counts: list[int]) -> list[dict]:
-  """Re-runs this script with ``--worker`` once per device count, each with its simulated devices."""
+  """Re-runs this script with ``--worker`` once per device count, each with its simulated devices; adds each
+  worker's wall time (``worker_s``) to its rows."""
   rows = []
   for n in device_counts:
     flags_env = [f for f in os.environ.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f]
@@ -227,9 +327,10 @@ def _run_workers(device_counts: list[int]) -> list[dict]:
                                f"--devices={n}", f"--json={out}", "--out="], env=env, check=False)
       if result.returncode:
         sys.exit(f"the {n}-device process failed (exit status {result.returncode}): see its error above")
+      elapsed = time.perf_counter() - start
       with open(out) as f:
-        rows += json.load(f)
-      print(f"{n} devices: {time.perf_counter() - start:.0f} s", flush=True)
+        rows += [{**row, "worker_s": round(elapsed, 1)} for row in json.load(f)]
+      print(f"{n} devices: {elapsed:.0f} s", flush=True)
   return rows
 
 
@@ -243,9 +344,14 @@ def main(argv):
     (n,) = counts
     if jax.device_count() != n:
       raise errors.UserError(f"{jax.device_count()} devices, expected {n}: set XLA_FLAGS before JAX starts")
-    config = resolve_sizes(_CONFIG.value, batch_size=_BATCH_SIZE.value, layers=_LAYERS.value)
+    overrides = config_flags.get_override_values(flags.FLAGS["config"])
+    config = resolve_sizes(_CONFIG.value, batch_size=_BATCH_SIZE.value, layers=_LAYERS.value, model=_MODEL.value,
+                           model_overrides={k[len("model."):]: v for k, v in overrides.items()
+                                            if k.startswith("model.")})
     mine = [l for l in layouts if l[0] * l[1] * l[2] == n]
     rows = measure(config, mine or default_layouts(n), _TASKS.value)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    rows = [{**row, "worker_rss_bytes": peak} for row in rows]
     with open(_JSON.value, "w") as f:
       json.dump(rows, f)
     return
@@ -255,7 +361,7 @@ def main(argv):
                          f"{_DEVICES.value}: give each device count its layouts, and no other")
   rows = _run_workers(counts)
   command = "python scripts/memory_per_device.py " + " ".join(sys.argv[1:])
-  table = markdown(rows, command.strip())
+  table = markdown(rows, command.strip(), _MODEL.value or "")
   print(table)
   if _OUT.value:
     with open(_OUT.value, "w") as f:

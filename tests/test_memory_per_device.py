@@ -60,6 +60,40 @@ def test_fsdp_times_tensor_shards_the_state(rows):
   assert both["argument_bytes"] < data["argument_bytes"] / 3
 
 
+@pytest.fixture(scope="module")
+def tiny_rows(tmp_path_factory):
+  """The script's rows for configs/model.py's tiny model (float32, layers scanned) over 4 devices: pure data and
+  fsdp."""
+  tmp = tmp_path_factory.mktemp("collectives")
+  result = subprocess.run(
+      [sys.executable, "scripts/memory_per_device.py", "--devices=4", "--layouts=4x1x1,1x4x1", "--tasks=i2t",
+       "--model=tiny", "--config.model.scan_layers=True", "--batch_size=8", f"--json={tmp / 'rows.json'}"],
+      cwd=ROOT, capture_output=True, text=True, timeout=900, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return {row["mesh"]: row for row in json.loads((tmp / "rows.json").read_text())}
+
+
+@pytest.mark.slow  # the tiny_rows fixture runs the script (~60 s)
+def test_pure_data_parallelism_all_reduces_every_gradient_once(tiny_rows):
+  data = tiny_rows["4x1x1"]
+  assert data["all_gather_bytes"] == data["reduce_scatter_bytes"] == 0
+  # float32 gradients, 2 (n - 1) / n of them sent; the scanned layers' all-reduces run once per layer. Parameters
+  # used twice (the tied word embedding, the shared cross-attention) are all-reduced once per use.
+  want = 2 * 3 / 4 * 4 * data["num_params"]
+  assert 0.95 * want <= data["all_reduce_bytes"] <= 1.15 * want
+  assert data["collective_bytes"] == data["cpu_collective_bytes"]  # float32: XLA:CPU widens nothing
+
+
+@pytest.mark.slow  # the tiny_rows fixture runs the script (~60 s)
+def test_fsdp_gathers_params_and_reduce_scatters_gradients(tiny_rows):
+  fsdp, grads = tiny_rows["1x4x1"], 4 * tiny_rows["1x4x1"]["num_params"]
+  assert fsdp["all_gather_bytes"] >= 0.5 * 3 / 4 * grads  # (n - 1) shards of (nearly) every parameter
+  assert fsdp["reduce_scatter_bytes"] >= 0.5 * 3 / 4 * grads
+  assert fsdp["all_reduce_bytes"] < 0.1 * fsdp["reduce_scatter_bytes"]  # unsharded biases and scalars
+  # XLA:CPU's program keeps each reduce-scatter an all-reduce of the whole gradient
+  assert fsdp["cpu_collective_bytes"] > fsdp["collective_bytes"]
+
+
 def _dry_run(script: str, *args: str, **env: str) -> str:
   env = {**os.environ, "DRY_RUN": "1", "TPU_NAME": "pod", "ZONE": "zone", "WORKDIR": "gs://bucket/run",
          "NUM_HOSTS": "2", "HOST_INDEX": "1", "COORDINATOR": "host0:29500", "GPUS_PER_NODE": "8",

@@ -72,6 +72,9 @@ BENCHMARKS = {
                                     "--num_steps 4 --steps 3 --warmup 1 --threads 1",
                                     "--config tiny --batch 2 --num_steps 1 --num_clusters 16 --steps 1 --warmup 1 "
                                     "--threads 1"),
+    # needs make demo's output (records, vocabulary) in demo_out
+    "pipeline": Benchmark("bench_pipeline.py", "--demo_out demo_out --rounds 3",
+                          "--demo_out demo_out --steps 10 --warmup_steps 5 --log_every 5 --rounds 1"),
     "captions_small": Benchmark("bench_captions.py", "--config small --batch 16 --threads 1",
                                 "--config tiny --batch 2 --steps 1 --warmup 1 --threads 1"),
     "captions_paper": Benchmark("bench_captions.py", "--config paper --batch 2 --steps 3 --warmup 1 --threads 1",
