@@ -54,7 +54,7 @@ def _both(monkeypatch, name: str, params, kw, layout: str):
     return once, run()
 
 
-@pytest.mark.parametrize("scan_layers", [False, True])
+@pytest.mark.parametrize("scan_layers", [False, pytest.param(True, marks=pytest.mark.slow)])  # scanned: ~12 s each
 @pytest.mark.parametrize("layout", ["mask", "causal"])
 def test_greedy_and_its_step_log_probs_equal_the_whole_model(monkeypatch, scan_layers, layout):
   params, kw = _setup(scan_layers)
