@@ -151,6 +151,11 @@ def _computations(text: str) -> tuple[dict[str, list[_Instruction]], str]:
   return comps, entry
 
 
+def instructions(text: str) -> list[_Instruction]:
+  """Every instruction of an HLO module's computations (name, result shape, opcode, operands, attributes)."""
+  return [inst for insts in _computations(text)[0].values() for inst in insts]
+
+
 def _attr(attrs: str, key: str) -> str | None:
   """The value of ``key=`` in an instruction's attributes (a bracketed value whole)."""
   match = re.search(rf"\b{re.escape(key)}=", attrs)

@@ -27,15 +27,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags  # pylint: disable=g-import-not-at-top
 
+from bigen_jax import collectives  # pylint: disable=g-import-not-at-top
 import bench_train  # pylint: disable=g-import-not-at-top  (its flags: --config --batch --steps --warmup ...)
 import timing  # pylint: disable=g-import-not-at-top
 
-COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-
 _TOP = flags.DEFINE_integer("top", 25, "Ops to list by time.")
 _OUT = flags.DEFINE_string("out", None, "Keep the trace and the HLO dump here (default: a temporary folder).")
-
-_HLO_DEF = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\(.*?\)|\S+) ([\w\-]+)\(", re.M)
 
 
 def op_kind(name: str, shape: str, opcode: str) -> str:
@@ -44,7 +41,7 @@ def op_kind(name: str, shape: str, opcode: str) -> str:
   if base.startswith(("ynn_fusion", "xnn_fusion", "onednn")) or opcode in ("dot", "convolution") or \
      base in ("dot", "dot_general", "convolution", "cublas-gemm", "gemm_fusion", "triton_gemm"):
     return "matmul"
-  if base.startswith(COLLECTIVES):
+  if base.startswith(collectives.KINDS):
     return "collective"
   if "copy" in base or "transpose" in base:
     return "copy/transpose"
@@ -100,8 +97,8 @@ def hlo_ops(dump_dir: str) -> dict[str, tuple[str, str]]:
   ops = {}
   for path in glob.glob(os.path.join(dump_dir, "*jit_step*after_optimizations.txt")):
     with open(path, encoding="utf-8") as f:
-      for m in _HLO_DEF.finditer(f.read()):
-        ops.setdefault(m.group(1), (m.group(2), m.group(3)))
+      for inst in collectives.instructions(f.read()):
+        ops.setdefault(inst.name, (inst.shape, inst.opcode))
   return ops
 
 
