@@ -141,8 +141,8 @@ def test_two_model_ablation(tmp_path, data):
 
 
 @pytest.mark.parametrize("module,known", [(coco, r"one of \('paper', 'two_model', 'two_stage', 'stage2'\)"),
-                                          (model_configs, "'paper', 'two_model', 'small' or 'tiny'"),
-                                          (base, "'paper', 'two_model', 'small' or 'tiny'")])
+                                          (model_configs, "'paper', 'two_model', 'small', '1b' or 'tiny'"),
+                                          (base, "'paper', 'two_model', 'small', '1b' or 'tiny'")])
 def test_unknown_variant_raises(module, known):
   with pytest.raises(ValueError, match=f"unknown variant 'papr': expected {known}"):
     module.get_config("papr")
