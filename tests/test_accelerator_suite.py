@@ -12,7 +12,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUITE = os.path.join(ROOT, "scripts", "benchmarks", "accelerator_suite.sh")
 ROWS = ("gpu_train_paper", "gpu_train_paper (mfu)", "gpu_train_paper (compiled_memory)", "gpu_train_paper_fsdp",
         "gpu_train_paper_fsdp (mfu)", "gpu_train_paper_fsdp (compiled_memory)", "gpu_mask_predict_paper",
-        "gpu_mask_predict_paper (grids)", "gpu_captions_paper", "gpu_cider", "gpu_cider (cpu)", "gpu_cider (in_graph)")
+        "gpu_mask_predict_paper (grids)", "gpu_captions_paper", "gpu_cider", "gpu_cider (cpu)", "gpu_cider (in_graph)",
+        "gpu_train_paper_fused", "gpu_train_paper_fused (mfu)")
 
 
 @pytest.mark.slow  # ~3-5 min on 1 CPU core: five processes importing JAX and PyTorch, tiny compiles
@@ -36,5 +37,6 @@ def test_quick_suite_writes_every_row(tmp_path):
     assert f"| {name} |" in markdown, name
   assert rows["gpu_train_paper (mfu)"]["unit"] == "% MFU"
   assert "--peak_tflops 2" in rows["gpu_train_paper"]["command"] and "--fsdp" in rows["gpu_train_paper_fsdp"]["command"]
+  assert "--fused_projections" in rows["gpu_train_paper_fused"]["command"]
   for name in ("gpu_train_paper", "gpu_train_paper_fsdp", "gpu_mask_predict_paper", "gpu_captions_paper", "gpu_cider"):
     assert (out / f"{name}.json").exists() and (out / f"{name}.log").exists(), name

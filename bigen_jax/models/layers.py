@@ -31,6 +31,7 @@ class LayerSpec:
   shared_cross_attention: bool = True
   remat_policy: str = "nothing"  # what a rematerialised layer keeps for the backward pass (REMAT_POLICIES)
   attention: str = "xla"  # jax.nn.dot_product_attention's implementation where no dropout applies ("cudnn")
+  fused_projections: bool = False  # q, k, v of a self-attention (k, v of a cross-attention) as one matmul
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -57,6 +58,35 @@ def dense(spec: LayerSpec, features: int, names: tuple[str, str], *, name: str) 
       features, dtype=spec.dtype, param_dtype=spec.param_dtype,
       kernel_init=nn.with_logical_partitioning(nn.initializers.normal(spec.init_std), names),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[-1:]), name=name)
+
+
+class DenseParams(nn.Module):
+  """The kernel [in_features, features] and bias [features] of ``dense``, returned instead of applied: the same
+  parameter names, initialisers and axis names (the parameter tree and its initial values are ``dense``'s), so
+  that attention can apply several projections of one input as one matmul."""
+  spec: LayerSpec
+  in_features: int
+  features: int
+  names: tuple[str, str]
+
+  @nn.compact
+  def __call__(self) -> tuple[Array, Array]:
+    s = self.spec
+    kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.normal(s.init_std), self.names),
+                        (self.in_features, self.features), s.param_dtype)
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.names[-1:]),
+                      (self.features,), s.param_dtype)
+    return kernel, bias
+
+
+def fused_dense(spec: LayerSpec, x: Array, params: list[tuple[Array, Array]]) -> list[Array]:
+  """Several dense layers of one input as one matmul: x [B, T, I], params [(kernel [I, O], bias [O])] -> one
+  [B, T, O] per layer, as ``nn.Dense`` computes each (inputs and parameters in ``spec.dtype``). The kernels are
+  stacked on a new axis between in and out, so a kernel sharded on its out axis stays sharded the same way."""
+  kernel = jnp.stack([k for k, _ in params], axis=1).astype(spec.dtype)
+  bias = jnp.stack([b for _, b in params], axis=0).astype(spec.dtype)
+  y = jnp.einsum("bti,ico->btco", x.astype(spec.dtype), kernel) + bias
+  return [y[:, :, i] for i in range(len(params))]
 
 
 def layer_norm(spec: LayerSpec, *, name: str) -> nn.LayerNorm:
@@ -107,11 +137,21 @@ class AttentionBlock(nn.Module):
     heads = (s.num_heads, s.hidden_size // s.num_heads)
     names = ("act_batch", "act_length", "act_heads", "act_kv")
 
-    def project(name, inputs):
-      y = dense(s, s.hidden_size, ("embed", "heads"), name=name)(inputs)
+    def split_heads(y):
       return constrain(y.reshape(y.shape[:2] + heads), names)
 
-    q, k, v = project("query", x), project("key", context), project("value", context)
+    if s.fused_projections:
+      proj = {n: DenseParams(s, inputs.shape[-1], s.hidden_size, ("embed", "heads"), name=n)()
+              for n, inputs in (("query", x), ("key", context), ("value", context))}
+      if context is x:
+        q, k, v = fused_dense(s, x, [proj["query"], proj["key"], proj["value"]])
+      else:
+        q, = fused_dense(s, x, [proj["query"]])
+        k, v = fused_dense(s, context, [proj["key"], proj["value"]])
+    else:
+      q, k, v = (dense(s, s.hidden_size, ("embed", "heads"), name=n)(inputs)
+                 for n, inputs in (("query", x), ("key", context), ("value", context)))
+    q, k, v = split_heads(q), split_heads(k), split_heads(v)
     if deterministic or s.attention_dropout_rate == 0.0:
       y = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=ATTENTION_IMPLEMENTATIONS[s.attention])
     else:

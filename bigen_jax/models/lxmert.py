@@ -349,6 +349,7 @@ def layer_spec(config: ml_collections.ConfigDict) -> LayerSpec:
                    layer_norm_eps=config.layer_norm_eps, init_std=config.init_std,
                    shared_cross_attention=config.get("shared_cross_attention", True),
                    remat_policy=config.get("remat_policy", "nothing"), attention=config.get("attention", "xla"),
+                   fused_projections=config.get("fused_projections", False),
                    dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype))
 
 

@@ -14,6 +14,8 @@
 #   gpu_captions_paper     bench_captions.py --config paper --batch 256 --dtype bfloat16: greedy captions/s, vs PyTorch
 #   gpu_cider              bench_cider.py --images 5000 --refs 5: CIDEr-D vs pycocoevalcap, and the in-graph
 #                          (jitted) cider_d_ids per batch of 250 on the GPU
+#   gpu_train_paper_fused  gpu_train_paper with --fused_projections (q, k, v as one matmul; last: the budget cuts it
+#                          first)
 # and writes OUT/benchmarks.json and OUT/benchmarks.md (run_all's table; the training step's MFU, peak memory and
 # compiled footprint as rows of their own, read from its JSON or, where it writes them only to stdout, its log),
 # each benchmark's OUT/<name>.json and OUT/<name>.log. Exit status 1 when a benchmark failed (its row says why).
@@ -41,7 +43,8 @@ fi
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$OUT/xla_cache}"
 
 args=(--accelerator --out "$OUT" --budget "$BUDGET" --timeout "$TIMEOUT"
-      --extra "gpu_train_paper=--peak_tflops $PEAK_TFLOPS" --extra "gpu_train_paper_fsdp=--peak_tflops $PEAK_TFLOPS")
+      --extra "gpu_train_paper=--peak_tflops $PEAK_TFLOPS" --extra "gpu_train_paper_fsdp=--peak_tflops $PEAK_TFLOPS"
+      --extra "gpu_train_paper_fused=--peak_tflops $PEAK_TFLOPS")
 if [[ "${QUICK:-0}" == 1 ]]; then
   args+=(--quick)
 fi

@@ -37,6 +37,8 @@ _PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s of one devi
 _SCAN = flags.DEFINE_bool("scan_layers", None, "Override the model config's scan_layers.")
 _REMAT = flags.DEFINE_enum("remat", None, ["nothing", "dots", "dots_all"],
                            "Rematerialise each layer with this policy (configs/model.py remat_policy).")
+_FUSED = flags.DEFINE_bool("fused_projections", None, "Override the model config's fused_projections (q, k, v "
+                           "as one matmul).")
 _FSDP = flags.DEFINE_bool("fsdp", False, "Shard params and optimizer state over all devices (fsdp axis).")
 _TORCH = flags.DEFINE_bool("torch", True, "Also time PyTorch.")
 _JSON = flags.DEFINE_string("json", None, "Also write the result (ours, peer, ratio, unit) as JSON to this file.")
@@ -144,6 +146,8 @@ def main(argv):
     model_config.scan_layers = _SCAN.value
   if _REMAT.value:
     model_config.remat, model_config.remat_policy = True, _REMAT.value
+  if _FUSED.value is not None:
+    model_config.fused_projections = _FUSED.value
   config = _train_config(model_config)
   batch = _batch(model_config, _BATCH.value)
   torch_rate, torch_device = bench_torch(config, batch) if _TORCH.value else (None, None)  # before JAX starts

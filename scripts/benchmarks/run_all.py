@@ -66,6 +66,9 @@ BENCHMARKS = {
                              "--config tiny --batch 2 --steps 1 --warmup 1 --threads 1"),
     "train_paper": Benchmark("bench_train.py", "--config paper --batch 8 --steps 5 --warmup 2 --threads 1",
                              "--config tiny --batch 2 --steps 1 --warmup 1 --threads 1"),
+    "train_paper_fused": Benchmark("bench_train.py", "--config paper --batch 8 --steps 5 --warmup 2 --threads 1 "
+                                   "--fused_projections",
+                                   "--config tiny --batch 2 --steps 1 --warmup 1 --threads 1 --fused_projections"),
     "optimizer_paper": Benchmark("bench_optimizer.py", "--config paper --threads 1",
                                  "--config tiny --steps 1 --warmup 1 --threads 1"),
     "mask_predict_paper": Benchmark("bench_mask_predict.py", "--config paper --num_clusters 10000 --batch 8 "
@@ -98,6 +101,12 @@ BENCHMARKS = {
                                     accelerator=True),
     "gpu_cider": Benchmark("bench_cider.py", "--images 5000 --refs 5 --batch 250",
                            "--images 20 --refs 2 --steps 1 --batch 10", accelerator=True),
+    # Last: the budget cuts it first. The same step as gpu_train_paper with q, k, v as one matmul.
+    "gpu_train_paper_fused": Benchmark("bench_train.py",
+                                       "--config paper --dtype bfloat16 --batch 64 --steps 10 --notorch "
+                                       "--fused_projections",
+                                       "--config tiny --dtype bfloat16 --batch 8 --steps 1 --warmup 1 --notorch "
+                                       "--fused_projections", accelerator=True),
 }
 
 _ONLY = flags.DEFINE_list("only", None, f"Benchmarks to run (default: all of the README's, or of the accelerator "
