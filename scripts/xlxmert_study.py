@@ -16,10 +16,10 @@ Then the rows (``ROWS``), each trained in OUT/xlxmert/<row> and evaluated on ``-
   pretrain_ccc         configs/xlxmert_pretrain.py:demo (MLM, CCC, ITM, QA) on these records
   pretrain_regression  configs/xlxmert_pretrain.py:demo,regression (feature regression instead of CCC); its T2I
                        decodes by the nearest centroid (``eval.generation.readout``): its classifier never trains
-  qa_from_ccc          configs/xlxmert_vqa.py:demo (QA alone, BCE) from pretrain_ccc
+  qa_from_ccc          configs/xlxmert_vqa.py:demo (QA alone, BCE, X-LXMERT's lr 5e-4, 2000 steps) from pretrain_ccc
   qa_from_scratch      the same fine-tuning from a random init: the reference row
   qa_from_stage1       the same fine-tuning from make demo's stage 1 (OUT/train: the unified model, its cross-modality
-                       layers grounded by I2T), on the dense cells, at lr 1e-4 for 1000 steps (one untuned choice)
+                       layers grounded by I2T), on the dense cells
   stage1_from_ccc      configs/demo.py's stage 1 on the demo's records, initialised from pretrain_ccc (its answer
                        head left out, the demo's code-bag head fresh, the vision cross-attention from the shared
                        one: ``state.restore_run_params``)
@@ -77,12 +77,12 @@ ROWS = {
     "pretrain_regression": ("X-LXMERT pretraining with feature regression instead of CCC", ("qa", "generation")),
     "qa_from_ccc": ("QA fine-tuning from pretrain_ccc", ("qa",)),
     "qa_from_scratch": ("QA fine-tuning from a random init", ("qa",)),
-    "qa_from_stage1": ("QA fine-tuning from make demo's stage 1 (OUT/train), dense cells, lr 1e-4", ("qa",)),
+    "qa_from_stage1": ("QA fine-tuning from make demo's stage 1 (OUT/train), dense cells", ("qa",)),
     "stage1_from_ccc": ("configs/demo.py stage 1 from pretrain_ccc", ("validation_loss", "captioning", "generation")),
     "stage1_scratch": ("make demo's stage 1 (OUT/train)", ("validation_loss", "captioning", "generation")),
 }
 # Default training steps by kind (stage 1: make demo's own run's, so that both stage-1 rows train as long).
-STEPS = {"pretrain": 1000, "qa": 500, "qa_from_stage1": 1000}  # by kind, or by row
+STEPS = {"pretrain": 1000, "qa": 2000}  # by kind, or by row
 COLUMNS = {  # the T2I and stage-1 tables: (column, result key)
     "t2i": (("T2I semantic acc. (mask-predict-4)", "generation/semantic/accuracy"),
             ("guided semantic acc.", "generation/guidance/semantic/accuracy"),
@@ -228,7 +228,7 @@ def row_config(row: str, paths: Paths, steps: int = 0):
   if kind(row) == "qa":
     config.init_from = paths.run("pretrain_ccc") if row == "qa_from_ccc" else ""
   if row == "qa_from_stage1":  # the unified model's encoder, grounded by I2T on the dense cells
-    config.init_from, config.optimizer.lr = paths.demo_stage1, 1e-4
+    config.init_from = paths.demo_stage1
     for task in config.tasks.values():
       task.visual_input = "dense"
   return config
