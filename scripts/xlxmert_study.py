@@ -44,7 +44,9 @@ evaluations; a test suite ran on the same cores), and alone at ``--steps 150`` t
 detector over 2,500 images) and the evaluations of 250 validation images the study should take about 28 min. Measured
 on the demo world (2026-12-07, an AMD 2-core machine shared with other jobs): pretrain_ccc 12.9 min,
 pretrain_regression 8.7, qa_from_ccc 2.3, qa_from_scratch 3.0, stage1_from_ccc 7.9, stage1_scratch 0.7 (its
-evaluation only): about 36 min with the data; the row qa_from_stage1, added later, about 4 min more.
+evaluation only): about 36 min with the data; the row qa_from_stage1, added later, about 4 min more. Since the QA
+rows train 2000 steps at lr 5e-4 (twelfth session), each takes 14.3-14.7 min on one core (pretrain_regression at
+lr 1e-4: 10.5 min on two): about 75 min for the whole study.
 """
 
 import os
@@ -67,7 +69,7 @@ _SPLIT = flags.DEFINE_enum("split", "validation", ["validation", "test"], "The s
 _ROWS = flags.DEFINE_list("rows", None, "Rows to run, in order (default: all of ROWS).")
 _STEPS = flags.DEFINE_integer("steps", 0, "Training steps of every row (0: each row's default, STEPS).", lower_bound=0)
 _PRETRAIN_LR = flags.DEFINE_float("pretrain_lr", None, "The pretraining rows' lr (default: configs/xlxmert_pretrain."
-                                  "py:demo's, 1e-3); given, every row's run and the tables go to "
+                                  "py:demo's, 1e-4); given, every row's run and the tables go to "
                                   "OUT/xlxmert/pretrain_lr_<lr> (the data stays shared).", lower_bound=0.0)
 
 SPLITS = ("train", "validation", "test")
