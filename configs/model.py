@@ -81,7 +81,7 @@ def _paper() -> ml_collections.ConfigDict:
       remat_policy="nothing",  # with remat: what each layer keeps for the backward pass (layers.REMAT_POLICIES)
       attention="xla",  # "cudnn": cuDNN flash attention on NVIDIA GPUs where no attention dropout applies
       # q, k, v of each self-attention as one matmul (k, v of each cross-attention): fewer, larger kernels for
-      # accelerators; about 1% of a CPU step either way (README, Benchmarks). Same parameters as unfused.
+      # accelerators; 3% slower on CPU at the paper config (README, Benchmarks). Same parameters as unfused.
       fused_projections=False,
       # Unrolled layers: the paper config's training step is 1.2x faster on CPU than with nn.scan (README,
       # Benchmarks); configs/coco.py scans them (one compiled body per stack for pods, remat per layer).
