@@ -52,12 +52,17 @@ REMAT_POLICIES = {
 ATTENTION_IMPLEMENTATIONS = {"xla": None, "cudnn": "cudnn"}
 
 
+def _dense_inits(spec: LayerSpec, names: tuple[str, str]) -> tuple[Any, Any]:
+  """The kernel init N(0, init_std) with logical axes ``names`` and the zero bias init with ``names[-1:]``."""
+  return (nn.with_logical_partitioning(nn.initializers.normal(spec.init_std), names),
+          nn.with_logical_partitioning(nn.initializers.zeros, names[-1:]))
+
+
 def dense(spec: LayerSpec, features: int, names: tuple[str, str], *, name: str) -> nn.Dense:
   """Dense layer with N(0, init_std) kernel [in, out] and zero bias, both with logical axis ``names``."""
-  return nn.Dense(
-      features, dtype=spec.dtype, param_dtype=spec.param_dtype,
-      kernel_init=nn.with_logical_partitioning(nn.initializers.normal(spec.init_std), names),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[-1:]), name=name)
+  kernel_init, bias_init = _dense_inits(spec, names)
+  return nn.Dense(features, dtype=spec.dtype, param_dtype=spec.param_dtype, kernel_init=kernel_init,
+                  bias_init=bias_init, name=name)
 
 
 class DenseParams(nn.Module):
@@ -71,11 +76,9 @@ class DenseParams(nn.Module):
 
   @nn.compact
   def __call__(self) -> tuple[Array, Array]:
-    s = self.spec
-    kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.normal(s.init_std), self.names),
-                        (self.in_features, self.features), s.param_dtype)
-    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.names[-1:]),
-                      (self.features,), s.param_dtype)
+    kernel_init, bias_init = _dense_inits(self.spec, self.names)
+    kernel = self.param("kernel", kernel_init, (self.in_features, self.features), self.spec.param_dtype)
+    bias = self.param("bias", bias_init, (self.features,), self.spec.param_dtype)
     return kernel, bias
 
 

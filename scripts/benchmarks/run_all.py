@@ -42,6 +42,18 @@ class Benchmark:
   quick: str  # tiny settings, for a smoke run
   accelerator: bool = False  # one GPU's suite (``--accelerator``), not the README's CPU table
 
+  def with_flags(self, extra: str) -> "Benchmark":
+    """The same benchmark with ``extra`` appended to both its command lines (a variant of one setting)."""
+    return dataclasses.replace(self, args=f"{self.args} {extra}", quick=f"{self.quick} {extra}")
+
+
+_TRAIN_PAPER = Benchmark("bench_train.py", "--config paper --batch 8 --steps 5 --warmup 2 --threads 1",
+                         "--config tiny --batch 2 --steps 1 --warmup 1 --threads 1")
+# One GPU, all its host's cores (accelerator_suite.sh adds --peak_tflops to the training steps). Quick training
+# batches of 8: divisible by the test session's 8 simulated CPU devices.
+_GPU_TRAIN_PAPER = Benchmark("bench_train.py", "--config paper --dtype bfloat16 --batch 64 --steps 10 --notorch",
+                             "--config tiny --dtype bfloat16 --batch 8 --steps 1 --warmup 1 --notorch",
+                             accelerator=True)
 
 BENCHMARKS = {
     "model": Benchmark("bench_model.py", "--config small --batch 8 --steps 15 --threads 1",
@@ -64,11 +76,8 @@ BENCHMARKS = {
                       "--config tiny --batch 2 --steps 1 --warmup 1 --threads 2"),
     "model_paper": Benchmark("bench_model.py", "--config paper --batch 8 --steps 5 --warmup 2 --threads 1",
                              "--config tiny --batch 2 --steps 1 --warmup 1 --threads 1"),
-    "train_paper": Benchmark("bench_train.py", "--config paper --batch 8 --steps 5 --warmup 2 --threads 1",
-                             "--config tiny --batch 2 --steps 1 --warmup 1 --threads 1"),
-    "train_paper_fused": Benchmark("bench_train.py", "--config paper --batch 8 --steps 5 --warmup 2 --threads 1 "
-                                   "--fused_projections",
-                                   "--config tiny --batch 2 --steps 1 --warmup 1 --threads 1 --fused_projections"),
+    "train_paper": _TRAIN_PAPER,
+    "train_paper_fused": _TRAIN_PAPER.with_flags("--fused_projections"),
     "optimizer_paper": Benchmark("bench_optimizer.py", "--config paper --threads 1",
                                  "--config tiny --steps 1 --warmup 1 --threads 1"),
     "mask_predict_paper": Benchmark("bench_mask_predict.py", "--config paper --num_clusters 10000 --batch 8 "
@@ -82,15 +91,8 @@ BENCHMARKS = {
                                 "--config tiny --batch 2 --steps 1 --warmup 1 --threads 1"),
     "captions_paper": Benchmark("bench_captions.py", "--config paper --batch 2 --steps 3 --warmup 1 --threads 1",
                                 "--config tiny --batch 2 --steps 1 --warmup 1 --threads 1"),
-    # One GPU, all its host's cores (accelerator_suite.sh adds --peak_tflops to the training steps). Quick training
-    # batches of 8: divisible by the test session's 8 simulated CPU devices.
-    "gpu_train_paper": Benchmark("bench_train.py", "--config paper --dtype bfloat16 --batch 64 --steps 10 --notorch",
-                                 "--config tiny --dtype bfloat16 --batch 8 --steps 1 --warmup 1 --notorch",
-                                 accelerator=True),
-    "gpu_train_paper_fsdp": Benchmark("bench_train.py",
-                                      "--config paper --dtype bfloat16 --batch 64 --steps 10 --notorch --fsdp",
-                                      "--config tiny --dtype bfloat16 --batch 8 --steps 1 --warmup 1 --notorch "
-                                      "--fsdp", accelerator=True),
+    "gpu_train_paper": _GPU_TRAIN_PAPER,
+    "gpu_train_paper_fsdp": _GPU_TRAIN_PAPER.with_flags("--fsdp"),
     "gpu_mask_predict_paper": Benchmark("bench_mask_predict.py",
                                         "--config paper --num_clusters 10000 --batch 256 --num_steps 4 "
                                         "--dtype bfloat16",
@@ -102,11 +104,7 @@ BENCHMARKS = {
     "gpu_cider": Benchmark("bench_cider.py", "--images 5000 --refs 5 --batch 250",
                            "--images 20 --refs 2 --steps 1 --batch 10", accelerator=True),
     # Last: the budget cuts it first. The same step as gpu_train_paper with q, k, v as one matmul.
-    "gpu_train_paper_fused": Benchmark("bench_train.py",
-                                       "--config paper --dtype bfloat16 --batch 64 --steps 10 --notorch "
-                                       "--fused_projections",
-                                       "--config tiny --dtype bfloat16 --batch 8 --steps 1 --warmup 1 --notorch "
-                                       "--fused_projections", accelerator=True),
+    "gpu_train_paper_fused": _GPU_TRAIN_PAPER.with_flags("--fused_projections"),
 }
 
 _ONLY = flags.DEFINE_list("only", None, f"Benchmarks to run (default: all of the README's, or of the accelerator "
