@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 import torch
-from transformers import LxmertConfig, LxmertForPreTraining, LxmertModel
+from transformers import LxmertForPreTraining, LxmertModel
 from transformers.models.lxmert.modeling_lxmert import LxmertPredictionHeadTransform
 
 from bigen_jax import errors
@@ -27,12 +27,7 @@ TOL = 1e-4
 
 
 def _hf_config(config, **kw):
-  return LxmertConfig(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
-                      num_attention_heads=config.num_heads, intermediate_size=config.mlp_dim,
-                      l_layers=config.num_language_layers, r_layers=config.num_vision_layers,
-                      x_layers=config.num_cross_layers, visual_feat_dim=config.visual_feat_dim,
-                      max_position_embeddings=config.max_position_embeddings, num_qa_labels=5,
-                      num_object_labels=7, num_attr_labels=3, **kw)
+  return convert.hf_config(config, num_qa_labels=5, num_object_labels=7, num_attr_labels=3, **kw)
 
 
 def _inputs(config, batch=3, seed=0):

@@ -181,3 +181,15 @@ def params_from_torch(state_dict: dict[str, Any], config: ml_collections.ConfigD
   """Params of ``bigen_jax.models.lxmert.build_model(config)`` from a PyTorch LXMERT state dict
   (keyword arguments as ``convert``)."""
   return convert(state_dict, config, **kwargs).params
+
+
+def hf_config(config: ml_collections.ConfigDict, **overrides: Any) -> Any:
+  """The Hugging Face ``LxmertConfig`` of a model config (``configs/model.py``): the same vocabulary, widths,
+  heads and layer counts, so that its PyTorch model is ours layer for layer (``overrides``: more LxmertConfig
+  fields, e.g. ``task_qa=False``)."""
+  from transformers import LxmertConfig  # pylint: disable=g-import-not-at-top
+  return LxmertConfig(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+                      num_attention_heads=config.num_heads, intermediate_size=config.mlp_dim,
+                      l_layers=config.num_language_layers, r_layers=config.num_vision_layers,
+                      x_layers=config.num_cross_layers, visual_feat_dim=config.visual_feat_dim,
+                      max_position_embeddings=config.max_position_embeddings, **overrides)

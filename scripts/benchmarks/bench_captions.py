@@ -61,13 +61,10 @@ def _inputs(config, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
 def _torch_model(config):
   """HF's ``LxmertForPreTraining`` at ``config`` (no object or QA heads), randomly initialised, eval mode."""
   import torch  # pylint: disable=g-import-not-at-top
-  from transformers import LxmertConfig, LxmertForPreTraining  # pylint: disable=g-import-not-at-top
+  from transformers import LxmertForPreTraining  # pylint: disable=g-import-not-at-top
+  from bigen_jax.convert import lxmert as convert  # pylint: disable=g-import-not-at-top
   torch.manual_seed(0)
-  return LxmertForPreTraining(LxmertConfig(
-      vocab_size=config.vocab_size, hidden_size=config.hidden_size, num_attention_heads=config.num_heads,
-      intermediate_size=config.mlp_dim, l_layers=config.num_language_layers, r_layers=config.num_vision_layers,
-      x_layers=config.num_cross_layers, visual_feat_dim=config.visual_feat_dim,
-      max_position_embeddings=config.max_position_embeddings, task_obj_predict=False, task_qa=False)).eval()
+  return LxmertForPreTraining(convert.hf_config(config, task_obj_predict=False, task_qa=False)).eval()
 
 
 def bench_torch(hf, config, x) -> tuple[float, np.ndarray, str]:

@@ -52,13 +52,10 @@ def _inputs(config, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
 def bench_torch(config, x) -> tuple[float, str]:
   """(decodes/s, device) of the mask-predict loop in PyTorch."""
   import torch  # pylint: disable=g-import-not-at-top
-  from transformers import LxmertConfig, LxmertModel  # pylint: disable=g-import-not-at-top
+  from transformers import LxmertModel  # pylint: disable=g-import-not-at-top
+  from bigen_jax.convert import lxmert as convert  # pylint: disable=g-import-not-at-top
   device = "cuda" if torch.cuda.is_available() else "cpu"
-  model = LxmertModel(LxmertConfig(
-      vocab_size=config.vocab_size, hidden_size=config.hidden_size, num_attention_heads=config.num_heads,
-      intermediate_size=config.mlp_dim, l_layers=config.num_language_layers, r_layers=config.num_vision_layers,
-      x_layers=config.num_cross_layers, visual_feat_dim=config.visual_feat_dim,
-      max_position_embeddings=config.max_position_embeddings)).to(device).eval()
+  model = LxmertModel(convert.hf_config(config)).to(device).eval()
   h, d = config.hidden_size, config.visual_feat_dim
   head = torch.nn.Sequential(torch.nn.Linear(h, h), torch.nn.GELU(), torch.nn.LayerNorm(h, eps=1e-12),
                              torch.nn.Linear(h, d), torch.nn.Linear(d, config.num_clusters)).to(device).eval()

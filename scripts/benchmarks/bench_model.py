@@ -78,14 +78,10 @@ def bench_flax(config, inputs) -> float:
 
 def bench_torch(config, inputs) -> tuple[float, str]:
   import torch  # pylint: disable=g-import-not-at-top
-  from transformers import LxmertConfig, LxmertModel  # pylint: disable=g-import-not-at-top
+  from transformers import LxmertModel  # pylint: disable=g-import-not-at-top
+  from bigen_jax.convert import lxmert as convert  # pylint: disable=g-import-not-at-top
   device = "cuda" if torch.cuda.is_available() else "cpu"
-  hf_config = LxmertConfig(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
-                           num_attention_heads=config.num_heads, intermediate_size=config.mlp_dim,
-                           l_layers=config.num_language_layers, r_layers=config.num_vision_layers,
-                           x_layers=config.num_cross_layers, visual_feat_dim=config.visual_feat_dim,
-                           max_position_embeddings=config.max_position_embeddings)
-  model = LxmertModel(hf_config).to(device).train()
+  model = LxmertModel(convert.hf_config(config)).to(device).train()
   x = {k: torch.tensor(v, device=device) for k, v in inputs.items()}
   x["text_ids"], x["text_mask"] = x["text_ids"].long(), x["text_mask"].long()
   sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)

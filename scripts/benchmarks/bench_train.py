@@ -98,14 +98,11 @@ def bench_flax(config, batch):
 
 def bench_torch(config, batch):
   import torch  # pylint: disable=g-import-not-at-top
-  from transformers import LxmertConfig, LxmertModel  # pylint: disable=g-import-not-at-top
+  from transformers import LxmertModel  # pylint: disable=g-import-not-at-top
+  from bigen_jax.convert import lxmert as convert  # pylint: disable=g-import-not-at-top
   device = "cuda" if torch.cuda.is_available() else "cpu"
   m = config.model
-  model = LxmertModel(LxmertConfig(
-      vocab_size=m.vocab_size, hidden_size=m.hidden_size, num_attention_heads=m.num_heads,
-      intermediate_size=m.mlp_dim, l_layers=m.num_language_layers, r_layers=m.num_vision_layers,
-      x_layers=m.num_cross_layers, visual_feat_dim=m.visual_feat_dim,
-      max_position_embeddings=m.max_position_embeddings)).to(device).train()
+  model = LxmertModel(convert.hf_config(m)).to(device).train()
   transform = torch.nn.Sequential(torch.nn.Linear(m.hidden_size, m.hidden_size), torch.nn.GELU(),
                                   torch.nn.LayerNorm(m.hidden_size, eps=1e-12)).to(device)
   bias = torch.nn.Parameter(torch.zeros(m.vocab_size, device=device))
