@@ -107,17 +107,23 @@ def write_records(out_dir, *, splits=None, dim=8, shard_size=10, max_len=6, max_
   return manifest
 
 
-def write_training_data(root, *, splits, images=False):
+def write_training_data(root, *, splits, images=False, questions=False, words=200):
   """Records (``write_records``, 8-d features, captions of 6 tokens), their 6-cluster visual vocabulary and a
-  WordPiece vocabulary file under ``root``: what a training config's ``data`` needs. Returns its fields."""
+  WordPiece vocabulary file of ``words`` words under ``root``: what a training config's ``data`` needs. With
+  ``questions`` the records hold ``qa_fixture``'s questions and the counted answer vocabulary is built beside them.
+  Returns its fields."""
+  from bigen_jax.data import answers
   from bigen_jax.data import tokenizer
   from bigen_jax.data import vocab
   records_dir, vocab_dir = os.path.join(root, "records"), os.path.join(root, "vocab")
-  write_records(records_dir, splits=splits, dim=8, max_len=6, images=images)
+  write_records(records_dir, splits=splits, dim=8, max_len=6, images=images, questions=questions)
   vocab.build_vocab(records_dir, vocab_dir, k=6, iterations=5, sample_size=1000, seed=0)
   vocab_txt = os.path.join(root, "vocab.txt")
   with open(vocab_txt, "w") as f:
-    f.write("\n".join(list(tokenizer.SPECIAL_TOKENS) + [f"w{i}" for i in range(200)]) + "\n")
+    f.write("\n".join(list(tokenizer.SPECIAL_TOKENS) + [f"w{i}" for i in range(words)]) + "\n")
+  if questions:
+    answers.build_answer_vocab(records_dir, split="train", min_count=1, vocabulary="counted").save(
+        answers.default_path(records_dir))
   return {"records_dir": records_dir, "vocab_dir": vocab_dir, "tokenizer": vocab_txt}
 
 

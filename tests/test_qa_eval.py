@@ -15,14 +15,12 @@ from bigen_jax import optim
 from bigen_jax import state as state_lib
 from bigen_jax import train
 from bigen_jax.data import answers
-from bigen_jax.data import tokenizer
-from bigen_jax.data import vocab
 from bigen_jax.eval import qa
 from bigen_jax.eval import registry
 from bigen_jax.models import lxmert
 from configs import demo
 from configs import xlxmert_pretrain
-from conftest import write_records
+from conftest import write_training_data
 
 
 @pytest.fixture(scope="module")
@@ -30,15 +28,8 @@ def data(tmp_path_factory):
   """Records with questions (``conftest.qa_fixture``), their visual vocabulary, a WordPiece vocabulary and the
   counted answer vocabulary."""
   root = str(tmp_path_factory.mktemp("qa_eval"))
-  records_dir, vocab_dir = os.path.join(root, "records"), os.path.join(root, "vocab")
-  write_records(records_dir, splits={"train": 24, "validation": 11}, dim=8, max_len=6, questions=True)
-  vocab.build_vocab(records_dir, vocab_dir, k=6, iterations=5, sample_size=1000, seed=0)
-  vocab_txt = os.path.join(root, "vocab.txt")
-  with open(vocab_txt, "w") as f:
-    f.write("\n".join(list(tokenizer.SPECIAL_TOKENS) + [f"w{i}" for i in range(300)]) + "\n")
-  answers.build_answer_vocab(records_dir, split="train", min_count=1, vocabulary="counted").save(
-      answers.default_path(records_dir))
-  return {"records_dir": records_dir, "vocab_dir": vocab_dir, "tokenizer": vocab_txt, "root": root}
+  data = write_training_data(root, splits={"train": 24, "validation": 11}, questions=True, words=300)
+  return {**data, "root": root}
 
 
 def _pretrain_config(data, **overrides):
