@@ -107,7 +107,8 @@ def main(argv):
     def train_loss(params):
       """The mean loss over every training question of the chosen types."""
       parts = chunks(train)
-      return sum(float(batch_loss(params, b)) * len(b["question_type"]) for b in parts) / n
+      return sum(float(batch_loss(params, b)) * len(b["question_type"]) for b in parts) / len(train["question_type"])
+
     rng, n, start = np.random.default_rng(0), len(train["question_type"]), time.time()
     for s in range(1, FLAGS.steps + 1):
       rows = rng.choice(n, FLAGS.batch_size, replace=False)
