@@ -78,11 +78,6 @@ def main(argv):
   print(f"{len(train['question_type'])} training and {len(val['question_type'])} validation questions", flush=True)
   kind, cfg, model = config.tasks.qa.visual_input, config.tasks.qa, ctx.model
 
-  def logits(params, batch):
-    return apply.apply_model(model, params, task="i2t", rng=None, head=lambda m, out: m.predict_answer(out.pooled),
-                             text_ids=batch["question_ids"], text_mask=batch["question_mask"], boxes=batch["boxes"],
-                             **apply.visual_input(batch, kind, ctx.frozen))
-
   with jax.set_mesh(ctx.mesh), nn.logical_axis_rules(ctx.rules):
     first = {k: v[:2] for k, v in train.items()}
     params = nn.unbox(model.init(jax.random.key(0), text_ids=first["question_ids"], text_mask=first["question_mask"],
@@ -97,7 +92,8 @@ def main(argv):
       updates, opt = tx.update(grads, opt, params)
       return optax.apply_updates(params, updates), opt
 
-    predict = jax.jit(lambda params, batch: jnp.argmax(logits(params, batch), axis=-1))
+    predict = jax.jit(lambda params, batch: jnp.argmax(
+        qa.answer_logits(model, params, batch, visual_input=kind, frozen=ctx.frozen), axis=-1))
     batch_loss = jax.jit(lambda params, batch: qa.loss_fn(params, batch, None, model=model, cfg=cfg,
                                                           frozen=ctx.frozen, deterministic=True)[0])
 

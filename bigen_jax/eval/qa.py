@@ -26,7 +26,7 @@ from bigen_jax import fileio
 from bigen_jax.data import qa_pipeline
 from bigen_jax.eval import eval_set
 from bigen_jax.eval import qa_accuracy
-from bigen_jax.models import apply
+from bigen_jax.tasks import qa as qa_task
 
 NAME = "qa"
 MODEL_FIELDS = ("question_ids", "question_mask", "dense", "boxes", "cluster_ids")
@@ -102,10 +102,7 @@ class Evaluator:
 
     def logits(params, batch):
       """question_ids/question_mask [B, L], boxes [B, M, 4], dense or cluster_ids -> answer logits [B, A]."""
-      return apply.apply_model(
-          ctx.model, params, task="i2t", rng=None, head=lambda module, out: module.predict_answer(out.pooled),
-          text_ids=batch["question_ids"], text_mask=batch["question_mask"], boxes=batch["boxes"],
-          **apply.visual_input(batch, kind, ctx.frozen))
+      return qa_task.answer_logits(ctx.model, params, batch, visual_input=kind, frozen=ctx.frozen)
 
     return logits
 

@@ -46,6 +46,16 @@ def answer_metrics(logits: Array, target: Array, valid: Array) -> dict[str, Arra
   return {"score": _mean(score, valid), "accuracy": _mean(best == jnp.argmax(target, axis=-1), valid)}
 
 
+def answer_logits(model, params, batch, *, visual_input: str, frozen, rng: Array | None = None) -> Array:
+  """Answer logits [B, A] float32 of the answer head on the pooled output, the question as the text input and the
+  image whole (``visual_input`` "dense" or "discrete"; ``rng`` None: no dropout). The one forward pass of QA's
+  loss, its evaluator and ``scripts/qa_type_probe.py``."""
+  return apply.apply_model(
+      model, params, task="i2t", rng=rng, head=lambda module, out: module.predict_answer(out.pooled),
+      text_ids=batch["question_ids"], text_mask=batch["question_mask"], boxes=batch["boxes"],
+      **apply.visual_input(batch, visual_input, frozen))
+
+
 def loss_fn(params, batch, rng, *, model, cfg, frozen, deterministic=False):
   """batch: question_ids/question_mask int32 [B, L], answer_target float32 [B, A], question_type int32 [B] (-1: no
   question), dense [B, M, D] or cluster_ids [B, M], boxes [B, M, 4].
@@ -56,10 +66,8 @@ def loss_fn(params, batch, rng, *, model, cfg, frozen, deterministic=False):
   if missing:
     raise errors.ConfigError(f"tasks.qa needs batches with questions ({missing} missing): set "
                              "--config.data.questions=True, with records that hold questions")
-  logits = apply.apply_model(
-      model, params, task="i2t", rng=None if deterministic else rng,
-      head=lambda module, out: module.predict_answer(out.pooled), text_ids=batch["question_ids"],
-      text_mask=batch["question_mask"], boxes=batch["boxes"], **apply.visual_input(batch, cfg.visual_input, frozen))
+  logits = answer_logits(model, params, batch, visual_input=cfg.visual_input, frozen=frozen,
+                         rng=None if deterministic else rng)
   target = batch["answer_target"]
   if target.shape[-1] != logits.shape[-1]:
     raise errors.ConfigError(f"--config.model.num_answers={logits.shape[-1]} but the batches' answer_target has "
